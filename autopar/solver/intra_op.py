@@ -1,0 +1,347 @@
+r"""Intra-op sharding as an integer linear program (after Alpa and PyTorch's autoparallel).
+
+Sets. Nodes of the traced graph are grouped into keys k: corresponding nodes of
+structurally identical transformer blocks share a key, so one block is solved once
+and its choice reused by every copy; m_k counts the nodes of key k. S_k are the
+candidate strategies of key k (strategies/). An edge class a = (k_u, k_v, slot)
+gathers the n_a graph edges from a key-k_u node into input `slot` of a key-k_v node.
+
+Variables.  x[k,s] in {0,1}: key k runs strategy s.
+            e[a,i,j] >= 0: edge class a joins producer strategy i to consumer strategy j.
+            y[k] in [0,1]: Megatron's f (identity forward, all-reduce backward) on k's output.
+
+    minimize   sum_k m_k sum_s x[k,s] (compute[k,s] + optimizer[k,s])        _add_node_costs
+             + sum_a n_a sum_ij e[a,i,j] reshard_a[i,j]                      _add_edge_costs
+             + sum_k m_k y[k] allreduce(bytes_k)                             _add_grad_sync
+    subject to
+      one_strategy_k:   sum_s x[k,s] = 1                                     _add_variables
+      src_a_i:          sum_j e[a,i,j] = x[k_u,i]                            _add_edge_costs
+      dst_a_j:          sum_i e[a,i,j] = x[k_v,j]
+                        (a pair with no valid reshard has no e: the sums forbid it)
+      f_k_a_j:          y[k] >= x[k_v,j] when strategy j sees k replicated
+                        yet produces a sharded or partial output              _add_grad_sync
+      memory:           sum_k m_k sum_s x[k,s] mem[k,s] <= budget           _add_memory
+
+Costs are seconds of one training step (forward and backward) from solver/costs.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import pulp
+import torch
+import torch.fx as fx
+
+from autopar.errors import PlanError
+from autopar.placement import Replicate, Shard
+from autopar.solver import costs
+from autopar.strategies import GraphStrategies, Strategy
+
+ALLOCATION_FREE = ("view", "reshape", "_unsafe_view", "transpose", "permute", "t", "expand",
+                   "unsqueeze", "squeeze", "select", "slice", "split", "alias", "getitem",
+                   "detach", "dropout")  # fmt: skip
+
+
+@dataclass
+class IntraOpResult:
+    strategies: dict[str, Strategy]  # every placeholder and call_function node
+    status: str  # "optimal" or "feasible, not proven optimal (time limit)"
+    objective_s: float
+    solve_time_s: float
+    num_variables: int
+    num_constraints: int
+
+
+@dataclass
+class _Problem:
+    traced: object
+    strategies: GraphStrategies
+    mesh: object
+    tp: int
+    training: bool
+    dtype_bytes: int | None
+    key_of: dict[str, str]
+    multiplicity: Counter
+    prob: pulp.LpProblem
+    x: dict  # key -> list of variables or None (single candidate)
+
+
+def _nbytes(node: fx.Node, dtype_bytes: int | None) -> int:
+    val = node.meta.get("val")
+    val = val[0] if isinstance(val, (list, tuple)) else val
+    if not isinstance(val, torch.Tensor):
+        return 0
+    width = dtype_bytes if dtype_bytes and val.dtype.is_floating_point else val.element_size()
+    return val.numel() * width
+
+
+def _local_fraction(strategy_output, tp: int) -> float:
+    return 1.0 / tp if isinstance(strategy_output, Shard) else 1.0
+
+
+def _keys(traced) -> tuple[dict[str, str], Counter]:
+    key_of = {}
+    for node in traced.graph_module.graph.nodes:
+        info = traced.analysis.nodes.get(node.name)
+        position = getattr(info, "position", None)
+        key_of[node.name] = f"block{position}" if position is not None else node.name
+    return key_of, Counter(key_of.values())
+
+
+def _choice(p: _Problem, key: str, index: int):
+    """x[key, index] as a PuLP expression (a constant 1 for a single-candidate key)."""
+    variables = p.x[key]
+    return 1 if variables is None else variables[index]
+
+
+def _add_variables(p: _Problem, representatives: dict[str, fx.Node]) -> None:
+    for key, node in representatives.items():
+        candidates = p.strategies.candidates[node.name]
+        if len(candidates) == 1:
+            p.x[key] = None
+            continue
+        safe = _safe(key)
+        p.x[key] = [pulp.LpVariable(f"x_{safe}_{i}", cat="Binary") for i in range(len(candidates))]
+        p.prob += pulp.lpSum(p.x[key]) == 1, f"one_strategy_{safe}"
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _node_cost(p: _Problem, node: fx.Node, strategy: Strategy) -> float:
+    if node.op == "placeholder":
+        if not (p.training and node.name in p.traced.param_fqns):
+            return 0.0
+        numel = node.meta["val"].numel() * _local_fraction(strategy.output, p.tp)
+        return costs.optimizer_seconds(int(numel), p.mesh)
+    info = p.traced.analysis.nodes[node.name]
+    nbytes = info.bytes_read + info.bytes_written
+    return costs.compute_seconds(info.flops, nbytes, strategy.splits_work, p.mesh, p.tp, p.training)
+
+
+def _add_node_costs(p: _Problem, representatives: dict[str, fx.Node]) -> list:
+    terms = []
+    for key, node in representatives.items():
+        for i, strategy in enumerate(p.strategies.candidates[node.name]):
+            cost = _node_cost(p, node, strategy)
+            if cost:
+                terms.append(p.multiplicity[key] * cost * _choice(p, key, i))
+    return terms
+
+
+def _edge_classes(p: _Problem) -> dict[tuple[str, str, int], list[tuple[fx.Node, fx.Node]]]:
+    classes = defaultdict(list)
+    for consumer in p.traced.graph_module.graph.nodes:
+        if consumer.op not in ("call_function", "output"):
+            continue
+        for slot, producer in enumerate(consumer.all_input_nodes):
+            key = (p.key_of[producer.name], p.key_of[consumer.name], slot)
+            classes[key].append((producer, consumer))
+    return classes
+
+
+def _consumer_candidates(p: _Problem, consumer: fx.Node) -> list[Strategy]:
+    if consumer.op == "output":  # every rank returns the full output
+        return [Strategy(Replicate(), tuple(Replicate() for _ in consumer.all_input_nodes))]
+    return p.strategies.candidates[consumer.name]
+
+
+def _edge_cost_table(p: _Problem, producer: fx.Node, consumer: fx.Node, slot: int) -> dict:
+    """(i, j) -> seconds for every valid producer strategy i and consumer strategy j."""
+    nbytes = _nbytes(producer, p.dtype_bytes)
+    carries_grad = p.training and p.strategies.requires_grad.get(producer.name, False)
+    table = {}
+    for i, src in enumerate(p.strategies.candidates[producer.name]):
+        for j, dst in enumerate(_consumer_candidates(p, consumer)):
+            ops = costs.reshard_ops(src.output, dst.inputs[slot], nbytes, carries_grad)
+            if ops is not None:
+                table[i, j] = costs.comm_seconds(ops, p.mesh, p.tp)
+    return table
+
+
+def _add_edge_costs(p: _Problem) -> list:
+    terms = []
+    for (src_key, dst_key, slot), edges in _edge_classes(p).items():
+        producer, consumer = edges[0]
+        table = _edge_cost_table(p, producer, consumer, slot)
+        count = len(edges)
+        src_vars = p.x[src_key]
+        dst_vars = p.x.get(dst_key) if consumer.op != "output" else None
+        name = _safe(f"{src_key}__{dst_key}__{slot}")
+        if src_key == dst_key:
+            terms += _diagonal_terms(p, src_key, table, count, name)
+        elif src_vars is None or dst_vars is None:
+            terms += _one_sided_terms(p, src_key, dst_key, table, count, name, consumer)
+        else:
+            terms += _pair_terms(p, src_vars, dst_vars, table, count, name)
+    return terms
+
+
+def _diagonal_terms(p, key, table, count, name) -> list:
+    terms = []
+    for i, var in enumerate(p.x[key] or [1]):
+        if (i, i) not in table:
+            p.prob += var == 0, f"no_reshard_{name}_{i}"
+        elif table[i, i]:
+            terms.append(count * table[i, i] * var)
+    return terms
+
+
+def _one_sided_terms(p, src_key, dst_key, table, count, name, consumer) -> list:
+    """One end has a single candidate: the edge cost is linear in the other end's choice."""
+    src_vars, dst_vars = p.x[src_key], (p.x.get(dst_key) if consumer.op != "output" else None)
+    if src_vars is None and dst_vars is None:
+        if (0, 0) not in table:
+            raise PlanError(f"internal: no reshard on fixed edge {name}")
+        return [count * table[0, 0]] if table[0, 0] else []
+    free_vars, fixed_is_src = (dst_vars, True) if src_vars is None else (src_vars, False)
+    terms = []
+    for k, var in enumerate(free_vars):
+        pair = (0, k) if fixed_is_src else (k, 0)
+        if pair not in table:
+            p.prob += var == 0, f"no_reshard_{name}_{k}"
+        elif table[pair]:
+            terms.append(count * table[pair] * var)
+    return terms
+
+
+def _pair_terms(p, src_vars, dst_vars, table, count, name) -> list:
+    e = {pair: pulp.LpVariable(f"e_{name}_{pair[0]}_{pair[1]}", lowBound=0) for pair in table}
+    for i, var in enumerate(src_vars):
+        p.prob += pulp.lpSum(e[i, j] for j in range(len(dst_vars)) if (i, j) in e) == var, (
+            f"src_{name}_{i}"
+        )
+    for j, var in enumerate(dst_vars):
+        p.prob += pulp.lpSum(e[i, j] for i in range(len(src_vars)) if (i, j) in e) == var, (
+            f"dst_{name}_{j}"
+        )
+    return [count * cost * e[pair] for pair, cost in table.items() if cost]
+
+
+def needs_grad_sync(strategy: Strategy, slot: int) -> bool:
+    """A replicated input of a node doing split work gets only a summand of its gradient."""
+    return isinstance(strategy.inputs[slot], Replicate) and not isinstance(
+        strategy.output, Replicate
+    )
+
+
+def _add_grad_sync(p: _Problem) -> list:
+    if not p.training:
+        return []
+    triggers = defaultdict(list)  # producer key -> consumer choices that need f
+    producers = {}
+    for (src_key, dst_key, slot), edges in _edge_classes(p).items():
+        producer, consumer = edges[0]
+        if consumer.op == "output" or not p.strategies.requires_grad.get(producer.name):
+            continue
+        producers[src_key] = producer
+        for j, strategy in enumerate(p.strategies.candidates[consumer.name]):
+            if needs_grad_sync(strategy, slot):
+                triggers[src_key].append((dst_key, j))
+    terms = []
+    for src_key, choices in triggers.items():
+        y = pulp.LpVariable(f"f_{_safe(src_key)}", lowBound=0, upBound=1)
+        for n, (dst_key, j) in enumerate(choices):
+            p.prob += y >= _choice(p, dst_key, j), f"f_{_safe(src_key)}_{n}"
+        seconds = p.mesh.tp_collective_time(
+            "all_reduce", _nbytes(producers[src_key], p.dtype_bytes), p.tp
+        )
+        terms.append(p.multiplicity[src_key] * seconds * y)
+    return terms
+
+
+def _memory_bytes(p: _Problem, node: fx.Node, strategy: Strategy, activation_copies: float):
+    fraction = _local_fraction(strategy.output, p.tp)
+    if node.name in p.traced.param_fqns:
+        per_param = costs.STATE_BYTES_PER_PARAM if p.training else (p.dtype_bytes or 4)
+        return node.meta["val"].numel() * fraction * per_param
+    is_activation = node.op == "call_function" and p.strategies.requires_grad.get(node.name)
+    allocates = not any(word in str(node.target) for word in ALLOCATION_FREE)
+    if p.training and is_activation and allocates:
+        return _nbytes(node, p.dtype_bytes) * fraction * activation_copies
+    return 0.0
+
+
+def _add_memory(p, representatives, budget_bytes: float, activation_copies: float) -> None:
+    terms = []
+    for key, node in representatives.items():
+        for i, strategy in enumerate(p.strategies.candidates[node.name]):
+            mem = _memory_bytes(p, node, strategy, activation_copies)
+            if mem:
+                terms.append(p.multiplicity[key] * mem * _choice(p, key, i))
+    p.prob += pulp.lpSum(terms) <= budget_bytes, "memory"
+
+
+def _solver(time_limit_s: float | None):
+    highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s)
+    if highs.available():
+        return highs
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
+
+
+def _chosen(p: _Problem, node: fx.Node) -> Strategy:
+    candidates = p.strategies.candidates[node.name]
+    variables = p.x[p.key_of[node.name]]
+    if variables is None:
+        return candidates[0]
+    return candidates[max(range(len(variables)), key=lambda i: variables[i].value() or 0)]
+
+
+def _check_status(p: _Problem, budget_bytes: float) -> str:
+    solution = pulp.LpSolution[p.prob.sol_status]
+    if solution == "Optimal Solution Found":
+        return "optimal"
+    if solution == "Solution Found":
+        return "feasible, not proven optimal (time limit)"
+    if solution == "No Solution Found" and pulp.LpStatus[p.prob.status] == "Not Solved":
+        raise PlanError("the sharding ILP found no solution within its time limit; "
+                        "raise time_limit_s")  # fmt: skip
+    raise PlanError(
+        f"no tensor-parallel sharding at tp={p.tp} fits in {budget_bytes / 2**30:.1f} GiB per "
+        f"device (solver status: {pulp.LpStatus[p.prob.status]}); use more devices, a larger "
+        "pipeline degree, more microbatches or a smaller batch"
+    )
+
+
+def solve_intra_op(
+    traced,
+    strategies: GraphStrategies,
+    mesh,
+    tp: int,
+    *,
+    training: bool = True,
+    dtype_bytes: int | None = None,
+    memory_budget_bytes: float | None = None,
+    activation_copies: float = 1.0,
+    time_limit_s: float | None = None,
+) -> IntraOpResult:
+    """Choose one strategy per node minimizing predicted step time under the memory bound."""
+    key_of, multiplicity = _keys(traced)
+    representatives = {}
+    for node in traced.graph_module.graph.nodes:
+        if node.op in ("placeholder", "call_function"):
+            representatives.setdefault(key_of[node.name], node)
+    prob = pulp.LpProblem("intra_op_sharding", pulp.LpMinimize)
+    p = _Problem(traced, strategies, mesh, tp, training, dtype_bytes, key_of, multiplicity, prob, {})
+    _add_variables(p, representatives)
+    objective = _add_node_costs(p, representatives) + _add_edge_costs(p) + _add_grad_sync(p)
+    prob += pulp.lpSum(objective)
+    budget = memory_budget_bytes if memory_budget_bytes is not None else mesh.device.memory_bytes
+    _add_memory(p, representatives, budget, activation_copies)
+    start = time.perf_counter()
+    prob.solve(_solver(time_limit_s))
+    elapsed = time.perf_counter() - start
+    status = _check_status(p, budget)
+    chosen = {
+        node.name: _chosen(p, node)
+        for node in traced.graph_module.graph.nodes
+        if node.op in ("placeholder", "call_function")
+    }
+    return IntraOpResult(
+        chosen, status, pulp.value(prob.objective) or 0.0, elapsed,
+        len(prob.variables()), len(prob.constraints),
+    )  # fmt: skip

@@ -1,0 +1,125 @@
+"""The vocabulary of sharding rules: how an op's dims line up with its inputs' dims.
+
+Every op family describes itself as an `OpSpec` (the einsum view of an op, as in
+Alpa and DTensor): which output dims carry a shard through from which input dims
+(`links`), which input dims are summed over (`contractions`: shard them and the
+output is Partial), and which mixes of Partial and Replicate inputs a linear op
+passes through as Partial (`partial_inputs`). `enumerate_strategies` turns a spec
+into concrete `Strategy` values for a tensor-parallel degree; the rules stay data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autopar.placement import Partial, Placement, Replicate, Shard
+
+R, P = Replicate(), Partial()
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to run a node: what it produces and what it needs to see on each input."""
+
+    output: Placement
+    inputs: tuple[Placement, ...]  # one per node.all_input_nodes, in that order
+
+    @property
+    def splits_work(self) -> bool:
+        """True when each rank does 1/tp of the node's arithmetic."""
+        return not isinstance(self.output, Replicate) or any(
+            not isinstance(p, Replicate) for p in self.inputs
+        )
+
+    def __str__(self) -> str:
+        return f"{self.output} <- ({', '.join(str(p) for p in self.inputs)})"
+
+
+@dataclass(frozen=True)
+class DimLink:
+    """Output dim `out_dim` is sharded exactly when each input is sharded on its `in_dims` entry.
+
+    `in_dims[i] is None` means input i does not have this dim (broadcast or absent)
+    and stays replicated. `keeps_groups` says a block-interleaved shard may pass.
+    A link that is not `shardable` only says where the dim comes from (an inner dim
+    of a reshaped group, a sequence dim attention needs whole): tokens follow it.
+    """
+
+    out_dim: int
+    in_dims: tuple[int | None, ...]
+    keeps_groups: bool = True
+    shardable: bool = True
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    links: tuple[DimLink, ...] = ()
+    contractions: tuple[tuple[int | None, ...], ...] = ()
+    partial_inputs: tuple[tuple[Placement, ...], ...] = ()
+    extra: tuple[Strategy, ...] = ()  # strategies no link can say, e.g. split's grouped shard
+
+
+@dataclass(frozen=True)
+class NodeShapes:
+    """Shapes a rule needs: the node's output and each input node's output."""
+
+    out: tuple[int, ...]
+    inputs: tuple[tuple[int, ...] | None, ...]
+    out_tokens: tuple[bool, ...]  # which output dims index tokens (batch or sequence)
+
+
+def _divides(size: int, tp: int, groups: int) -> bool:
+    return size % (tp * groups) == 0
+
+
+def _link_strategies(spec: OpSpec, shapes: NodeShapes, tp: int, group_options) -> list:
+    found = []
+    for link in spec.links:
+        if not link.shardable or shapes.out_tokens[link.out_dim]:
+            continue  # tokens belong to the data-parallel axis, not tp
+        for groups in group_options(link.out_dim) if link.keeps_groups else (1,):
+            sizes_ok = _divides(shapes.out[link.out_dim], tp, groups) and all(
+                d is None or _divides(shapes.inputs[i][d], tp, groups)
+                for i, d in enumerate(link.in_dims)
+            )
+            if not sizes_ok:
+                continue
+            inputs = tuple(R if d is None else Shard(d, groups) for d in link.in_dims)
+            found.append(Strategy(Shard(link.out_dim, groups), inputs))
+    return found
+
+
+def _contraction_strategies(spec: OpSpec, shapes: NodeShapes, tp: int) -> list:
+    found = []
+    for dims in spec.contractions:
+        if all(d is None or shapes.inputs[i][d] % tp == 0 for i, d in enumerate(dims)):
+            found.append(Strategy(P, tuple(R if d is None else Shard(d) for d in dims)))
+    return found
+
+
+def _fits(placement: Placement, shape: tuple[int, ...], tp: int, tokens=None) -> bool:
+    if not isinstance(placement, Shard):
+        return True
+    if tokens is not None and tokens[placement.dim]:
+        return False
+    return _divides(shape[placement.dim], tp, placement.groups)
+
+
+def _extra_strategies(spec: OpSpec, shapes: NodeShapes, tp: int) -> list:
+    return [
+        s
+        for s in spec.extra
+        if _fits(s.output, shapes.out, tp, shapes.out_tokens)
+        and all(_fits(p, shape, tp) for p, shape in zip(s.inputs, shapes.inputs, strict=True))
+    ]
+
+
+def enumerate_strategies(spec: OpSpec, shapes: NodeShapes, tp: int, group_options) -> list:
+    """All strategies of `spec` valid at degree `tp`; the replicated one comes first."""
+    replicated = Strategy(R, tuple(R for _ in shapes.inputs))
+    found = [replicated]
+    found += _link_strategies(spec, shapes, tp, group_options)
+    found += _contraction_strategies(spec, shapes, tp)
+    found += [Strategy(P, inputs) for inputs in spec.partial_inputs]
+    found += _extra_strategies(spec, shapes, tp)
+    return list(dict.fromkeys(found))

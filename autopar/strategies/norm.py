@@ -1,0 +1,69 @@
+"""Normalizations and reductions: shard any dim that is not normalized or reduced.
+
+RMS norm arrives decomposed (pow, mean, add, rsqrt, mul), so `mean` and `sum` over
+the last dim cover it. A sum over a sharded dim yields Partial; a mean would need
+rescaling by tp, so a mean only shards dims it keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from autopar.strategies.base import DimLink, NodeShapes, OpSpec
+
+aten = torch.ops.aten
+
+
+def layer_norm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    num_normalized = len(node.args[1])
+    rank = len(shapes.out)
+    others = (None,) * (len(shapes.inputs) - 1)  # weight and bias stay replicated
+    return OpSpec(links=tuple(DimLink(d, (d, *others)) for d in range(rank - num_normalized)))
+
+
+def _reduced_dims(node: fx.Node, rank: int) -> set[int]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return set(range(rank))
+    dims = [dims] if isinstance(dims, int) else dims
+    return {d % rank for d in dims} if dims else set(range(rank))
+
+
+def _kept_links(node: fx.Node, shapes: NodeShapes) -> tuple[DimLink, ...]:
+    in_rank = len(shapes.inputs[0])
+    reduced = _reduced_dims(node, in_rank)
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    links, out_dim = [], 0
+    for d in range(in_rank):
+        if d not in reduced:
+            links.append(DimLink(out_dim, (d,)))
+        if d not in reduced or keepdim:
+            out_dim += 1
+    return tuple(links)
+
+
+def mean_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    return OpSpec(links=_kept_links(node, shapes))
+
+
+def sum_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    reduced = _reduced_dims(node, len(shapes.inputs[0]))
+    return OpSpec(links=_kept_links(node, shapes), contractions=tuple((d,) for d in sorted(reduced)))
+
+
+def softmax_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    rank = len(shapes.out)
+    dim = node.args[1] % rank
+    return OpSpec(links=tuple(DimLink(d, (d,)) for d in range(rank) if d != dim))
+
+
+RULES = {
+    aten.layer_norm.default: layer_norm_rule,
+    aten.mean.dim: mean_rule,
+    aten.sum.dim_IntList: sum_rule,
+    aten.softmax.int: softmax_rule,
+    aten._softmax.default: softmax_rule,
+    aten.log_softmax.int: softmax_rule,
+    aten._log_softmax.default: softmax_rule,
+}
