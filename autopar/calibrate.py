@@ -1,0 +1,274 @@
+"""Measure this machine's constants so that `Mesh.local` prices what really runs here.
+
+Datasheet numbers describe GPUs; the gloo ranks of a CPU machine have no
+datasheet, so `autopar calibrate` measures them once and writes a JSON file
+(`default_calibration_path()`, ~/.cache/autopar/calibration.json) that
+`Mesh.local` reads:
+
+- matmul rate: median of a few fp32 square matmuls with all threads,
+- memory bandwidth: median of large tensor copies (read plus write),
+- gloo all-reduce bus bandwidth and per-step latency among `world_size` spawned
+  processes, fitted to the alpha-beta model of `cost.comm` from the median
+  times of a small and a large message.
+
+The whole run takes a few seconds, most of it starting the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from queue import Empty
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from autopar.cost.comm import bus_factor, latency_steps
+from autopar.errors import AutoparError
+
+CALIBRATION_VERSION = 1
+# The numbers `Mesh.local` needs; a file missing one of them is rejected.
+CALIBRATION_KEYS = (
+    "matmul_flops",
+    "memory_bandwidth",
+    "memory_bytes",
+    "allreduce_bus_bw",
+    "allreduce_latency",
+)
+JOIN_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class CalibrationSizes:
+    """What to measure with; tests pass tiny ones."""
+
+    matmul_dim: int = 1024
+    copy_bytes: int = 128 * 2**20
+    small_message_bytes: int = 4 * 2**10
+    large_message_bytes: int = 16 * 2**20
+    repeats: int = 5
+    small_message_repeats: int = 30  # cheap, and latency is the noisiest number
+
+
+def default_calibration_path() -> Path:
+    """Where `autopar calibrate` writes and `Mesh.local` looks by default."""
+    return Path.home() / ".cache" / "autopar" / "calibration.json"
+
+
+def calibrate(
+    world_size: int = 2,
+    sizes: CalibrationSizes = CalibrationSizes(),  # noqa: B008 - frozen, safe to share
+    out_path: str | os.PathLike | None = None,
+) -> dict:
+    """Measure this machine, write the JSON calibration file and return its contents."""
+    if world_size < 2:
+        raise AutoparError(
+            f"calibrate(world_size={world_size}): measuring a collective needs at least 2 ranks"
+        )
+    start = time.perf_counter()
+    result = {
+        "version": CALIBRATION_VERSION,
+        "backend": "gloo",
+        "world_size": world_size,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "matmul_flops": measure_matmul_flops(sizes.matmul_dim, sizes.repeats),
+        "memory_bandwidth": measure_memory_bandwidth(sizes.copy_bytes, sizes.repeats),
+        "memory_bytes": physical_memory_bytes(),
+        **measure_allreduce(world_size, sizes),
+    }
+    result["elapsed_s"] = time.perf_counter() - start
+    path = Path(out_path) if out_path is not None else default_calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def load_calibration(path: str | os.PathLike) -> dict:
+    """Read a calibration file, checking it has every number `Mesh.local` needs."""
+    path = Path(path)
+    hint = f"rerun `autopar calibrate` or delete {path}"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AutoparError(f"no calibration file at {path}; run `autopar calibrate`") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AutoparError(f"cannot read calibration file {path}: {exc}; {hint}") from None
+    bad = [k for k in CALIBRATION_KEYS if not _is_number(data, k) or data[k] < 0]
+    if bad:
+        raise AutoparError(f"calibration file {path} lacks valid values for {bad}; {hint}")
+    return data
+
+
+def format_calibration(data: dict) -> str:
+    """Human-readable lines for a calibration result."""
+    return "\n".join(
+        [
+            f"matmul       {data['matmul_flops'] / 1e9:9.1f} GFLOP/s "
+            f"(fp32, {data['threads']} threads)",
+            f"memory copy  {data['memory_bandwidth'] / 1e9:9.2f} GB/s",
+            f"all-reduce   {data['allreduce_bus_bw'] / 1e9:9.3f} GB/s bus bandwidth, "
+            f"{data['allreduce_latency'] * 1e6:.1f} us per step "
+            f"({data['backend']}, {data['world_size']} ranks)",
+            f"memory       {data['memory_bytes'] / 2**30:9.1f} GiB",
+            f"took         {data['elapsed_s']:9.1f} s",
+        ]
+    )
+
+
+def measure_matmul_flops(dim: int, repeats: int) -> float:
+    """FLOP/s of a dim x dim fp32 matmul, median over `repeats`."""
+    a, b = torch.randn(dim, dim), torch.randn(dim, dim)
+    seconds = _median_time(lambda: torch.mm(a, b), repeats)
+    return 2 * dim**3 / seconds
+
+
+def measure_memory_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a large copy, counting the read and the write."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    seconds = _median_time(lambda: dst.copy_(src), repeats)
+    return 2 * nbytes / seconds
+
+
+def physical_memory_bytes() -> int:
+    """Installed RAM of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def measure_allreduce(world_size: int, sizes: CalibrationSizes) -> dict:
+    """Spawn `world_size` gloo ranks, time two all-reduce sizes and fit alpha and beta."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_allreduce_worker, args=(rank, world_size, port, sizes, queue))
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        times = _wait_for_result(queue, procs)
+    finally:
+        _join_or_kill(procs)
+    if "error" in times:
+        raise AutoparError(f"all-reduce calibration failed: {times['error']}")
+    return fit_alpha_beta(world_size, sizes, times["small_s"], times["large_s"])
+
+
+def fit_alpha_beta(
+    world_size: int, sizes: CalibrationSizes, small_s: float, large_s: float
+) -> dict:
+    """Bus bandwidth and per-step latency through the two measured points.
+
+    When noise hides the size dependence (the large message was not slower), all
+    of the large message's time is put on bandwidth and all of the small one's
+    on latency: both are then pessimistic bounds, recorded in `allreduce_fit`.
+    """
+    factor = bus_factor("all_reduce", world_size)
+    steps = latency_steps("all_reduce", world_size)
+    small, large = sizes.small_message_bytes, sizes.large_message_bytes
+    if large > small and large_s > small_s:
+        bus_bw = factor * (large - small) / (large_s - small_s)
+        latency = max(small_s - factor * small / bus_bw, 0.0) / steps
+        fit = "two-point"
+    else:
+        bus_bw = factor * large / large_s
+        latency = small_s / steps
+        fit = "bounds"
+    return {
+        "allreduce_bus_bw": bus_bw,
+        "allreduce_latency": latency,
+        "allreduce_fit": fit,
+        "allreduce_small_s": small_s,
+        "allreduce_large_s": large_s,
+    }
+
+
+def _allreduce_worker(
+    rank: int, world_size: int, port: int, sizes: CalibrationSizes, queue
+) -> None:
+    """One gloo rank: time both message sizes; rank 0 reports the medians."""
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=60),
+        )
+        times = {
+            "small_s": _time_allreduce(sizes.small_message_bytes, sizes.small_message_repeats),
+            "large_s": _time_allreduce(sizes.large_message_bytes, sizes.repeats),
+        }
+        dist.destroy_process_group()
+    except Exception as exc:  # report to the parent instead of hanging it
+        queue.put({"error": f"rank {rank}: {exc!r}"})
+        return
+    if rank == 0:
+        queue.put(times)
+
+
+def _wait_for_result(queue, procs: list) -> dict:
+    """Rank 0's timings, or an error once a rank died silently or time ran out."""
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.5)
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                return {"error": f"a rank exited with code {dead[0]} before reporting"}
+    return {"error": f"no result within {JOIN_TIMEOUT_S:.0f} s"}
+
+
+def _time_allreduce(nbytes: int, repeats: int) -> float:
+    tensor = torch.ones(max(nbytes // 4, 1), dtype=torch.float32)
+
+    def one() -> float:
+        dist.barrier()  # start together, so the time is the collective's alone
+        start = time.perf_counter()
+        dist.all_reduce(tensor)
+        return time.perf_counter() - start
+
+    one()  # warm-up: the first call sets up gloo's buffers
+    return statistics.median(one() for _ in range(repeats))
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return max(statistics.median(times), 1e-9)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _join_or_kill(procs: list) -> None:
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for proc in procs:
+        proc.join(timeout=max(deadline - time.monotonic(), 0.1))
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=5)
+
+
+def _is_number(data: dict, key: str) -> bool:
+    value = data.get(key)
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,115 @@
+"""Bytes one device holds while training: weights, gradients, optimizer states, activations.
+
+Model states follow the ZeRO paper's accounting (Rajbhandari et al., SC'20,
+sec. 3.1): mixed-precision Adam keeps 16-bit weights (2 B) and 16-bit gradients
+(2 B) plus an fp32 master copy of the weights, momentum and variance
+(4 + 4 + 4 = 12 B): 16 bytes per parameter. Plain fp32 training keeps 4 B
+weights, 4 B gradients and 8 B of Adam states, again 16. ZeRO stage 1 shards
+the optimizer states (master copy included) over the data-parallel ranks,
+stage 2 also the gradients, stage 3 also the weights (FSDP's full sharding).
+
+Activations are what the forward pass saves for backward, per microbatch,
+times the microbatches in flight (1F1B keeps up to pp of them on the first
+stage). With full activation recomputation a transformer layer keeps only its
+input: 2sbh bytes out of sbh(34 + 5as/h) (Korthikanti et al., "Reducing
+Activation Recomputation in Large Transformer Models", MLSys 2023, eq. 1 and
+its discussion of full recomputation), so we keep at most 2/34 of the activations by default. The one
+layer being recomputed during backward briefly holds its full activations;
+that transient is left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autopar.errors import AutoparError
+
+# Optimizer states per parameter, each kept at fp32 under mixed precision.
+# torch.optim.Adam / AdamW: exp_avg and exp_avg_sq; plain SGD (momentum=0): none.
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0}
+
+# Bytes of an fp32 value: master weights and optimizer states under mixed precision.
+FP32_BYTES = 4
+
+# Korthikanti et al. 2023, eq. 1: a layer saves sbh(34 + 5as/h) bytes, its input is 2sbh.
+RECOMPUTE_KEEP_FRACTION = 2 / 34
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per device; `total` is the sum of the four parts."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    total: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        total = self.params + self.grads + self.optimizer + self.activations
+        object.__setattr__(self, "total", total)
+
+
+def training_memory(
+    num_params: float,
+    activation_bytes_per_microbatch: float,
+    *,
+    microbatches_in_flight: int = 1,
+    param_shard: int = 1,
+    dtype_bytes: int = 2,
+    optimizer: str = "adam",
+    mixed_precision: bool = True,
+    zero_stage: int = 0,
+    dp: int = 1,
+    recompute: bool = False,
+    recompute_fraction: float = RECOMPUTE_KEEP_FRACTION,
+) -> MemoryBreakdown:
+    """Memory per device for training.
+
+    num_params: parameters before model-parallel sharding (a stage's, or the model's).
+    activation_bytes_per_microbatch: what this device saves for backward for one
+        microbatch (already divided by tp and restricted to its stage).
+    param_shard: how many ways the parameters are split (tp, or tp * pp when
+        `num_params` counts the whole model).
+    mixed_precision: keep fp32 master weights and fp32 optimizer states; adds
+        nothing when `dtype_bytes` is already 4.
+    recompute_fraction: share of the activations kept under `recompute`.
+    """
+    _check(optimizer, zero_stage, dp, param_shard, microbatches_in_flight, recompute_fraction)
+    local_params = num_params / param_shard
+    state_bytes = max(dtype_bytes, FP32_BYTES) if mixed_precision else dtype_bytes
+    master_bytes = state_bytes if state_bytes != dtype_bytes else 0
+    optimizer_bytes = master_bytes + OPTIMIZER_STATES[optimizer] * state_bytes
+    kept = recompute_fraction if recompute else 1.0
+    return MemoryBreakdown(
+        params=local_params * dtype_bytes / (dp if zero_stage >= 3 else 1),
+        grads=local_params * dtype_bytes / (dp if zero_stage >= 2 else 1),
+        optimizer=local_params * optimizer_bytes / (dp if zero_stage >= 1 else 1),
+        activations=activation_bytes_per_microbatch * microbatches_in_flight * kept,
+    )
+
+
+def _check(
+    optimizer: str,
+    zero_stage: int,
+    dp: int,
+    param_shard: int,
+    microbatches_in_flight: int,
+    recompute_fraction: float,
+) -> None:
+    if optimizer not in OPTIMIZER_STATES:
+        raise AutoparError(
+            f"unknown optimizer {optimizer!r}; valid optimizers: {', '.join(OPTIMIZER_STATES)}"
+        )
+    if zero_stage not in (0, 1, 2, 3):
+        raise AutoparError(f"zero_stage={zero_stage}; valid stages are 0, 1, 2 and 3")
+    if dp < 1 or param_shard < 1 or microbatches_in_flight < 1:
+        raise AutoparError(
+            f"dp={dp}, param_shard={param_shard}, microbatches_in_flight="
+            f"{microbatches_in_flight}: each must be a positive integer"
+        )
+    if not 0 < recompute_fraction <= 1:
+        raise AutoparError(
+            f"recompute_fraction={recompute_fraction}: the share of activations kept "
+            "must be in (0, 1]"
+        )

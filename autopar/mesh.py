@@ -1,0 +1,331 @@
+"""Device topology: the devices a plan runs on and what moving bytes between them costs.
+
+A Mesh is a two-level hierarchy: `nodes` machines of `devices_per_node`
+devices each. Devices in a node share a fast link (NVLink), nodes a slower one
+(InfiniBand). Every constant is a field, so a user overrides any of them with
+`dataclasses.replace`, and the whole value serializes into plan files.
+
+Link model. Bandwidths are per-device *bus bandwidths* as nccl-tests reports
+them, and collectives are priced by `cost.comm`'s alpha-beta model on the
+slowest link a group spans:
+
+- all ranks in one node: `intra_node_bw`, `intra_node_latency`;
+- ranks on several nodes: `inter_node_latency`, and the bandwidth one NIC gives
+  (`inter_node_bw`) times the NICs the group drives in parallel. DGX A100 and
+  DGX H100 nodes have one InfiniBand NIC per GPU on a rail-optimized fabric, and
+  NCCL runs one ring per NIC, so a group with k ranks on each of its nodes moves
+  data over k NICs at once: bus bandwidth min(k * inter_node_bw, intra_node_bw),
+  with k the fewest group ranks any of its nodes holds. A data-parallel group
+  of one rank per node (tp = 8) thus sees one NIC, 23 GB/s on A100 HDR, while a
+  16-rank group over two whole nodes sees eight, about 185 GB/s, which is what
+  nccl-tests measures for such a group. Disjoint groups use disjoint NICs, so
+  the dp groups of different tp ranks do not slow each other down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from autopar.calibrate import default_calibration_path, load_calibration, physical_memory_bytes
+from autopar.cost import comm
+from autopar.errors import AutoparError
+
+# Share of datasheet peak a large bf16 matmul sustains. Megatron-LM sustains 52%
+# of A100 peak end to end on a 1T-parameter GPT, communication and pipeline
+# bubble included (Narayanan et al., SC'21, sec. 5.1); isolated large GEMMs run
+# at 70-80% (NVIDIA, "Matrix Multiplication Background User's Guide"). Per-op
+# compute excludes communication and bubbles, so it sits between the two.
+DEFAULT_MATMUL_EFFICIENCY = 0.65
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator: peak rates at the training dtype and memory size."""
+
+    name: str
+    peak_flops: float  # FLOP/s, dense, at the training dtype
+    memory_bandwidth: float  # bytes/s
+    memory_bytes: int
+    matmul_efficiency: float = DEFAULT_MATMUL_EFFICIENCY
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            f"DeviceSpec {self.name!r}",
+            peak_flops=self.peak_flops,
+            memory_bandwidth=self.memory_bandwidth,
+            memory_bytes=self.memory_bytes,
+            dtype_bytes=self.dtype_bytes,
+        )
+        if not 0 < self.matmul_efficiency <= 1:
+            raise AutoparError(
+                f"DeviceSpec {self.name!r}: matmul_efficiency={self.matmul_efficiency} "
+                "must be a fraction of peak in (0, 1]"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mesh:
+    """`nodes` x `devices_per_node` devices and the links between them (see module doc)."""
+
+    nodes: int = 1
+    devices_per_node: int = 8
+    device: DeviceSpec
+    intra_node_bw: float  # bus bandwidth in bytes/s inside a node
+    inter_node_bw: float  # bus bandwidth in bytes/s of one device's NIC across nodes
+    intra_node_latency: float  # seconds per ring step inside a node
+    inter_node_latency: float  # seconds per ring step across nodes
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "Mesh",
+            nodes=self.nodes,
+            devices_per_node=self.devices_per_node,
+            intra_node_bw=self.intra_node_bw,
+            inter_node_bw=self.inter_node_bw,
+        )
+        if self.intra_node_latency < 0 or self.inter_node_latency < 0:
+            raise AutoparError(
+                f"Mesh: intra_node_latency={self.intra_node_latency}, inter_node_latency="
+                f"{self.inter_node_latency}: latencies cannot be negative"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def node_of(self, rank: int) -> int:
+        """The node holding global `rank` (ranks fill nodes in order)."""
+        if not 0 <= rank < self.world_size:
+            raise AutoparError(
+                f"rank {rank} is outside this mesh of world_size={self.world_size} "
+                f"(ranks 0..{self.world_size - 1})"
+            )
+        return rank // self.devices_per_node
+
+    # -- communication -------------------------------------------------------
+
+    def collective_time(self, kind: str, nbytes: float, ranks: Iterable[int]) -> float:
+        """Seconds for a `kind` collective of `nbytes` (full size) among global `ranks`."""
+        group = tuple(ranks)
+        self._check_group(group)
+        per_node = Counter(rank // self.devices_per_node for rank in group)
+        bandwidth, latency = self._link(len(per_node), min(per_node.values()))
+        return comm.collective_time(kind, nbytes, len(group), bandwidth, latency)
+
+    def tp_collective_time(self, kind: str, nbytes: float, group_size: int) -> float:
+        """`collective_time` for ranks 0..group_size-1, in O(1): the solver's hot path."""
+        if not 1 <= group_size <= self.world_size:
+            raise AutoparError(
+                f"group_size={group_size} must be between 1 and world_size={self.world_size}"
+            )
+        full_nodes, rest = divmod(group_size, self.devices_per_node)
+        bandwidth, latency = self._link(full_nodes + (rest > 0), rest or self.devices_per_node)
+        return comm.collective_time(kind, nbytes, group_size, bandwidth, latency)
+
+    def _link(self, num_nodes: int, min_ranks_per_node: int) -> tuple[float, float]:
+        """(bus bandwidth, latency) of a group spanning `num_nodes` nodes."""
+        if num_nodes == 1:
+            return self.intra_node_bw, self.intra_node_latency
+        bandwidth = min(self.inter_node_bw * min_ranks_per_node, self.intra_node_bw)
+        return bandwidth, self.inter_node_latency
+
+    def _check_group(self, group: tuple[int, ...]) -> None:
+        if not group:
+            raise AutoparError("a collective needs at least one rank; got an empty rank list")
+        outside = [r for r in group if not 0 <= r < self.world_size]
+        if outside:
+            raise AutoparError(
+                f"ranks {outside} are outside this mesh of world_size={self.world_size} "
+                f"(ranks 0..{self.world_size - 1})"
+            )
+        if len(set(group)) != len(group):
+            repeated = sorted(r for r, c in Counter(group).items() if c > 1)
+            raise AutoparError(f"ranks {repeated} appear more than once in the group {group}")
+
+    # -- construction ----------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, nodes: int = 1) -> Mesh:
+        """`nodes` standard 8-GPU nodes: "a100-40gb", "a100-80gb" or "h100-80gb"."""
+        if name not in _PRESETS:
+            raise AutoparError(
+                f"unknown mesh preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}"
+            )
+        return dataclasses.replace(_PRESETS[name], nodes=nodes)
+
+    @classmethod
+    def from_string(cls, text: str) -> Mesh:
+        """Parse the CLI's PRESET[:NODES] (e.g. "a100-80gb:2"), or local:WORLD_SIZE."""
+        name, _, count = text.partition(":")
+        valid = f"valid: {', '.join(PRESET_NAMES)} (each optionally :NODES), local:WORLD_SIZE"
+        if name == "local" and count.isdigit():
+            return cls.local(int(count))
+        if name not in _PRESETS or (count and not count.isdigit()):
+            raise AutoparError(f"cannot read mesh {text!r}; {valid}")
+        return cls.preset(name, nodes=int(count or 1))
+
+    @classmethod
+    def local(cls, world_size: int, calibration: str | os.PathLike | None = None) -> Mesh:
+        """The `world_size` gloo ranks of this machine, one node.
+
+        Constants come from `calibration` (a file `autopar calibrate` wrote), else
+        from the default calibration path if that file exists, else from
+        conservative CPU defaults (`CPU_DEFAULTS`).
+        """
+        if world_size < 1:
+            raise AutoparError(f"Mesh.local(world_size={world_size}): need at least one rank")
+        if calibration is None and default_calibration_path().exists():
+            calibration = default_calibration_path()
+        if calibration is None:
+            return _local_mesh(world_size, CPU_DEFAULTS, "cpu (uncalibrated defaults)")
+        return _local_mesh(world_size, load_calibration(calibration), "cpu (calibrated)")
+
+    # -- serialization -------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """JSON-safe description; `Mesh.from_dict` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Mesh:
+        try:
+            fields = {k: v for k, v in data.items() if k != "device"}
+            return cls(device=DeviceSpec(**data["device"]), **fields)
+        except (KeyError, TypeError, AttributeError) as exc:
+            names = [f.name for f in dataclasses.fields(cls)]
+            raise AutoparError(
+                f"malformed mesh description ({exc}); expected keys {names} with `device` "
+                f"holding {[f.name for f in dataclasses.fields(DeviceSpec)]}"
+            ) from None
+
+    def fingerprint(self) -> str:
+        """sha256 of the description: plan files use it to notice a different mesh."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def describe(self) -> str:
+        """One line for people."""
+        d = self.device
+        text = (
+            f"{self.nodes} node{'s' if self.nodes > 1 else ''} x {self.devices_per_node} "
+            f"{d.name} ({_si(d.peak_flops, 'FLOP/s')}, {d.memory_bytes / GiB:.0f} GiB each); "
+            f"intra-node {_si(self.intra_node_bw, 'B/s')}, {self.intra_node_latency * 1e6:.3g} us"
+        )
+        if self.nodes > 1:
+            text += (
+                f"; inter-node {_si(self.inter_node_bw, 'B/s')} per device, "
+                f"{self.inter_node_latency * 1e6:.3g} us"
+            )
+        return text
+
+
+def _local_mesh(world_size: int, constants: Mapping[str, float], name: str) -> Mesh:
+    """One node of `world_size` ranks sharing this machine's cores and memory evenly.
+
+    The measured matmul rate is what the machine sustains, so efficiency is 1.
+    CPU training runs in fp32.
+    """
+    device = DeviceSpec(
+        name=name,
+        peak_flops=constants["matmul_flops"] / world_size,
+        memory_bandwidth=constants["memory_bandwidth"] / world_size,
+        memory_bytes=int(constants["memory_bytes"]) // world_size,
+        matmul_efficiency=1.0,
+        dtype_bytes=4,
+    )
+    bandwidth, latency = constants["allreduce_bus_bw"], constants["allreduce_latency"]
+    return Mesh(
+        nodes=1,
+        devices_per_node=world_size,
+        device=device,
+        intra_node_bw=bandwidth,
+        inter_node_bw=bandwidth,
+        intra_node_latency=latency,
+        inter_node_latency=latency,
+    )
+
+
+# Conservative constants for an uncalibrated CPU machine, each well below what
+# `autopar calibrate` measured on a 2-core cloud VM (295 GFLOP/s fp32 matmul,
+# 25 GB/s copy, gloo all-reduce 0.9-1.2 GB/s bus bandwidth and 70-200 us per step):
+CPU_DEFAULTS = MappingProxyType(
+    {
+        # a quarter of one AVX2 core's fp32 peak (2 FMA units x 8 lanes x 2 FLOP x 3 GHz
+        # = 96 GFLOP/s), per core
+        "matmul_flops": 25e9 * (os.cpu_count() or 1),
+        # 40% of one DDR4-3200 channel (25.6 GB/s)
+        "memory_bandwidth": 10e9,
+        "memory_bytes": physical_memory_bytes(),
+        # gloo over loopback TCP
+        "allreduce_bus_bw": 0.5e9,
+        "allreduce_latency": 200e-6,
+    }
+)
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if value >= factor:
+            return f"{value / factor:.4g} {prefix}{unit}"
+    return f"{value:.4g} {unit}"
+
+
+def _check_positive(what: str, **values: float) -> None:
+    bad = {k: v for k, v in values.items() if not v > 0}
+    if bad:
+        listed = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise AutoparError(f"{what}: {listed}; each must be positive")
+
+
+def _dgx(device: DeviceSpec, nvlink_bw: float, nic_bw: float) -> Mesh:
+    """One 8-GPU node. Latencies are NCCL's per-ring-step figures (src/graph/tuning.cc,
+    hwLat, LL128 protocol): about 1.9 us over NVLink and 4 us over the network."""
+    return Mesh(
+        nodes=1,
+        devices_per_node=8,
+        device=device,
+        intra_node_bw=nvlink_bw,
+        inter_node_bw=nic_bw,
+        intra_node_latency=2e-6,
+        inter_node_latency=4e-6,
+    )
+
+
+# A100 SXM4 (NVIDIA A100 datasheet): 312 TFLOP/s dense bf16; HBM2 1,555 GB/s
+# (40GB) or HBM2e 2,039 GB/s (80GB). NVLink 3 gives 300 GB/s per direction;
+# nccl-tests all-reduce in a DGX A100 reaches about 230 GB/s bus bandwidth.
+# Across nodes one 200 Gb/s HDR NIC per GPU (DGX A100 user guide): 25 GB/s line
+# rate, about 23 GB/s through NCCL, so 8 NICs give ~185 GB/s bus bandwidth
+# (~95 GB/s all-reduce algorithm bandwidth, the "85-100 GB/s per node" often quoted).
+_A100_NVLINK_BW = 230e9
+_HDR_NIC_BW = 23e9
+# H100 SXM5 (NVIDIA H100 datasheet): 989 TFLOP/s dense bf16 (1,979 with
+# sparsity), HBM3 3.35 TB/s. NVLink 4 gives 450 GB/s per direction; nccl-tests
+# all-reduce reaches about 370 GB/s bus bandwidth without NVLink SHARP (~480
+# with it, for all-reduce only). Across nodes one 400 Gb/s NDR NIC per GPU
+# (DGX H100 user guide): 50 GB/s line rate, about 46 GB/s through NCCL.
+_H100_NVLINK_BW = 370e9
+_NDR_NIC_BW = 46e9
+
+_PRESETS = {
+    "a100-40gb": _dgx(
+        DeviceSpec("A100-SXM4-40GB", 312e12, 1.555e12, 40 * GiB), _A100_NVLINK_BW, _HDR_NIC_BW
+    ),
+    "a100-80gb": _dgx(
+        DeviceSpec("A100-SXM4-80GB", 312e12, 2.039e12, 80 * GiB), _A100_NVLINK_BW, _HDR_NIC_BW
+    ),
+    "h100-80gb": _dgx(
+        DeviceSpec("H100-SXM5-80GB", 989e12, 3.35e12, 80 * GiB), _H100_NVLINK_BW, _NDR_NIC_BW
+    ),
+}
+PRESET_NAMES = tuple(_PRESETS)
