@@ -6,10 +6,22 @@ own parameter shards as inputs. Two rewrites make the graph easier to shard:
 matmuls that carry a bias (`linear(x, w, b)`, `addmm(b, x, w)`) become a matmul
 followed by an `add`, so that a row-parallel matmul can reduce before the bias is
 added; and `_assert_tensor_metadata` bookkeeping nodes are dropped.
+
+The graph is analyzed once here (`autopar.analyze`), so every later step reads the
+same FLOPs, bytes and layer ids. A model `torch.export` cannot trace raises
+`TraceError` naming the failing source line or op and what to try instead; the
+raw torch error stays attached as `__cause__`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +29,9 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
+
+from autopar.analyze import GraphAnalysis, analyze, fingerprint
+from autopar.errors import AutoparError, TraceError
 
 aten = torch.ops.aten
 
@@ -31,6 +46,54 @@ class TracedModel:
     buffer_fqns: dict[str, str]  # placeholder name -> buffer FQN in the model
     user_inputs: list[str]  # placeholder names of the user's (flattened) inputs
     extra: dict = field(default_factory=dict)
+    tied_params: dict[str, str] = field(default_factory=dict)  # duplicate -> first placeholder
+    analysis: GraphAnalysis | None = None  # filled by capture()
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs of one call on the example inputs."""
+        return self.analysis.total_flops
+
+    @property
+    def num_layers(self) -> int:
+        """Number of repeated blocks (transformer layers) found in the graph."""
+        return len(self.analysis.layers)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of all distinct parameters; a tied parameter is counted once."""
+        nodes = self.analysis.nodes
+        distinct = (p for p in self.param_fqns if p not in self.tied_params)
+        return sum(nodes[p].output_bytes for p in distinct)
+
+    def fingerprint(self) -> str:
+        """sha256 of the graph structure (ops, shapes, dtypes, edges)."""
+        return fingerprint(self.graph_module)
+
+    def placeholder_values(self, state: torch.nn.Module | Mapping, args: Sequence, kwargs=None):
+        """Values for `graph_module`'s placeholders, in order.
+
+        `state` is the model (or a name -> tensor mapping of its parameters and
+        buffers, tied names included); `args`/`kwargs` are the user inputs.
+        """
+        if isinstance(state, torch.nn.Module):
+            state = _state_of(state)
+        user = iter(_flat_user_inputs(args, kwargs, len(self.user_inputs)))
+        constants = self.exported_program.constants
+        values = []
+        for node in self.graph_module.graph.find_nodes(op="placeholder"):
+            fqn = self.param_fqns.get(node.name) or self.buffer_fqns.get(node.name)
+            if fqn is not None:
+                values.append(state[fqn])
+            elif node.name in self.user_inputs:
+                values.append(next(user))
+            else:
+                values.append(constants[self._constant_target(node.name)])
+        return values
+
+    def _constant_target(self, name: str) -> str:
+        specs = self.exported_program.graph_signature.input_specs
+        return next(spec.target for spec in specs if spec.arg.name == name)
 
     @property
     def out_spec(self) -> pytree.TreeSpec:
@@ -89,9 +152,117 @@ def normalize(graph_module: fx.GraphModule) -> fx.GraphModule:
     return graph_module
 
 
+def _state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    return state
+
+
+def _flat_user_inputs(args, kwargs, expected: int) -> list:
+    args = tuple(args) if isinstance(args, tuple | list) else (args,)
+    flat = pytree.tree_leaves((args, dict(kwargs or {})))
+    if len(flat) != expected:
+        raise AutoparError(
+            f"got {len(flat)} flattened user inputs, but the model was captured with "
+            f"{expected}; pass inputs with the same structure as the example inputs"
+        )
+    return flat
+
+
+def _tied_params(model: torch.nn.Module, param_fqns: dict[str, str]) -> dict[str, str]:
+    """Placeholders whose parameter is the same tensor as an earlier one's."""
+    by_fqn = dict(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}
+    tied = {}
+    for name, fqn in param_fqns.items():
+        owner = first.setdefault(id(by_fqn[fqn]), name)
+        if owner != name:
+            tied[name] = owner
+    return tied
+
+
+# ----------------------------------------------------------------------------- errors
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_HINTS = (
+    (
+        ("data-dependent", "GuardOnDataDependent"),
+        "the model branches on, or converts to Python, a tensor's value (e.g. `if x.sum() > 0:`,"
+        " `int(t)`, `.item()`); avoid data-dependent control flow on tensor values"
+        " (use torch.where or torch.cond) or compute that value outside the model",
+    ),
+    (
+        ("DynamicCache", "Cache", "pytree"),
+        "the model returns an object export cannot flatten; for Hugging Face causal LMs"
+        " pass use_cache=False (in the config or as a keyword input)",
+    ),
+)
+_GENERIC_HINT = (
+    "check that forward runs eagerly on these inputs, and see the torch.export docs"
+    " (https://pytorch.org/docs/stable/export.html); torch.export.draft_export lists every issue"
+)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The last traceback frame outside torch: the user's line that failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_user_file(f.filename)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
+def _is_user_file(filename: str) -> bool:
+    here = os.path.dirname(__file__)
+    return not filename.startswith((_TORCH_DIR, here)) and not filename.startswith("<")
+
+
+def _last_op(exc: BaseException) -> str | None:
+    """The last op export recorded before failing, from its partial graph."""
+    ops = re.findall(r"torch\.ops\.([\w.]+)\(", str(getattr(exc, "partial_fx_graph", "")))
+    return ops[-1] if ops else None
+
+
+def _trace_error(model: torch.nn.Module, exc: Exception) -> TraceError:
+    text = f"{type(exc).__name__}: {exc}"
+    hint = next((h for keys, h in _HINTS if any(k in text for k in keys)), _GENERIC_HINT)
+    frame, op = _user_frame(exc), _last_op(exc)
+    where = (f" at {frame}" if frame else "") + (f" (last op traced: {op})" if op else "")
+    first_line = text.strip().splitlines()[0]
+    return TraceError(
+        f"torch.export could not trace {type(model).__name__}{where}: {first_line}. Hint: {hint}."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_partial_graph():
+    """Hold back stderr (export prints its partial graph there on failure); replay on success."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
+    try:
+        with _quiet_partial_graph():
+            return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        raise _trace_error(model, exc) from exc
+
+
 def capture(model: torch.nn.Module, example_inputs, example_kwargs=None) -> TracedModel:
-    """Trace `model` on `example_inputs` into a TracedModel."""
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    ep = torch.export.export(model, args, dict(example_kwargs or {}), strict=False)
+    """Trace `model` on `example_inputs` into a TracedModel (analysis included)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(
+            f"capture expects a torch.nn.Module, got {type(model).__name__}; "
+            "wrap a function in an nn.Module whose forward calls it"
+        )
+    args = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    ep = _export(model, args, dict(example_kwargs or {}))
     params, buffers, user_inputs = _placeholder_maps(ep)
-    return TracedModel(ep, normalize(ep.graph_module), params, buffers, user_inputs)
+    graph_module = normalize(ep.graph_module)
+    traced = TracedModel(ep, graph_module, params, buffers, user_inputs)
+    traced.tied_params = _tied_params(model, params)
+    traced.analysis = analyze(graph_module, param_names=params)
+    return traced
