@@ -1,0 +1,33 @@
+"""Readable source of a sharded graph: fx's code with each line's placement and local shape.
+
+mm_default_3 = torch.ops.aten.mm.default(view_10, p_..._weight)  # P (16, 16)
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.fx as fx
+
+_ASSIGNMENT = re.compile(r"^    (\w+) = ")
+
+
+def _describe(node: fx.Node) -> str | None:
+    placement, shape = node.meta.get("placement"), node.meta.get("local_shape")
+    if placement is None:
+        return None
+    text = str(placement) if not isinstance(placement, tuple) else ", ".join(map(str, placement))
+    return f"{text} {shape}" if shape is not None else text
+
+
+def annotated_code(graph_module: fx.GraphModule, header: str = "") -> str:
+    """`graph_module.code` with `# <placement> <local shape>` after each assignment."""
+    nodes = {node.name: node for node in graph_module.graph.nodes}
+    lines = []
+    for line in graph_module.code.splitlines():
+        match = _ASSIGNMENT.match(line)
+        node = nodes.get(match.group(1)) if match else None
+        comment = _describe(node) if node is not None else None
+        lines.append(f"{line}  # {comment}" if comment else line)
+    prefix = "".join(f"# {text}\n" for text in header.splitlines())
+    return prefix + "\n".join(lines).strip("\n") + "\n"

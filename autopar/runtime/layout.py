@@ -1,0 +1,39 @@
+"""Index arithmetic of `Shard(dim, groups)`: which slice of a full tensor a rank holds.
+
+With `groups = g` and `n` ranks, dimension `dim` (size D) is cut into g equal
+blocks, each block into n equal chunks, and rank r holds chunk r of every block,
+concatenated in block order: D / n elements. With g = 1 this is plain chunking.
+Viewing the dimension as (g, n, D / (g n)) turns both directions into one
+`select` or one `stack`, with no Python loop over blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _blocked_shape(shape: torch.Size, dim: int, groups: int, num_chunks: int) -> list[int]:
+    size = shape[dim]
+    if size % (groups * num_chunks) != 0:
+        raise ValueError(
+            f"dimension {dim} of size {size} does not split into {groups} groups "
+            f"x {num_chunks} chunks (shape {tuple(shape)})"
+        )
+    return [*shape[:dim], groups, num_chunks, size // (groups * num_chunks), *shape[dim + 1 :]]
+
+
+def take_chunk(
+    full: torch.Tensor, dim: int, groups: int, index: int, num_chunks: int
+) -> torch.Tensor:
+    """Chunk `index` of every one of the `groups` blocks of `full` along `dim` (contiguous)."""
+    dim = dim % full.dim()
+    blocked = full.reshape(_blocked_shape(full.shape, dim, groups, num_chunks))
+    return blocked.select(dim + 1, index).flatten(dim, dim + 1).contiguous()
+
+
+def join_chunks(chunks: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int, groups: int):
+    """Inverse of `take_chunk` over all indices: rebuild the block-interleaved full tensor."""
+    first = chunks[0]
+    dim = dim % first.dim()
+    blocked = [c.reshape(_blocked_shape(c.shape, dim, groups, 1)).squeeze(dim + 1) for c in chunks]
+    return torch.stack(blocked, dim + 1).flatten(dim, dim + 2)

@@ -1,0 +1,218 @@
+"""ParallelModule: one tensor-parallel rank's part of a model, callable like the model.
+
+It holds this rank's shards of the original parameters and buffers (registered
+under `pm.shards` with the original FQNs, so any `torch.optim` optimizer works on
+`pm.parameters()`), the sharded graph (`pm.graph_module`) and its readable
+source (`pm.code`). `forward` flattens its arguments as `torch.export` did when
+the model was captured, feeds parameters, buffers and inputs in placeholder
+order, and rebuilds the model's output structure (`pm(ids).logits` works).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from autopar.capture import TracedModel
+from autopar.codegen import NodePlacement, annotated_code, gather_full, shard_graph, shard_tensor
+from autopar.errors import AutoparError
+from autopar.placement import Replicate
+from autopar.runtime.collectives import Axis, bound_axes
+from autopar.runtime.state import Slot, build_slots, state_slots
+
+_USER_OUTPUTS = (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT)
+
+
+class ParallelModule(nn.Module):
+    """This rank's part of `model` under a tensor-parallel placement map.
+
+    `traced` is `capture(model, ...)`; `placements` maps node names to
+    `NodePlacement`s (missing nodes are replicated); `tp_group` is the process
+    group of the tp axis (None: the default group). `model` supplies the values
+    (it may live on the meta device; then call `load_full_state_dict`).
+    """
+
+    def __init__(
+        self,
+        traced: TracedModel,
+        placements: Mapping[str, NodePlacement],
+        model: nn.Module,
+        *,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        tp_group: dist.ProcessGroup | None = None,
+        axis: str = "tp",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        _check_group(tp_size, tp_rank, tp_group)
+        self.tp_size, self.tp_rank, self.tp_group, self.axis = tp_size, tp_rank, tp_group, axis
+        self._axis = Axis(axis, tp_group, tp_size, tp_rank)
+        self.graph_module = shard_graph(traced, placements, tp_size, axis=axis)
+        self.shards = nn.Module()
+        slots = build_slots(traced, self.graph_module, model, self.shards, tp_rank, tp_size, device)
+        self._state_slots = state_slots(model, slots)
+        self._feeds = _placeholder_feeds(traced, self.graph_module, model, slots, self)
+        signature = traced.exported_program.graph_signature
+        self._output_kinds = [(spec.kind, spec.target) for spec in signature.output_specs]
+        self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
+        self._buffer_slots = {slot.name: slot for slot in slots.values()}
+
+    @property
+    def code(self) -> str:
+        """This rank's generated Python source, annotated with placements and local shapes."""
+        header = (
+            f"rank {self.tp_rank} of {self.tp_size} on mesh axis {self.axis!r}\n"
+            "from autopar.runtime.collectives import all_gather, all_reduce, all_to_all, "
+            "copy_to_parallel, reduce_scatter, shard_local"
+        )
+        return annotated_code(self.graph_module, header)
+
+    def forward(self, *args, **kwargs):
+        user_inputs = iter(self._flatten_inputs(args, kwargs))
+        inputs = [feed.local() if isinstance(feed, Slot) else feed for feed in self._feeds]
+        inputs = [next(user_inputs) if value is _USER_INPUT else value for value in inputs]
+        with bound_axes({self.axis: self._axis}):
+            outputs = self.graph_module(*inputs)
+        return pytree.tree_unflatten(self._route_outputs(outputs), self._out_spec)
+
+    def _flatten_inputs(self, args: tuple, kwargs: dict) -> list:
+        """Flatten (args, kwargs) like torch.export did at capture, checking the structure."""
+        expected_kwargs = self._in_spec.child(1).context
+        if set(kwargs) == set(expected_kwargs):
+            kwargs = {name: kwargs[name] for name in expected_kwargs}
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self._in_spec:
+            raise AutoparError(
+                f"inputs do not match the ones the model was captured with: got structure "
+                f"{spec}, captured {self._in_spec}; call with the same arguments and keywords"
+            )
+        return flat
+
+    def _route_outputs(self, outputs) -> list:
+        """Store buffer mutations in the local buffers; return the user's outputs."""
+        user = []
+        for value, (kind, target) in zip(outputs, self._output_kinds, strict=True):
+            if kind in _USER_OUTPUTS:
+                user.append(value)
+            elif kind == OutputKind.BUFFER_MUTATION:
+                slot = self._buffer_slots[target]
+                local = shard_tensor(value, slot.placement, self.tp_rank, self.tp_size)
+                with torch.no_grad():
+                    slot.local().copy_(local)
+            else:
+                raise AutoparError(f"graph output of kind {kind.name} is not supported")
+        return user
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device model's `state_dict()`: same keys (tied aliases too), full values."""
+        gathered: dict[str, torch.Tensor] = {}
+        result = {}
+        for key, slot in self._state_slots.items():
+            if slot.name not in gathered:
+                gathered[slot.name] = self._gather(slot.local(), slot)
+            result[key] = gathered[slot.name]
+        return result
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        """Full gradients of the parameters, keyed like `full_state_dict` (None: no grad)."""
+        result = {}
+        for key, slot in self._state_slots.items():
+            grad = slot.local().grad if slot.is_parameter else None
+            if slot.is_parameter:
+                result[key] = None if grad is None else self._gather(grad, slot)
+        return result
+
+    def _gather(self, local: torch.Tensor, slot: Slot) -> torch.Tensor:
+        placement = slot.placement if self.tp_size > 1 else Replicate()
+        return gather_full(local, placement, self.tp_group)
+
+    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a single-device state dict, keeping this rank's shards."""
+        _check_state_dict(state_dict, self._state_slots)
+        with torch.no_grad():
+            for key, slot in self._state_slots.items():
+                local = shard_tensor(state_dict[key], slot.placement, self.tp_rank, self.tp_size)
+                slot.local().copy_(local)
+
+
+class _UserInput:
+    def __repr__(self) -> str:
+        return "<user input>"
+
+
+_USER_INPUT = _UserInput()
+
+
+def _placeholder_feeds(traced, graph_module, model, slots, module) -> list:
+    """Per placeholder: the Slot that feeds it, a constant tensor, or _USER_INPUT."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    fqns = {**traced.param_fqns, **traced.buffer_fqns}
+    ep = traced.exported_program
+    constants = {
+        spec.arg.name: ep.constants[spec.target]
+        for spec in ep.graph_signature.input_specs
+        if spec.kind == InputKind.CONSTANT_TENSOR
+    }
+    feeds = []
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        if node.name in fqns:
+            feeds.append(slots[id(named[fqns[node.name]])])
+        elif node.name in constants:
+            feeds.append(_constant_feed(module, node, constants[node.name]))
+        else:
+            feeds.append(_USER_INPUT)
+    return feeds
+
+
+def _constant_feed(module: nn.Module, node, value: torch.Tensor) -> Slot:
+    if not hasattr(module, "constants"):
+        module.constants = nn.Module()
+    placement = node.meta["placement"]
+    local = shard_tensor(value, placement, module.tp_rank, module.tp_size)
+    module.constants.register_buffer(node.name, local, persistent=False)
+    return Slot(node.name, module.constants, node.name, placement, value.shape, False)
+
+
+def _check_group(tp_size: int, tp_rank: int, group) -> None:
+    if tp_size == 1 and tp_rank == 0 and group is None:
+        return  # one rank: no collective runs
+    if not (dist.is_available() and dist.is_initialized()):
+        raise AutoparError(
+            f"tp_size={tp_size} needs torch.distributed to be initialized "
+            "(run under torchrun, or call init_process_group first)"
+        )
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if (size, rank) != (tp_size, tp_rank):
+        raise AutoparError(
+            f"tp_size={tp_size}, tp_rank={tp_rank} disagree with the process group "
+            f"(size {size}, this rank {rank}); pass the tp group's own size and rank"
+        )
+
+
+def _check_state_dict(state_dict: Mapping[str, torch.Tensor], slots: dict[str, Slot]) -> None:
+    missing = [key for key in slots if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in slots]
+    wrong = [
+        f"{key}: got {tuple(state_dict[key].shape)}, expected {tuple(slot.shape)}"
+        for key, slot in slots.items()
+        if key in state_dict and state_dict[key].shape != slot.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong}")
+    if problems:
+        raise AutoparError(
+            "load_full_state_dict: " + "; ".join(problems) + " (pass the single-device "
+            "model's state_dict())"
+        )

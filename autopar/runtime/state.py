@@ -1,0 +1,119 @@
+"""Where each of the original model's tensors lives on this rank, and how to put it back.
+
+One `Slot` per distinct parameter or buffer of the single-device model (tied
+parameters share one slot, found by identity through
+`named_parameters(remove_duplicate=False)`). A slot records the tensor's global
+shape and its placement on the tp axis (read from the sharded graph's
+placeholders); the local shard itself is registered on a container module, so
+`parameters()` and `.to()` see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from autopar.capture import TracedModel
+from autopar.codegen.params import shard_tensor
+from autopar.errors import PlanError
+from autopar.placement import Placement, Replicate
+
+
+@dataclass
+class Slot:
+    """One stored tensor: its canonical name, container, placement and global shape."""
+
+    name: str  # canonical FQN in the original model
+    owner: nn.Module
+    attr: str
+    placement: Placement
+    shape: torch.Size
+    is_parameter: bool
+
+    def local(self) -> torch.Tensor:
+        return getattr(self.owner, self.attr)
+
+
+def _tensors_by_id(model: nn.Module) -> dict[int, tuple[str, torch.Tensor, bool]]:
+    """id(tensor) -> (canonical FQN, tensor, is_parameter), in the model's order."""
+    found: dict[int, tuple[str, torch.Tensor, bool]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        found.setdefault(id(param), (name, param, True))
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        found.setdefault(id(buffer), (name, buffer, False))
+    return found
+
+
+def _placeholder_placements(
+    traced: TracedModel, graph_module: fx.GraphModule, model: nn.Module
+) -> dict[int, Placement]:
+    """id(original tensor) -> placement, from the placeholders that use it."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    fqns = {**traced.param_fqns, **traced.buffer_fqns}
+    chosen: dict[int, tuple[Placement, str]] = {}
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        if node.name not in fqns or not node.users:
+            continue
+        placement = node.meta.get("placement", Replicate())
+        key = id(named[fqns[node.name]])
+        previous = chosen.setdefault(key, (placement, node.name))
+        if previous[0] != placement:
+            raise PlanError(
+                f"tied tensor {fqns[node.name]} is placed {placement} at {node.name} but "
+                f"{previous[0]} at {previous[1]}; tied parameters need one placement"
+            )
+    return {key: placement for key, (placement, _) in chosen.items()}
+
+
+def _container(root: nn.Module, path: list[str]) -> nn.Module:
+    for part in path:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    return root
+
+
+def build_slots(
+    traced: TracedModel,
+    graph_module: fx.GraphModule,
+    model: nn.Module,
+    root: nn.Module,
+    rank: int,
+    num_shards: int,
+    device: torch.device | None,
+) -> dict[int, Slot]:
+    """Register this rank's shard of every model tensor under `root`; id(original) -> Slot."""
+    placements = _placeholder_placements(traced, graph_module, model)
+    persistent = set(model.state_dict().keys())
+    slots = {}
+    for key, (name, tensor, is_parameter) in _tensors_by_id(model).items():
+        placement = placements.get(key, Replicate())
+        local = _local_data(tensor, placement, rank, num_shards, device)
+        *path, attr = name.split(".")
+        owner = _container(root, path)
+        if is_parameter:
+            owner.register_parameter(attr, nn.Parameter(local, tensor.requires_grad))
+        else:
+            owner.register_buffer(attr, local, persistent=name in persistent)
+        slots[key] = Slot(name, owner, attr, placement, tensor.shape, is_parameter)
+    return slots
+
+
+def _local_data(tensor, placement, rank, num_shards, device) -> torch.Tensor:
+    if tensor.device.type == "meta":  # planned without memory: values come from a state dict
+        full = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        shape = shard_tensor(full, placement, rank, num_shards).shape
+        return torch.empty(shape, dtype=tensor.dtype, device=device or "cpu")
+    local = shard_tensor(tensor, placement, rank, num_shards)
+    return local.to(device) if device is not None else local
+
+
+def state_slots(model: nn.Module, slots: dict[int, Slot]) -> dict[str, Slot]:
+    """Every key of `model.state_dict()` (tied aliases included) -> its slot."""
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    by_name.update(model.named_buffers(remove_duplicate=False))
+    return {key: slots[id(by_name[key])] for key in model.state_dict() if key in by_name}
