@@ -112,7 +112,7 @@ def _normalize(placement: Placement, val, where: str, num_shards: int) -> Placem
 
 def _normalize_output(output: PlacementOrTuple, val, where: str, num_shards: int):
     if isinstance(output, tuple):
-        vals = val if isinstance(val, (list, tuple)) else [None] * len(output)
+        vals = val if isinstance(val, list | tuple) else [None] * len(output)
         return tuple(_normalize(p, v, where, num_shards) for p, v in zip(output, vals, strict=True))
     return _normalize(output, val, where, num_shards)
 
@@ -132,11 +132,11 @@ def _is_element_of_tuple(node: fx.Node) -> bool:
     """A getitem that picks one output of a multi-output node (split, ...)."""
     if node.target is not operator.getitem:
         return False
-    return isinstance(node.args[0].meta.get("val"), (list, tuple))
+    return isinstance(node.args[0].meta.get("val"), list | tuple)
 
 
 def _local_shape(val, placement: PlacementOrTuple, num_shards: int):
-    if isinstance(placement, tuple) and isinstance(val, (list, tuple)):
+    if isinstance(placement, tuple) and isinstance(val, list | tuple):
         return tuple(_local_shape(v, p, num_shards) for v, p in zip(val, placement, strict=True))
     if not _is_tensor(val) or isinstance(placement, tuple):
         return None
