@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from autopar.placement import Partial, Placement, Replicate, Shard
 
 FORWARD, BACKWARD = "forward", "backward"
-BACKWARD_FLOP_FACTOR = 2.0  # backward ~ 2x forward FLOPs (Kaplan et al. 2020, Narayanan et al. 2021)
+BACKWARD_FLOP_FACTOR = (
+    2.0  # backward ~ 2x forward FLOPs (Kaplan et al. 2020, Narayanan et al. 2021)
+)
+# A memory-bound op's backward reads the output gradient and writes the input gradient:
+# about the forward's traffic again (adds and views just pass the gradient on).
+BACKWARD_BYTES_FACTOR = 1.0
 # Mixed-precision Adam touches ~32 bytes of memory per parameter per step: read and
 # write fp32 master weight, momentum and variance (24 B), read the 16-bit gradient and
 # write the 16-bit weight (4 B), plus slack for the gradient zeroing (4 B).
@@ -68,10 +73,11 @@ def comm_seconds(ops, mesh, tp: int) -> float:
 def compute_seconds(flops: int, nbytes: int, splits_work: bool, mesh, tp: int, training: bool):
     """Roofline time of one node, forward plus backward when training."""
     device = mesh.device
-    factor = (1 + BACKWARD_FLOP_FACTOR) if training else 1.0
+    flop_factor = (1 + BACKWARD_FLOP_FACTOR) if training else 1.0
+    byte_factor = (1 + BACKWARD_BYTES_FACTOR) if training else 1.0
     share = tp if splits_work else 1
-    math_s = factor * flops / share / (device.peak_flops * device.matmul_efficiency)
-    memory_s = factor * nbytes / share / device.memory_bandwidth
+    math_s = flop_factor * flops / share / (device.peak_flops * device.matmul_efficiency)
+    memory_s = byte_factor * nbytes / share / device.memory_bandwidth
     return max(math_s, memory_s)
 
 

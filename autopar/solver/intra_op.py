@@ -27,6 +27,9 @@ Costs are seconds of one training step (forward and backward) from solver/costs.
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -78,6 +81,14 @@ def _nbytes(node: fx.Node, dtype_bytes: int | None) -> int:
     return val.numel() * width
 
 
+def traffic_bytes(info, dtype_bytes: int | None) -> float:
+    """Bytes a node moves, at the training dtype when one is given."""
+    nbytes = info.bytes_read + info.bytes_written
+    if dtype_bytes and info.dtype is not None and info.dtype.is_floating_point:
+        return nbytes * dtype_bytes / info.dtype.itemsize
+    return nbytes
+
+
 def _local_fraction(strategy_output, tp: int) -> float:
     return 1.0 / tp if isinstance(strategy_output, Shard) else 1.0
 
@@ -114,12 +125,12 @@ def _safe(text: str) -> str:
 
 def _node_cost(p: _Problem, node: fx.Node, strategy: Strategy) -> float:
     if node.op == "placeholder":
-        if not (p.training and node.name in p.traced.param_fqns):
-            return 0.0
+        if not (p.training and node.name in p.traced.param_fqns and node.users):
+            return 0.0  # an unused placeholder is a tied duplicate: its twin pays
         numel = node.meta["val"].numel() * _local_fraction(strategy.output, p.tp)
         return costs.optimizer_seconds(int(numel), p.mesh)
     info = p.traced.analysis.nodes[node.name]
-    nbytes = info.bytes_read + info.bytes_written
+    nbytes = traffic_bytes(info, p.dtype_bytes)
     return costs.compute_seconds(info.flops, nbytes, strategy.splits_work, p.mesh, p.tp, p.training)
 
 
@@ -212,12 +223,14 @@ def _one_sided_terms(p, src_key, dst_key, table, count, name, consumer) -> list:
 def _pair_terms(p, src_vars, dst_vars, table, count, name) -> list:
     e = {pair: pulp.LpVariable(f"e_{name}_{pair[0]}_{pair[1]}", lowBound=0) for pair in table}
     for i, var in enumerate(src_vars):
-        p.prob += pulp.lpSum(e[i, j] for j in range(len(dst_vars)) if (i, j) in e) == var, (
-            f"src_{name}_{i}"
+        p.prob += (
+            pulp.lpSum(e[i, j] for j in range(len(dst_vars)) if (i, j) in e) == var,
+            (f"src_{name}_{i}"),
         )
     for j, var in enumerate(dst_vars):
-        p.prob += pulp.lpSum(e[i, j] for i in range(len(src_vars)) if (i, j) in e) == var, (
-            f"dst_{name}_{j}"
+        p.prob += (
+            pulp.lpSum(e[i, j] for i in range(len(src_vars)) if (i, j) in e) == var,
+            (f"dst_{name}_{j}"),
         )
     return [count * cost * e[pair] for pair, cost in table.items() if cost]
 
@@ -254,14 +267,18 @@ def _add_grad_sync(p: _Problem) -> list:
     return terms
 
 
+def allocates(node: fx.Node) -> bool:
+    """Does the node's output take new memory (views and aliases do not)?"""
+    return not any(word in str(node.target) for word in ALLOCATION_FREE)
+
+
 def _memory_bytes(p: _Problem, node: fx.Node, strategy: Strategy, activation_copies: float):
     fraction = _local_fraction(strategy.output, p.tp)
-    if node.name in p.traced.param_fqns:
+    if node.name in p.traced.param_fqns and node.users:
         per_param = costs.STATE_BYTES_PER_PARAM if p.training else (p.dtype_bytes or 4)
         return node.meta["val"].numel() * fraction * per_param
     is_activation = node.op == "call_function" and p.strategies.requires_grad.get(node.name)
-    allocates = not any(word in str(node.target) for word in ALLOCATION_FREE)
-    if p.training and is_activation and allocates:
+    if p.training and is_activation and allocates(node):
         return _nbytes(node, p.dtype_bytes) * fraction * activation_copies
     return 0.0
 
@@ -276,10 +293,29 @@ def _add_memory(p, representatives, budget_bytes: float, activation_copies: floa
     p.prob += pulp.lpSum(terms) <= budget_bytes, "memory"
 
 
+@functools.cache
+def _highs_available() -> bool:
+    """HiGHS prints a banner on its first instance; take it here, with stdout muted."""
+    if not pulp.HiGHS().available():
+        return False
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return True
+
+
 def _solver(time_limit_s: float | None):
-    highs = pulp.HiGHS(msg=False, timeLimit=time_limit_s)
-    if highs.available():
-        return highs
+    """HiGHS when highspy is installed (faster), else PuLP's bundled CBC."""
+    if _highs_available():
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s)
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
 
 
@@ -326,7 +362,9 @@ def solve_intra_op(
         if node.op in ("placeholder", "call_function"):
             representatives.setdefault(key_of[node.name], node)
     prob = pulp.LpProblem("intra_op_sharding", pulp.LpMinimize)
-    p = _Problem(traced, strategies, mesh, tp, training, dtype_bytes, key_of, multiplicity, prob, {})
+    p = _Problem(
+        traced, strategies, mesh, tp, training, dtype_bytes, key_of, multiplicity, prob, {}
+    )
     _add_variables(p, representatives)
     objective = _add_node_costs(p, representatives) + _add_edge_costs(p) + _add_grad_sync(p)
     prob += pulp.lpSum(objective)

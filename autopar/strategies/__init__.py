@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from autopar.strategies import attention, elementwise, embedding, matmul, norm, view
-from autopar.strategies.base import R, NodeShapes, OpSpec, Strategy, enumerate_strategies
+from autopar.strategies.base import NodeShapes, OpSpec, R, Strategy, enumerate_strategies
 
 RULES = {
     **elementwise.RULES,
@@ -122,7 +122,9 @@ def _parameter_strategies(param: fx.Node, candidates: dict) -> list[Strategy]:
     for user in param.users:
         index = user.all_input_nodes.index(param)
         wanted += [s.inputs[index] for s in candidates.get(user.name, ()) if s.inputs]
-    return [Strategy(p, ()) for p in dict.fromkeys(wanted) if p == R or p.__class__.__name__ == "Shard"]
+    return [
+        Strategy(p, ()) for p in dict.fromkeys(wanted) if p == R or p.__class__.__name__ == "Shard"
+    ]
 
 
 def graph_strategies(traced, tp: int) -> GraphStrategies:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autopar.strategies.base import P, R, DimLink, NodeShapes, OpSpec
+from autopar.strategies.base import DimLink, NodeShapes, OpSpec, P, R
 
 aten = torch.ops.aten
 

@@ -45,7 +45,11 @@ def bmm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     rank = len(shapes.out)
     batch_links = tuple(DimLink(d, (d, d)) for d in range(rank - 2))
     return OpSpec(
-        links=(*batch_links, DimLink(rank - 2, (rank - 2, None)), DimLink(rank - 1, (None, rank - 1))),
+        links=(
+            *batch_links,
+            DimLink(rank - 2, (rank - 2, None)),
+            DimLink(rank - 1, (None, rank - 1)),
+        ),
         contractions=((rank - 1, rank - 2),),
     )
 

@@ -49,7 +49,9 @@ def mean_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
 
 def sum_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     reduced = _reduced_dims(node, len(shapes.inputs[0]))
-    return OpSpec(links=_kept_links(node, shapes), contractions=tuple((d,) for d in sorted(reduced)))
+    return OpSpec(
+        links=_kept_links(node, shapes), contractions=tuple((d,) for d in sorted(reduced))
+    )
 
 
 def softmax_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from autopar.placement import Shard
-from autopar.strategies.base import P, DimLink, NodeShapes, OpSpec, Strategy
+from autopar.strategies.base import DimLink, NodeShapes, OpSpec, P, Strategy
 from autopar.strategies.elementwise import broadcast_links
 
 aten = torch.ops.aten
@@ -85,7 +85,8 @@ def t_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
 def _dropped_dim_rule(in_rank: int, dropped: int) -> OpSpec:
     kept = [d for d in range(in_rank) if d != dropped]
     return OpSpec(
-        links=tuple(DimLink(out, (src,)) for out, src in enumerate(kept)), partial_inputs=PASS_PARTIAL
+        links=tuple(DimLink(out, (src,)) for out, src in enumerate(kept)),
+        partial_inputs=PASS_PARTIAL,
     )
 
 

@@ -1,0 +1,148 @@
+"""The Plan: a plain, JSON-serializable value that says how to run a model on a mesh.
+
+It holds the parallel degrees, the schedule, one placement per node on the tensor
+parallel axis, the pipeline stages, the predicted costs and the collectives that
+make them up, and fingerprints of the model graph and the mesh so that a plan is
+never applied to a model or cluster it was not made for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from autopar.errors import PlanError
+from autopar.placement import parse_placement
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Cost:
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+    memory_per_device_bytes: float
+    tflops_per_device: float
+
+
+@dataclass
+class Stage:
+    index: int
+    layers: list[int]  # transformer block indices in this stage
+    nodes: list[str]  # graph nodes in this stage
+    time_s: float  # predicted forward+backward time of one microbatch
+    memory_bytes: float
+
+
+@dataclass
+class Collective:
+    """One collective the generated code runs, for the summary and for explanation."""
+
+    kind: str  # all_reduce, all_gather, reduce_scatter, all_to_all
+    phase: str  # forward or backward
+    producer: str
+    consumer: str
+    nbytes: int
+    seconds: float
+    layer: int | None
+
+
+@dataclass
+class Plan:
+    dp: int
+    tp: int
+    pp: int
+    num_microbatches: int
+    microbatch_size: int
+    schedule: str
+    strategies: dict[str, dict]  # node -> {"op", "output": "S(1)", "inputs": ["R"], "sources"}
+    stages: list[Stage]
+    cost: Cost
+    collectives: list[Collective]
+    unsupported_ops: list[str]
+    model_fingerprint: str
+    mesh: dict
+    mesh_fingerprint: str
+    solver: dict = field(default_factory=dict)  # status, solve time, ILP size
+    layer_of: dict[str, int] = field(default_factory=dict)  # node -> block index
+    param_fqns: dict[str, str] = field(default_factory=dict)  # placeholder -> parameter FQN
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(
+                f"plan schema version {version!r} is not supported (this autopar reads "
+                f"version {SCHEMA_VERSION}); plan the model again"
+            )
+        try:
+            fields = dict(data)
+            fields["stages"] = [Stage(**s) for s in data["stages"]]
+            fields["cost"] = Cost(**data["cost"])
+            fields["collectives"] = [Collective(**c) for c in data["collectives"]]
+            plan = cls(**fields)
+            plan.node_placements()  # every placement must parse
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanError(f"malformed plan: {error}; plan the model again") from error
+        return plan
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a crash never leaves half a plan file behind."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as error:
+            raise PlanError(f"no plan file at {path}") from error
+        except json.JSONDecodeError as error:
+            raise PlanError(f"{path} is not a plan file (invalid JSON: {error})") from error
+        if not isinstance(data, dict):
+            raise PlanError(f"{path} is not a plan file (expected a JSON object)")
+        return cls.from_dict(data)
+
+    def node_placements(self) -> dict:
+        """Placements for codegen, one NodePlacement per node."""
+        from autopar.codegen import NodePlacement
+
+        placements = {}
+        for name, entry in self.strategies.items():
+            output = entry["output"]
+            output = (
+                tuple(parse_placement(o) for o in output)
+                if isinstance(output, list)
+                else parse_placement(output)
+            )
+            inputs = tuple(parse_placement(i) for i in entry["inputs"])
+            placements[name] = NodePlacement(output, inputs)
+        return placements
+
+    def check_applies_to(self, model_fingerprint: str, mesh_fingerprint: str | None = None):
+        if model_fingerprint != self.model_fingerprint:
+            raise PlanError(
+                "this plan was made for a different model graph (fingerprint "
+                f"{self.model_fingerprint[:12]} vs {model_fingerprint[:12]}); plan this model "
+                "with autopar.plan(...) or pass the model the plan was made for"
+            )
+        if mesh_fingerprint is not None and mesh_fingerprint != self.mesh_fingerprint:
+            raise PlanError(
+                "this plan was made for a different mesh; plan again for this mesh "
+                f"(plan: {self.mesh.get('description', self.mesh_fingerprint[:12])})"
+            )
+
+    def summary(self) -> str:
+        from autopar.viz.text import plan_summary
+
+        return plan_summary(self)
