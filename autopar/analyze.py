@@ -202,21 +202,26 @@ def _block_keys(nodes: Iterable[fx.Node]) -> dict[fx.Node, BlockKey]:
     return blocks
 
 
-def _assign_placeholders(graph: fx.Graph, blocks: dict[fx.Node, BlockKey]) -> None:
-    """A placeholder read only inside one block (its weights) belongs to that block."""
+def _assign_state(graph: fx.Graph, blocks: dict[fx.Node, BlockKey], state: Collection[str]):
+    """A parameter or buffer read only inside one block (its weights) belongs to that block."""
     for node in graph.find_nodes(op="placeholder"):
         owners = {blocks.get(user) for user in node.users}
-        if len(owners) == 1 and None not in owners:
+        if node.name in state and len(owners) == 1 and None not in owners:
             blocks[node] = owners.pop()
 
 
-def _layers(graph: fx.Graph) -> list[list[fx.Node]]:
+def _layers(graph: fx.Graph, state: Collection[str]) -> list[list[fx.Node]]:
+    """Nodes of each repeated block, blocks ordered by their first computation."""
     blocks = _block_keys(n for n in graph.nodes if n.op == "call_function")
-    _assign_placeholders(graph, blocks)
-    members: dict[BlockKey, list[fx.Node]] = {}
+    first = {}
     for node in graph.nodes:
         if node in blocks:
-            members.setdefault(blocks[node], []).append(node)
+            first.setdefault(blocks[node], len(first))
+    _assign_state(graph, blocks, state)
+    members: dict[BlockKey, list[fx.Node]] = {key: [] for key in sorted(first, key=first.get)}
+    for node in graph.nodes:
+        if node in blocks:
+            members[blocks[node]].append(node)
     return list(members.values())
 
 
@@ -258,18 +263,33 @@ def _block_classes(layers: list[list[fx.Node]]) -> list[int]:
     return [class_of.setdefault(_block_signature(b), len(class_of)) for b in layers]
 
 
+# Ops that only change memory layout. Whether export keeps them depends on the
+# device's kernels (a meta sdpa output needs `.contiguous()`, a CPU one does not),
+# so the fingerprint looks through them.
+_LAYOUT_ONLY = {aten.contiguous, aten.alias, aten.clone}
+
+
+def _layout_only(node: fx.Node) -> bool:
+    return getattr(node.target, "overloadpacket", None) in _LAYOUT_ONLY
+
+
 def fingerprint(graph_module: fx.GraphModule) -> str:
     """sha256 over every node's structure and edges; stable across devices and runs.
 
     Placeholder names (derived from parameter FQNs) count too: a plan's parameter
     shards must load into the same names.
     """
-    nodes = list(graph_module.graph.nodes)
-    index = {node: i for i, node in enumerate(nodes)}
+    index: dict[fx.Node, int] = {}
+    source: dict[fx.Node, fx.Node] = {}
     digest = hashlib.sha256()
-    for node in nodes:
+    for node in graph_module.graph.nodes:
+        if _layout_only(node):
+            source[node] = source.get(node.args[0], node.args[0])
+            continue
+        index[node] = len(index)
         name = node.name if node.op == "placeholder" else ""
-        digest.update(repr((name, node_signature(node, index.__getitem__))).encode())
+        signature = node_signature(node, lambda n: index[source.get(n, n)])
+        digest.update(repr((name, signature)).encode())
     return digest.hexdigest()
 
 
@@ -316,14 +336,19 @@ def _node_info(node: fx.Node, params: Collection[str], layer, position) -> NodeI
     )
 
 
-def analyze(graph_module: fx.GraphModule, param_names: Collection[str] = ()) -> GraphAnalysis:
+def analyze(
+    graph_module: fx.GraphModule,
+    param_names: Collection[str] = (),
+    buffer_names: Collection[str] = (),
+) -> GraphAnalysis:
     """Analyze every placeholder and call_function node of a captured graph.
 
-    `param_names` are the placeholders that hold parameters (`TracedModel.param_fqns`
-    keys); they fill `NodeInfo.params`.
+    `param_names` and `buffer_names` are the placeholders that hold parameters and
+    buffers (`TracedModel.param_fqns` / `buffer_fqns` keys): parameters fill
+    `NodeInfo.params`, and both join the layer of the one block that reads them.
     """
     graph = graph_module.graph
-    layers = _layers(graph)
+    layers = _layers(graph, {*param_names, *buffer_names})
     classes = _block_classes(layers)
     where = {n: (i, (classes[i], j)) for i, block in enumerate(layers) for j, n in enumerate(block)}
     params = frozenset(param_names)

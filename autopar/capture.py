@@ -264,5 +264,5 @@ def capture(model: torch.nn.Module, example_inputs, example_kwargs=None) -> Trac
     graph_module = normalize(ep.graph_module)
     traced = TracedModel(ep, graph_module, params, buffers, user_inputs)
     traced.tied_params = _tied_params(model, params)
-    traced.analysis = analyze(graph_module, param_names=params)
+    traced.analysis = analyze(graph_module, param_names=params, buffer_names=buffers)
     return traced
