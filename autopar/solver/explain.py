@@ -47,7 +47,7 @@ def _edge_collectives(traced, chosen, requires_grad, mesh, tp, training, dtype_b
 
 def _collective(op, producer, consumer, mesh, tp, traced) -> Collective:
     seconds = mesh.tp_collective_time(op.kind, op.nbytes, tp)
-    layer = _layer(traced, consumer.name) if consumer.op != "output" else None
+    layer = _layer(traced, producer.name)  # a block owns the collectives of what it produces
     return Collective(op.kind, op.phase, producer.name, consumer.name, op.nbytes, seconds, layer)
 
 

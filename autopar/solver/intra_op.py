@@ -115,7 +115,9 @@ def _add_variables(p: _Problem, representatives: dict[str, fx.Node]) -> None:
             p.x[key] = None
             continue
         safe = _safe(key)
-        p.x[key] = [pulp.LpVariable(f"x_{safe}_{i}", cat="Binary") for i in range(len(candidates))]
+        p.x[key] = [
+            p.prob.add_variable(f"x_{safe}_{i}", cat="Binary") for i in range(len(candidates))
+        ]
         p.prob += pulp.lpSum(p.x[key]) == 1, f"one_strategy_{safe}"
 
 
@@ -221,7 +223,7 @@ def _one_sided_terms(p, src_key, dst_key, table, count, name, consumer) -> list:
 
 
 def _pair_terms(p, src_vars, dst_vars, table, count, name) -> list:
-    e = {pair: pulp.LpVariable(f"e_{name}_{pair[0]}_{pair[1]}", lowBound=0) for pair in table}
+    e = {pair: p.prob.add_variable(f"e_{name}_{pair[0]}_{pair[1]}", lowBound=0) for pair in table}
     for i, var in enumerate(src_vars):
         p.prob += (
             pulp.lpSum(e[i, j] for j in range(len(dst_vars)) if (i, j) in e) == var,
@@ -257,7 +259,7 @@ def _add_grad_sync(p: _Problem) -> list:
                 triggers[src_key].append((dst_key, j))
     terms = []
     for src_key, choices in triggers.items():
-        y = pulp.LpVariable(f"f_{_safe(src_key)}", lowBound=0, upBound=1)
+        y = p.prob.add_variable(f"f_{_safe(src_key)}", lowBound=0, upBound=1)
         for n, (dst_key, j) in enumerate(choices):
             p.prob += y >= _choice(p, dst_key, j), f"f_{_safe(src_key)}_{n}"
         seconds = p.mesh.tp_collective_time(
@@ -381,5 +383,5 @@ def solve_intra_op(
     }
     return IntraOpResult(
         chosen, status, pulp.value(prob.objective) or 0.0, elapsed,
-        len(prob.variables()), len(prob.constraints),
+        prob.numVariables(), prob.numConstraints(),
     )  # fmt: skip

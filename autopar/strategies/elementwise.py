@@ -73,6 +73,7 @@ LINEARITY = {
     aten.detach.default: _unary_partials,
     aten.to.dtype: _unary_partials,
     aten.to.dtype_layout: _unary_partials,
+    aten.to.device: _unary_partials,
     aten._to_copy.default: _unary_partials,
     aten.dropout.default: _dropout_partials,
     aten.native_dropout.default: _no_partials,

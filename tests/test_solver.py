@@ -1,0 +1,145 @@
+"""The solver rediscovers Megatron-LM's tensor-parallel layout and handles awkward sizes."""
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+import autopar
+from autopar.api import plan as make_plan
+from autopar.errors import AutoparError, PlanError
+from autopar.mesh import Mesh
+from autopar.models import build_model
+from autopar.plan import Plan
+
+A100_NODE = Mesh.preset("a100-80gb")
+
+
+def _block_params(plan, layer):
+    return {
+        plan.param_fqns[p].split(f".{layer}.", 1)[1]: plan.strategies[p]["output"]
+        for p in plan.param_fqns
+        if plan.layer_of.get(p) == layer and p in plan.strategies
+    }
+
+
+def _block_collectives(plan, layer, phase):
+    return sorted(
+        (c.kind, c.nbytes) for c in plan.collectives if c.layer == layer and c.phase == phase
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt2_tp8():
+    # GPT-2 medium's width (16 heads divide by 8), 12 layers, one 1024-token sequence
+    model, inputs = build_model("gpt2-medium", n_layer=12, seq=1024)
+    return make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16)
+
+
+def test_gpt2_gets_megatron_layout(gpt2_tp8):
+    params = _block_params(gpt2_tp8, 3)
+    assert params["attn.c_attn.weight"] == "S(1,g3)"  # Conv1D (in, out): column-parallel QKV
+    assert params["mlp.c_fc.weight"] == "S(1)"
+    assert params["attn.c_proj.weight"] == "S(0)"  # row-parallel
+    assert params["mlp.c_proj.weight"] == "S(0)"
+    assert params["ln_1.weight"] == "R"
+
+
+def test_gpt2_block_communicates_no_more_than_megatron(gpt2_tp8):
+    activation = 1 * 1024 * 1024 * 2  # batch x seq x hidden x bf16
+    assert _block_collectives(gpt2_tp8, 3, "forward") == [("all_reduce", activation)] * 2
+    assert _block_collectives(gpt2_tp8, 3, "backward") == [("all_reduce", activation)] * 2
+
+
+def test_llama_gets_megatron_layout():
+    model, inputs = build_model(
+        "llama2-7b", seq=1024, num_hidden_layers=4, hidden_size=1024, num_attention_heads=16,
+        num_key_value_heads=8, intermediate_size=2816, vocab_size=32000,
+    )  # fmt: skip
+    plan = make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16)
+    params = _block_params(plan, 2)
+    for column in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
+        assert params[f"{column}.weight"] == "S(0)", column  # nn.Linear (out, in)
+    for row in ("self_attn.o_proj", "mlp.down_proj"):
+        assert params[f"{row}.weight"] == "S(1)", row
+    activation = 1 * 1024 * 1024 * 2
+    assert _block_collectives(plan, 2, "forward") == [("all_reduce", activation)] * 2
+    assert _block_collectives(plan, 2, "backward") == [("all_reduce", activation)] * 2
+
+
+def test_identical_blocks_are_solved_once(gpt2_tp8):
+    one_block = make_plan(
+        *build_model("gpt2-medium", n_layer=1, seq=1024), A100_NODE, tp=8, dtype=torch.bfloat16
+    )
+    assert gpt2_tp8.solver["num_variables"] < 2 * one_block.solver["num_variables"]
+
+
+def fast_links_mesh(world_size: int) -> Mesh:
+    """Slow compute and free communication: sharding whatever divides always pays."""
+    device = autopar.mesh.DeviceSpec("slow", 1e9, 1e9, memory_bytes=2**34, dtype_bytes=4)
+    return Mesh(
+        nodes=1, devices_per_node=world_size, device=device, intra_node_bw=1e15,
+        inter_node_bw=1e15, intra_node_latency=0.0, inter_node_latency=0.0,
+    )  # fmt: skip
+
+
+def test_awkward_sizes_shard_what_divides():
+    # 6 heads at tp=4: attention stays replicated, the MLP (hidden 96 -> 384) is sharded
+    model, inputs = tiny_gpt2(n_embd=96, n_head=6, vocab_size=101)
+    plan = make_plan(model, inputs, fast_links_mesh(4), tp=4)
+    params = _block_params(plan, 0)
+    assert "g3" not in params["attn.c_attn.weight"]  # heads cannot be split 4 ways
+    assert params["mlp.c_fc.weight"].startswith("S")
+    sdpa = [e for e in plan.strategies.values() if "scaled_dot_product" in e["op"]]
+    assert all(e["output"] == "R" for e in sdpa)
+
+
+def test_vocabulary_that_does_not_divide_is_not_split():
+    model, inputs = tiny_gpt2(vocab_size=101)
+    plan = make_plan(model, inputs, fast_links_mesh(2), tp=2)
+    head = next(p for p, fqn in plan.param_fqns.items() if fqn == "lm_head.weight")
+    assert plan.strategies[head]["output"] in ("R", "S(1)")  # never rows of 101
+
+
+def test_bad_pins_raise():
+    model, inputs = tiny_gpt2(n_head=4)
+    with pytest.raises(AutoparError, match="attention heads"):
+        make_plan(model, inputs, Mesh.local(8), tp=8)
+    with pytest.raises(AutoparError, match="divisor"):
+        make_plan(model, inputs, Mesh.local(4), tp=3)
+    with pytest.raises(AutoparError, match="must equal the world size"):
+        make_plan(model, inputs, Mesh.local(4), dp=1, tp=2, pp=1)
+
+
+def test_no_fit_in_memory_says_so():
+    model, inputs = tiny_llama()
+    tiny_device = autopar.mesh.DeviceSpec("tiny", 1e12, 1e11, memory_bytes=1024)
+    mesh = Mesh(
+        nodes=1, devices_per_node=2, device=tiny_device, intra_node_bw=1e10, inter_node_bw=1e9,
+        intra_node_latency=1e-6, inter_node_latency=1e-5,
+    )  # fmt: skip
+    with pytest.raises(PlanError, match="fits"):
+        make_plan(model, inputs, mesh, tp=2)
+
+
+def test_plan_round_trips_and_refuses_another_model(tmp_path):
+    model, inputs = tiny_gpt2()
+    plan = make_plan(model, inputs, Mesh.local(2), tp=2)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded.to_dict() == plan.to_dict()
+    assert loaded.summary() == plan.summary()
+    other, other_inputs = tiny_gpt2(n_layer=3)
+    other_fingerprint = autopar.capture.capture(other, other_inputs).fingerprint()
+    with pytest.raises(PlanError, match="different model"):
+        loaded.check_applies_to(other_fingerprint)
+
+
+def test_malformed_plan_files_raise(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(PlanError, match="not a plan file"):
+        Plan.load(path)
+    path.write_text('{"schema_version": 1, "dp": 1}')
+    with pytest.raises(PlanError, match="malformed"):
+        Plan.load(path)

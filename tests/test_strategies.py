@@ -1,0 +1,60 @@
+"""Sharding rules on their own: the candidates each op family offers."""
+
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+from autopar.capture import capture
+from autopar.placement import Partial, Replicate, Shard, parse_placement
+from autopar.strategies import graph_strategies
+from autopar.strategies.view import reshape_groups
+
+
+def _by_target(traced, target):
+    return [n for n in traced.graph_module.graph.nodes if n.target == target]
+
+
+def test_placements_print_and_parse_back():
+    for placement in (Replicate(), Partial(), Shard(1), Shard(-1), Shard(1, 3)):
+        assert parse_placement(str(placement)) == placement
+
+
+def test_reshape_groups_pair_dims_with_equal_products():
+    assert reshape_groups((2, 16, 64), (2, 16, 4, 16)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
+    assert reshape_groups((32, 192), (2, 16, 192)) == [([0], [0, 1]), ([1], [2])]
+    assert reshape_groups((1, 16, 64), (16, 64)) == [([1], [0]), ([2], [1])]
+
+
+def test_matmul_offers_column_row_and_replicated():
+    model, inputs = tiny_gpt2()
+    traced = capture(model, inputs)
+    strategies = graph_strategies(traced, 2)
+    mm = _by_target(traced, torch.ops.aten.mm.default)[1]  # attention output projection
+    texts = {str(s) for s in strategies.candidates[mm.name]}
+    assert {"R <- (R, R)", "S(1) <- (R, S(1))", "P <- (S(1), S(0))"} <= texts
+
+
+def test_fused_qkv_gets_a_block_interleaved_shard():
+    model, inputs = tiny_gpt2()
+    traced = capture(model, inputs)
+    strategies = graph_strategies(traced, 2)
+    qkv = _by_target(traced, torch.ops.aten.mm.default)[0]
+    assert any(s.output == Shard(1, 3) for s in strategies.candidates[qkv.name])
+
+
+def test_token_dims_are_never_sharded():
+    model, inputs = tiny_gpt2()
+    traced = capture(model, inputs)
+    strategies = graph_strategies(traced, 2)
+    ln = _by_target(traced, torch.ops.aten.layer_norm.default)[0]  # (batch, seq, hidden)
+    assert [str(s.output) for s in strategies.candidates[ln.name]] == ["R"]
+
+
+def test_grouped_query_attention_shards_kv_heads_only_when_they_divide():
+    model, inputs = tiny_llama(n_head=4, n_kv_head=2)
+    traced = capture(model, inputs)
+    sdpa = _by_target(traced, torch.ops.aten.scaled_dot_product_attention.default)[0]
+    assert any(s.output == Shard(1) for s in graph_strategies(traced, 2).candidates[sdpa.name])
+    kv_heads_view = _by_target(traced, torch.ops.aten.view.default)[1]  # k: (b, s, 2, hd)
+    assert kv_heads_view.meta["val"].shape[2] == 2
+    at_four = graph_strategies(traced, 4).candidates[kv_heads_view.name]
+    assert all(s.output != Shard(2) for s in at_four)  # 2 kv heads cannot split 4 ways
