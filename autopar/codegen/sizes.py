@@ -116,7 +116,7 @@ def _slice(node: fx.Node, output, inputs: tuple, num_shards: int) -> None:
 
 SIZE_RULES: dict = {
     aten.view.default: _output_size("size"),
-    aten.reshape.default: _output_size("size"),
+    aten.reshape.default: _output_size("shape"),
     aten._unsafe_view.default: _output_size("size"),
     aten.expand.default: _output_size("size"),
     aten.new_ones.default: _output_size("size"),

@@ -10,6 +10,7 @@ import re
 import torch.fx as fx
 
 _ASSIGNMENT = re.compile(r"^    (\w+) = ")
+_RELEASES = re.compile(r";  [\w =]+ = None$")  # fx frees dead values early; noise for readers
 
 
 def _describe(node: fx.Node) -> str | None:
@@ -21,13 +22,17 @@ def _describe(node: fx.Node) -> str | None:
 
 
 def annotated_code(graph_module: fx.GraphModule, header: str = "") -> str:
-    """`graph_module.code` with `# <placement> <local shape>` after each assignment."""
+    """`graph_module.code` with `# <placement> <local shape>` after each assignment.
+
+    The `x = None` statements fx adds to free dead values early are left out.
+    """
     nodes = {node.name: node for node in graph_module.graph.nodes}
     lines = []
     for line in graph_module.code.splitlines():
         match = _ASSIGNMENT.match(line)
         node = nodes.get(match.group(1)) if match else None
         comment = _describe(node) if node is not None else None
+        line = _RELEASES.sub("", line)
         lines.append(f"{line}  # {comment}" if comment else line)
     prefix = "".join(f"# {text}\n" for text in header.splitlines())
     return prefix + "\n".join(lines).strip("\n") + "\n"
