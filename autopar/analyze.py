@@ -13,8 +13,10 @@ Conventions:
   registry's formulas, one multiply-add = 2 FLOPs; elementwise ops, norms and
   softmax count 0 (they are memory-bound and priced by their bytes). The
   composite ops the export graph keeps (`linear`, `matmul`,
-  `scaled_dot_product_attention`) are mapped onto those formulas. Causal
-  attention is counted as full attention, as the registry does.
+  `scaled_dot_product_attention`) are mapped onto those formulas; any other
+  composite op (`conv2d`, `einsum`, ...) is counted on its decomposition, traced
+  over the node's FakeTensors (no real computation). Causal attention is counted
+  as full attention, as the registry does.
 - Bytes: a node that returns a view of its input (the output shares the input's
   storage, as the FakeTensors record) reads and writes nothing; gathers
   (embedding, index) read their indices and the rows they produce; any other
@@ -37,8 +39,9 @@ from dataclasses import dataclass, fields
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.flop_counter import flop_registry, mm_flop, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, mm_flop, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -117,16 +120,29 @@ _COMPOSITE_FLOPS: dict[object, Callable[..., int]] = {
 }
 
 
+def _is_composite(op: torch._ops.OpOverload) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+
+
+def _decomposed_flops(op: torch._ops.OpOverload, args, kwargs) -> int:
+    """FLOPs of a composite op (conv2d, einsum, ...): its decomposition on the FakeTensors."""
+    with detect_fake_mode((args, kwargs)), FlopCounterMode(display=False) as counter:
+        op.decompose(*args, **kwargs)
+    return counter.get_total_flops()
+
+
 def node_flops(node: fx.Node) -> int:
     """Forward FLOPs of one call_function node, from its FakeTensor shapes."""
     if not isinstance(node.target, torch._ops.OpOverload):
         return 0
     packet = node.target.overloadpacket
     formula = _COMPOSITE_FLOPS.get(packet) or flop_registry.get(packet)
-    if formula is None:
-        return 0
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), _val)
-    return int(formula(*args, out_val=_val(node), **kwargs))
+    if formula is not None:
+        return int(formula(*args, out_val=_val(node), **kwargs))
+    if _is_composite(node.target):
+        return _decomposed_flops(node.target, args, kwargs)
+    return 0
 
 
 # ----------------------------------------------------------------------------- bytes

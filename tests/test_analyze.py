@@ -165,3 +165,22 @@ def test_attention_flops_grow_quadratically_in_sequence(seq):
     analysis = capture(*tiny_gpt2(seq=seq, batch=1, n_embd=64, n_head=4)).analysis
     sdpa = _by_target(analysis, "aten.scaled_dot_product_attention.default")[0]
     assert sdpa.flops == 4 * seq * seq * 64
+
+
+class _ConvEinsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+        self.proj = nn.Parameter(torch.randn(8, 5))
+
+    def forward(self, x):
+        y = self.patch(x)  # (B, 8, 4, 4)
+        return torch.einsum("bchw,cd->bhwd", y, self.proj)
+
+
+def test_other_composite_ops_are_counted_through_their_decomposition():
+    analysis = capture(_ConvEinsum(), (torch.randn(2, 3, 16, 16),)).analysis
+    (conv,) = _by_target(analysis, "aten.conv2d.default")
+    assert conv.flops == 2 * (2 * 8 * 4 * 4) * (3 * 4 * 4)
+    (einsum,) = _by_target(analysis, "aten.einsum.default")
+    assert einsum.flops == 2 * (2 * 4 * 4 * 5) * 8
