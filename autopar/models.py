@@ -215,9 +215,9 @@ def build_model(
 ) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """Build a built-in model and example `input_ids` of shape (batch, seq) on `device`.
 
-    `seq` defaults to the model's context length. Weights come from the model's own
-    initializer and the global RNG (seed it for reproducible weights); the example
-    ids use a fixed generator.
+    `seq` defaults to the model's context length. The model is left in training mode
+    (dropout 0 unless asked). Weights come from the model's own initializer and the
+    global RNG (seed it for reproducible weights); the example ids use a fixed generator.
     """
     family, config = _config(name, dropout, config_overrides)
     device = torch.device(device)
