@@ -1,0 +1,7 @@
+"""`python -m autopar ...` runs the `autopar` command."""
+
+import sys
+
+from autopar.cli import main
+
+sys.exit(main())

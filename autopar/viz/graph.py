@@ -1,0 +1,217 @@
+"""Pictures of a Plan, for where a table of 500 rows would be read by no one.
+
+- `layer_time_figure`: predicted communication per transformer block (forward and
+  backward), with compute stacked under it when the caller knows it.
+- `block_dataflow_figure`: one block's operators in graph order, coloured by the
+  placement of their output (R, S, P), with each parameter's placement beside the
+  operator that reads it and every collective marked after the operator whose
+  output it moves (a backward one runs on that output's gradient).
+
+matplotlib is optional: figures are drawn on a bare `Figure` with the Agg canvas
+(no pyplot, no global backend switch), and `matplotlib_available()` lets callers
+skip pictures with a message instead of failing.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+
+from autopar.errors import AutoparError
+
+PLACEMENT_COLORS = {"R": "#c9d6e3", "S": "#8fd19e", "P": "#f4b183"}
+PHASE_COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "compute": "#a0a0a0"}
+# Operators that only rename, reshape or reinterpret memory: left out of the diagram.
+LAYOUT_OPS = {
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "t", "expand", "unsqueeze",
+    "squeeze", "contiguous", "clone", "alias", "detach", "to", "_to_copy", "getitem",
+    "dropout", "slice", "select", "lift_fresh_copy",
+}  # fmt: skip
+# Operators the diagram always draws as their own box.
+LANDMARK_OPS = {
+    "mm", "addmm", "bmm", "matmul", "linear", "scaled_dot_product_attention", "layer_norm",
+    "embedding", "rms_norm",
+}  # fmt: skip
+MISSING = "matplotlib is not installed; `pip install matplotlib` to draw plan pictures"
+
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _new_figure(width: float, height: float):
+    if not matplotlib_available():
+        raise AutoparError(MISSING)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_png(figure) -> bytes:
+    """PNG bytes of a figure from this module."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def save_figure(figure, path) -> Path:
+    path = Path(path)
+    figure.savefig(path)
+    return path
+
+
+def short_op(op: str) -> str:
+    """'aten.mm.default' -> 'mm'; '<built-in function getitem>' -> 'getitem'."""
+    if op.startswith("<built-in function "):
+        return op.removeprefix("<built-in function ").rstrip(">")
+    parts = op.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "aten" else parts[-1]
+
+
+def placement_kind(placement) -> str:
+    """'S(1,g3)' -> 'S'; a multi-output node's list -> the kind of its first output."""
+    if isinstance(placement, list):
+        placement = placement[0] if placement else "R"
+    return placement[:1] if placement[:1] in PLACEMENT_COLORS else "R"
+
+
+# ----------------------------------------------------------------------------- per layer
+
+
+def layer_label(layer: int | None) -> str:
+    return "outside" if layer is None else str(layer)
+
+
+def communication_by_layer(plan) -> dict[int | None, dict[str, float]]:
+    """Seconds of collectives per step, per block and phase; None holds what no block owns."""
+    table: dict[int | None, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for layer in set(plan.layer_of.values()):
+        table[layer]["forward"] += 0.0  # blocks without collectives still get a bar
+    for c in plan.collectives:
+        table[c.layer][c.phase] += c.seconds
+    return table
+
+
+def layer_time_figure(plan, compute_by_layer: dict[int | None, float] | None = None):
+    """Stacked bars per block: compute (when given) and communication by phase."""
+    comm = communication_by_layer(plan)
+    layers = sorted(k for k in comm if k is not None) + ([None] if None in comm else [])
+    figure = _new_figure(max(6.0, 0.25 * len(layers) + 2), 3.2)
+    axes = figure.add_subplot()
+    x = list(range(len(layers)))
+    bottom = [0.0] * len(layers)
+    series = [("compute", compute_by_layer)] if compute_by_layer else []
+    series += [(phase, {k: comm[k][phase] for k in layers}) for phase in ("forward", "backward")]
+    for name, values in series:
+        heights = [values.get(k, 0.0) * 1e3 for k in layers]
+        label = name if name == "compute" else f"{name} communication"
+        axes.bar(x, heights, bottom=bottom, color=PHASE_COLORS[name], label=label)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    axes.set_xticks(x, [layer_label(k) for k in layers], fontsize=7, rotation=90)
+    axes.set_xlabel("transformer block")
+    axes.set_ylabel("ms per step")
+    what = "time" if compute_by_layer else "communication"
+    axes.set_title(f"Predicted {what} per block (dp={plan.dp} tp={plan.tp} pp={plan.pp})")
+    axes.legend(fontsize=8)
+    return figure
+
+
+# ----------------------------------------------------------------------------- one block
+
+
+def _box_of_nodes(plan, layer: int) -> tuple[list[dict], dict[str, int]]:
+    """Boxes for one block's operators; runs of small same-placement ops share a box."""
+    boxes: list[dict] = []
+    box_of: dict[str, int] = {}
+    for name, entry in plan.strategies.items():
+        if plan.layer_of.get(name) != layer or name in plan.param_fqns:
+            continue
+        if entry["op"] in ("placeholder", "output"):
+            continue
+        op, kind = short_op(entry["op"]), placement_kind(entry["output"])
+        if op in LAYOUT_OPS:
+            source = next((box_of[s] for s in entry["sources"] if s in box_of), None)
+            if source is not None:
+                box_of[name] = source
+            continue
+        last = boxes[-1] if boxes else None
+        merge = last and op not in LANDMARK_OPS and not last["landmark"] and last["kind"] == kind
+        if merge:
+            last["ops"].append(op)
+        else:
+            boxes.append({"ops": [op], "kind": kind, "landmark": op in LANDMARK_OPS,
+                          "placement": entry["output"], "params": [], "collectives": []})  # fmt: skip
+        box_of[name] = len(boxes) - 1
+        for source in entry["sources"]:
+            if source in plan.param_fqns:
+                boxes[-1]["params"].append(source)
+    return boxes, box_of
+
+
+def _box_label(box: dict) -> str:
+    ops = list(dict.fromkeys(box["ops"]))
+    text = ", ".join(ops[:4]) + (", ..." if len(ops) > 4 else "")
+    count = f" ({len(box['ops'])} ops)" if len(box["ops"]) > 1 else ""
+    placement = box["placement"]
+    placement = "/".join(placement) if isinstance(placement, list) else placement
+    return f"{text}{count}  [{placement}]"
+
+
+def _param_label(plan, placeholder: str) -> str:
+    fqn = plan.param_fqns[placeholder]
+    short = ".".join(fqn.split(".")[-2:])
+    return f"{short} {plan.strategies[placeholder]['output']}"
+
+
+def block_dataflow_figure(plan, layer: int | None = None):
+    """One block's operators top to bottom, coloured by output placement."""
+    blocks = sorted(set(plan.layer_of.values()))
+    if not blocks:
+        raise AutoparError("this plan has no transformer blocks to draw")
+    layer = blocks[0] if layer is None else layer
+    if layer not in blocks:
+        raise AutoparError(
+            f"block {layer} is not in this plan; blocks are {blocks[0]}-{blocks[-1]}"
+        )
+    boxes, box_of = _box_of_nodes(plan, layer)
+    for c in plan.collectives:
+        if c.layer == layer and c.producer in box_of:
+            prefix = "" if c.phase == "forward" else "backward "
+            boxes[box_of[c.producer]]["collectives"].append(prefix + c.kind.replace("_", "-"))
+    figure = _new_figure(8.5, 0.42 * len(boxes) + 1.2)
+    _draw_boxes(figure.add_subplot(), plan, boxes)
+    figure.suptitle(f"Block {layer} dataflow at tp={plan.tp} (colour = output placement)")
+    return figure
+
+
+def _draw_boxes(axes, plan, boxes: list[dict]) -> None:
+    from matplotlib.patches import Patch
+
+    n = len(boxes)
+    for i, box in enumerate(boxes):
+        y = n - 1 - i
+        axes.text(0.5, y, _box_label(box), ha="center", va="center", fontsize=8,
+                  bbox={"boxstyle": "round", "fc": PLACEMENT_COLORS[box["kind"]], "ec": "#555"})  # fmt: skip
+        if i + 1 < n:
+            axes.annotate("", (0.5, y - 0.72), (0.5, y - 0.28),
+                          arrowprops={"arrowstyle": "->", "color": "#777"})  # fmt: skip
+        params = ", ".join(_param_label(plan, p) for p in box["params"])
+        if params:
+            axes.text(0.02, y, params, ha="left", va="center", fontsize=7, color="#333")
+        if box["collectives"]:
+            text = "then " + ", ".join(dict.fromkeys(box["collectives"]))
+            axes.text(0.98, y, text, ha="right", va="center", fontsize=8, color="#b00020")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(-0.8, n - 0.2)
+    axes.axis("off")
+    legend = [Patch(fc=PLACEMENT_COLORS[k], ec="#555", label=label)
+              for k, label in (("R", "replicated"), ("S", "sharded"), ("P", "partial sum"))]  # fmt: skip
+    axes.legend(handles=legend, loc="lower left", fontsize=7, ncol=3, bbox_to_anchor=(0, -0.06))

@@ -1,0 +1,94 @@
+"""The HTML report and the plan pictures, on a two-block GPT-2 planned for one A100 node."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+from autopar.api import plan as make_plan
+from autopar.errors import AutoparError
+from autopar.mesh import Mesh
+from autopar.models import build_model
+from autopar.viz import graph
+from autopar.viz.report import collective_totals, layer_ranges, render_report, write_report
+
+
+@pytest.fixture(scope="module")
+def plan():
+    model, inputs = build_model("gpt2", n_layer=2, batch=4, seq=256)  # meta device
+    return make_plan(model, inputs, Mesh.preset("a100-80gb"), tp=4, pp=1)
+
+
+def test_report_is_one_self_contained_file(plan, tmp_path):
+    path = write_report(plan, tmp_path / "report.html")
+    html = path.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert "<b>dp</b> = 2" in html and "<b>tp</b> = 4" in html and "<b>pp</b> = 1" in html
+    assert "http://" not in html and "https://" not in html  # no external assets
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no .tmp left behind
+
+
+def test_report_tables(plan):
+    html = render_report(plan)
+    assert "<h3>blocks 0-1</h3>" in html  # identical blocks share one table
+    assert "transformer.h.0.mlp.c_fc.weight" in html
+    assert "column-parallel" in html and "row-parallel" in html
+    assert "Communication by kind and phase" in html
+    assert "all_reduce" in html and "backward" in html
+    assert "Pipeline stages" in html
+    assert "Every op had a sharding rule." in html
+
+
+def test_report_lists_ops_with_no_rule(plan):
+    html = render_report(dataclasses.replace(plan, unsupported_ops=["aten.<weird>.default"]))
+    assert "aten.&lt;weird&gt;.default" in html  # listed, and escaped
+
+
+def test_report_embeds_pictures_when_matplotlib_is_there(plan):
+    pytest.importorskip("matplotlib")
+    assert render_report(plan).count('src="data:image/png;base64,') == 2
+
+
+def test_report_without_matplotlib(plan, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert not graph.matplotlib_available()
+    html = render_report(plan)
+    assert "<img" not in html and "pip install matplotlib" in html
+    with pytest.raises(AutoparError, match="pip install matplotlib"):
+        graph.layer_time_figure(plan)
+
+
+def test_figures_render_to_png(plan):
+    pytest.importorskip("matplotlib")
+    for figure in (
+        graph.layer_time_figure(plan),
+        graph.layer_time_figure(plan, compute_by_layer={0: 1e-3, 1: 1e-3, None: 2e-3}),
+        graph.block_dataflow_figure(plan, layer=1),
+    ):
+        assert graph.figure_png(figure).startswith(b"\x89PNG")
+
+
+def test_block_diagram_of_a_missing_block(plan):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(AutoparError, match="block 7 is not in this plan"):
+        graph.block_dataflow_figure(plan, layer=7)
+
+
+def test_communication_by_layer_adds_up(plan):
+    by_layer = graph.communication_by_layer(plan)
+    assert set(by_layer) >= {0, 1}
+    total = sum(sum(phases.values()) for phases in by_layer.values())
+    assert total == pytest.approx(sum(c.seconds for c in plan.collectives))
+    counts = collective_totals(plan)
+    assert sum(n for n, _, _ in counts.values()) == len(plan.collectives)
+
+
+def test_small_helpers():
+    assert layer_ranges([5, 0, 1, 2]) == "0-2, 5"
+    assert layer_ranges([]) == ""
+    assert graph.short_op("aten.mm.default") == "mm"
+    assert graph.short_op("<built-in function getitem>") == "getitem"
+    assert graph.placement_kind("S(1,g3)") == "S"
+    assert graph.placement_kind(["P", "P"]) == "P"
