@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import operator
 
+import conftest
 import pytest
 import torch
 import torch.nn as nn
@@ -228,14 +229,15 @@ def _rule(node, have, num_shards, sequence_parallel):
 
 
 def _seed(traced, node, seeds: dict[str, Placement]) -> Placement:
-    placement = seeds.get(traced.param_fqns.get(node.name, ""), R)
+    fqn = traced.param_fqns.get(node.name, "")
+    placement = next((p for suffix, p in seeds.items() if fqn.endswith(suffix)), R)
     if isinstance(placement, Shard) and placement.dim < 0:
         placement = Shard(placement.dim % len(_shape(node)), placement.groups)
     return placement
 
 
 def megatron_placements(traced, tp_size, seeds, sequence_parallel=False):
-    """Placement map by forward propagation from weight `seeds` ({FQN: placement})."""
+    """Placement map by forward propagation from weight `seeds` ({FQN suffix: placement})."""
     placements, have = {}, {}
     for node in traced.graph_module.graph.nodes:
         if node.op == "placeholder":
@@ -256,50 +258,30 @@ def replicated_placements(traced, tp_size):
 # --- models ----------------------------------------------------------------------------------
 
 GPT2_SEEDS = {
-    "transformer.h.0.attn.c_attn.weight": Shard(1, 3),  # fused QKV, column parallel
-    "transformer.h.0.attn.c_attn.bias": Shard(0, 3),
-    "transformer.h.0.attn.c_proj.weight": Shard(0),  # row parallel
-    "transformer.h.0.mlp.c_fc.weight": Shard(1),
-    "transformer.h.0.mlp.c_fc.bias": Shard(0),
-    "transformer.h.0.mlp.c_proj.weight": Shard(0),
+    "attn.c_attn.weight": Shard(1, 3),  # fused QKV, column parallel
+    "attn.c_attn.bias": Shard(0, 3),
+    "attn.c_proj.weight": Shard(0),  # row parallel
+    "mlp.c_fc.weight": Shard(1),
+    "mlp.c_fc.bias": Shard(0),
+    "mlp.c_proj.weight": Shard(0),
     "lm_head.weight": Shard(0),  # vocab parallel head, tied to the token embedding
 }
 
-
-def tiny_gpt2():
-    import transformers
-
-    config = transformers.GPT2Config(
-        n_layer=1, n_embd=16, n_head=4, vocab_size=64, n_positions=32, use_cache=False,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    return model, (torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)),)
-
-
 LLAMA_SEEDS = {
-    **{f"model.layers.0.self_attn.{name}_proj.weight": Shard(0) for name in "qkv"},
-    "model.layers.0.self_attn.o_proj.weight": Shard(1),
-    "model.layers.0.mlp.gate_proj.weight": Shard(0),
-    "model.layers.0.mlp.up_proj.weight": Shard(0),
-    "model.layers.0.mlp.down_proj.weight": Shard(1),
-    "model.embed_tokens.weight": Shard(1),
+    **{f"self_attn.{name}_proj.weight": Shard(0) for name in "qkv"},
+    "self_attn.o_proj.weight": Shard(1),
+    "mlp.gate_proj.weight": Shard(0),
+    "mlp.up_proj.weight": Shard(0),
+    "mlp.down_proj.weight": Shard(1),
+    "embed_tokens.weight": Shard(1),
     "lm_head.weight": Shard(0),
 }
 
-
-def tiny_llama():
-    """Grouped-query attention (4 query heads, 2 key/value heads) and rotary buffers."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, use_cache=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    return model, (torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)),)
+# conftest's tiny Hugging Face models (fp32, dropout 0, seeded), one block each.
+tiny_gpt2 = functools.partial(conftest.tiny_gpt2, n_layer=1)
+tiny_llama = functools.partial(conftest.tiny_llama, n_layer=1)  # 4 query, 2 key/value heads
+tiny_bert = functools.partial(conftest.tiny_bert, n_layer=1)
+tiny_nanogpt = functools.partial(conftest.tiny_nanogpt, n_layer=1)
 
 
 class TinyTransformer(nn.Module):
@@ -419,3 +401,41 @@ def test_parity_on_four_ranks():
     ]
     results = check_parity(cases, 4)
     assert len(results) == 4
+
+
+# --- the solver's own plans --------------------------------------------------------------------
+
+
+def _comm_free_mesh(tp: int):
+    """A mesh where communication is free and compute slow: the solver shards everything."""
+    from autopar.mesh import DeviceSpec, Mesh
+
+    device = DeviceSpec("slow", peak_flops=1e6, memory_bandwidth=1e9, memory_bytes=2**40)
+    return Mesh(
+        nodes=1, devices_per_node=tp, device=device, intra_node_bw=1e18, inter_node_bw=1e18,
+        intra_node_latency=0.0, inter_node_latency=0.0,
+    )  # fmt: skip
+
+
+def solver_placements(traced, tp_size):
+    """The intra-op solver's strategies (solved on rank 0, broadcast so all ranks agree)."""
+    import torch.distributed as dist
+
+    from autopar.solver.intra_op import solve_intra_op
+    from autopar.strategies import graph_strategies
+
+    chosen = [None]
+    if dist.get_rank() == 0:
+        strategies = graph_strategies(traced, tp_size)
+        chosen[0] = solve_intra_op(traced, strategies, _comm_free_mesh(tp_size), tp_size).strategies
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
+@pytest.mark.multiprocess
+def test_parity_with_solver_plans():
+    """The correctness contract on the solver's own plans (a comm-free mesh makes it shard)."""
+    models = [tiny_gpt2, tiny_llama, tiny_bert, tiny_nanogpt]
+    results = check_parity([(model, solver_placements) for model in models], 2)
+    for case in results[0]:
+        assert _collectives_in(case["code"]), "the solver was expected to shard"

@@ -211,7 +211,9 @@ class _GraphSharder:
         if _is_element_of_tuple(node):
             producer, index = node.args
             whole = self.produced[producer]
-            self._copy(node, whole[index] if isinstance(whole, tuple) else whole)
+            element = whole[index] if isinstance(whole, tuple) else whole
+            where = f"node {node.name}"
+            self._copy(node, _normalize(element, node.meta.get("val"), where, self.num_shards))
             return
         entry = self._entry(node)
         parallel = not _is_replicated(entry.output)

@@ -132,6 +132,20 @@ def _try_native(op: str, axis: Axis, native, fallback) -> torch.Tensor:
     return fallback()
 
 
+def _in_layout_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`out` with the dimension order in memory of `x`.
+
+    Later view nodes were traced against the producer's strides (sdpa, for one,
+    returns its output in the layout of its query); a contiguous collective
+    output would make such a view fail.
+    """
+    if x.is_contiguous() or out.dim() != x.dim():
+        return out
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    inverse = sorted(range(x.dim()), key=order.__getitem__)
+    return out.permute(order).contiguous().permute(inverse)
+
+
 def _gather(x: torch.Tensor, dim: int, groups: int, axis: Axis) -> torch.Tensor:
     if axis.size == 1:
         return x
@@ -192,7 +206,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, groups, axis):
         ctx.args = (dim, groups, axis)
-        return _gather(x, dim, groups, axis)
+        return _in_layout_of(_gather(x, dim, groups, axis), x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -202,7 +216,7 @@ class _AllGather(torch.autograd.Function):
 class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axis):
-        return _reduce(x, axis)
+        return _in_layout_of(_reduce(x, axis), x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -213,7 +227,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, groups, axis):
         ctx.args = (dim, groups, axis)
-        return _reduce_scatter(x, dim, groups, axis)
+        return _in_layout_of(_reduce_scatter(x, dim, groups, axis), x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -224,7 +238,7 @@ class _ShardLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, groups, axis):
         ctx.args = (dim, groups, axis)
-        return _chunk(x, dim, groups, axis)
+        return _in_layout_of(_chunk(x, dim, groups, axis), x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -235,7 +249,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gather_dim, scatter_dim, axis):
         ctx.args = (gather_dim, scatter_dim, axis)
-        return _all_to_all(x, gather_dim, scatter_dim, axis)
+        return _in_layout_of(_all_to_all(x, gather_dim, scatter_dim, axis), x)
 
     @staticmethod
     def backward(ctx, grad):
