@@ -7,17 +7,9 @@ import torch
 from autopar.capture import TracedModel, capture
 from autopar.errors import AutoparError
 from autopar.plan import Plan
-from autopar.solver.search import search
+from autopar.solver.search import Pins, search, traced_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-
-
-def _batch_size(traced: TracedModel) -> int:
-    for node in traced.graph_module.graph.nodes:
-        if node.name in traced.user_inputs:
-            shape = node.meta["val"].shape
-            return int(shape[0]) if len(shape) else 1
-    return 1
 
 
 def _dtype_bytes(dtype) -> int | None:
@@ -41,27 +33,27 @@ def plan(
     tp=None,
     pp=None,
     microbatches=None,
+    microbatch_size=None,
+    schedule=None,
     time_limit_s=None,
     example_kwargs=None,
+    progress=None,
 ) -> Plan:
-    """Trace `model` on `example_inputs` (one data-parallel replica's batch) and plan it."""
+    """Trace `model` on `example_inputs` and find the cheapest plan for `mesh`.
+
+    Without `global_batch_size`, `example_inputs` is one data-parallel replica's batch
+    (the global batch is that times dp); with it, the example only fixes the shapes
+    and costs are scaled to each replica's share of the global batch.
+    """
     if optimizer not in OPTIMIZERS:
         raise AutoparError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if microbatches not in (None, 1):
-        raise AutoparError(
-            f"microbatches={microbatches}: pipeline microbatching is not available yet; "
-            "leave it unset or pass 1"
-        )
-    traced = (
-        model if isinstance(model, TracedModel) else capture(model, example_inputs, example_kwargs)
-    )
-    batch = _batch_size(traced)
-    if global_batch_size is not None and dp is not None and global_batch_size != batch * dp:
-        raise AutoparError(
-            f"global_batch_size={global_batch_size} must equal the example batch ({batch}) x "
-            f"dp ({dp}); pass a per-replica example batch of global_batch_size / dp"
-        )
+    if isinstance(model, TracedModel):
+        traced = model
+    else:
+        traced = capture(model, example_inputs, example_kwargs)
+    pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule)
     return search(
-        traced, mesh, dp=dp, tp=tp, pp=pp, training=training, dtype_bytes=_dtype_bytes(dtype),
-        time_limit_s=time_limit_s, batch=batch,
+        traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
+        time_limit_s=time_limit_s, batch=traced_batch(traced),
+        global_batch_size=global_batch_size, progress=progress,
     )  # fmt: skip

@@ -36,6 +36,7 @@ class Stage:
     nodes: list[str]  # graph nodes in this stage
     time_s: float  # predicted forward+backward time of one microbatch
     memory_bytes: float
+    pp_rank: int = 0  # the pipeline rank running it (stages wrap around under interleaving)
 
 
 @dataclass

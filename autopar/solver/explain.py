@@ -15,13 +15,23 @@ from autopar.solver.intra_op import _nbytes, allocates, needs_grad_sync, traffic
 
 
 @dataclass
+class NodePrice:
+    """One node's share of a step: compute, memory it keeps, and (for parameters) state."""
+
+    compute_s: float = 0.0  # forward + backward
+    activation_bytes: float = 0.0  # kept for backward, this rank
+    param_numel: float = 0.0  # this rank's elements of a parameter placeholder
+    param_bytes: float = 0.0  # the same at the training dtype
+    optimizer_s: float = 0.0
+
+
+@dataclass
 class TpPricing:
-    compute_s: float
-    optimizer_s: float
+    nodes: dict[str, NodePrice]
     collectives: list[Collective]
-    param_bytes_local: float  # this rank's parameter bytes at the training dtype
-    param_numel_local: float
-    activation_bytes: float  # kept for backward, one microbatch
+
+    def total(self, field: str) -> float:
+        return sum(getattr(price, field) for price in self.nodes.values())
 
 
 def _layer(traced, name: str):
@@ -76,28 +86,36 @@ def _grad_sync_collectives(traced, chosen, requires_grad, mesh, tp, training, dt
     return found
 
 
+def _node_price(traced, node, strategy, requires_grad, mesh, tp, training, dtype_bytes):
+    if node.op == "call_function":
+        info = traced.analysis.nodes[node.name]
+        compute = costs.compute_seconds(
+            info.flops, traffic_bytes(info, dtype_bytes), strategy.splits_work, mesh, tp, training
+        )
+        kept = 0.0
+        if training and requires_grad.get(node.name) and allocates(node):
+            kept = _nbytes(node, dtype_bytes) / (tp if isinstance(strategy.output, Shard) else 1)
+        return NodePrice(compute_s=compute, activation_bytes=kept)
+    if node.name in traced.param_fqns and node.users:
+        share = tp if strategy.output != Replicate() else 1
+        numel = node.meta["val"].numel() / share
+        optimizer = costs.optimizer_seconds(int(numel), mesh) if training else 0.0
+        return NodePrice(
+            param_numel=numel, param_bytes=_nbytes(node, dtype_bytes) / share, optimizer_s=optimizer
+        )
+    return NodePrice()
+
+
 def price_tp(traced, chosen, requires_grad, mesh, tp, *, training, dtype_bytes) -> TpPricing:
-    compute = optimizer = bytes_local = numel_local = activations = 0.0
-    for node in traced.graph_module.graph.nodes:
-        strategy = chosen.get(node.name)
-        if strategy is None:
-            continue
-        if node.op == "call_function":
-            info = traced.analysis.nodes[node.name]
-            nbytes = traffic_bytes(info, dtype_bytes)
-            compute += costs.compute_seconds(
-                info.flops, nbytes, strategy.splits_work, mesh, tp, training
-            )
-            if training and requires_grad.get(node.name) and allocates(node):
-                share = tp if isinstance(strategy.output, Shard) else 1
-                activations += _nbytes(node, dtype_bytes) / share
-        elif node.name in traced.param_fqns and node.users:
-            numel = node.meta["val"].numel() / (tp if strategy.output != Replicate() else 1)
-            numel_local += numel
-            bytes_local += _nbytes(node, dtype_bytes) * numel / node.meta["val"].numel()
-            optimizer += costs.optimizer_seconds(int(numel), mesh) if training else 0.0
+    nodes = {
+        node.name: _node_price(
+            traced, node, chosen[node.name], requires_grad, mesh, tp, training, dtype_bytes
+        )
+        for node in traced.graph_module.graph.nodes
+        if node.name in chosen
+    }
     collectives = _edge_collectives(traced, chosen, requires_grad, mesh, tp, training, dtype_bytes)
     collectives += _grad_sync_collectives(
         traced, chosen, requires_grad, mesh, tp, training, dtype_bytes
     )
-    return TpPricing(compute, optimizer, collectives, bytes_local, numel_local, activations)
+    return TpPricing(nodes, collectives)

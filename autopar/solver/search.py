@@ -1,9 +1,12 @@
-"""The outer search: every (dp, tp, pp) layout of the mesh, each priced by the inner solvers.
+"""The outer search: every (dp, tp, pp) layout, microbatch count and schedule.
 
-For each factorization dp * tp * pp = world size (tp inside a node first, since its
-collectives are the most frequent) the intra-op ILP picks the tensor-parallel
-shardings; the data-parallel gradient all-reduce and the optimizer step are added;
-the cheapest layout that fits in memory becomes the Plan. Any degree can be pinned.
+For each tensor-parallel degree the intra-op ILP picks the shardings once (on the
+traced example batch). For each factorization dp * tp * pp = world size that fits
+the hierarchy (tp inside a node unless pinned), each microbatch count and each
+schedule, the stage DP splits the units into stages; the data-parallel gradient
+all-reduce and the optimizer step are added. The cheapest layout that fits in
+memory becomes the Plan. Any of dp, tp, pp, microbatches, microbatch_size and
+schedule can be pinned.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from autopar.errors import AutoparError, PlanError
-from autopar.placement import Replicate
 from autopar.plan import Cost, Plan, Stage
 from autopar.solver import costs
 from autopar.solver.explain import price_tp
 from autopar.solver.intra_op import solve_intra_op
+from autopar.solver.pipeline import SCHEDULES, build_units, evaluate, unit_of_nodes
 from autopar.strategies import graph_strategies
+
+MAX_MICROBATCHES = 64
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,18 @@ class Layout:
     dp: int
     tp: int
     pp: int
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What the caller fixed; None leaves it to the search."""
+
+    dp: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    microbatches: int | None = None
+    microbatch_size: int | None = None
+    schedule: str | None = None
 
 
 def _divisors(n: int) -> list[int]:
@@ -44,51 +61,219 @@ def max_heads(traced) -> int | None:
     return min(heads) if heads else None
 
 
-def layouts(traced, mesh, dp=None, tp=None, pp=None) -> list[Layout]:
+def normalize_schedule(schedule: str | None) -> str | None:
+    if schedule is None:
+        return None
+    name = str(schedule).lower().replace("_", "").replace("-", "")
+    if name not in SCHEDULES:
+        raise AutoparError(
+            f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)} (case-insensitive)"
+        )
+    return name
+
+
+def layouts(traced, mesh, pins: Pins) -> list[Layout]:
     """Every layout the pins allow, or an AutoparError saying why none is possible."""
     world = mesh.world_size
-    _check_pins(traced, mesh, dp, tp, pp)
+    _check_pins(traced, mesh, pins)
+    num_units = len(traced.analysis.layers) + 2
     found = []
     for t in _divisors(world):
         for p in _divisors(world // t):
             d = world // (t * p)
-            if (tp or t) != t or (pp or p) != p or (dp or d) != d:
+            if any(pin not in (None, v) for pin, v in ((pins.tp, t), (pins.pp, p), (pins.dp, d))):
                 continue
-            if tp is None and t > mesh.devices_per_node:
+            if pins.tp is None and t > mesh.devices_per_node:
                 continue  # tensor parallelism across nodes only when pinned
-            if p > 1:
-                continue  # pipeline stages are planned by solver/stages.py (not yet)
-            found.append(Layout(d, t, p))
+            if p <= num_units:
+                found.append(Layout(d, t, p))
     if not found:
         raise AutoparError(
-            f"no layout with dp={dp}, tp={tp}, pp={pp} for world size {world}: pipeline "
-            "parallelism is not available yet; pin pp=1 or leave it unset"
+            f"no layout with dp={pins.dp}, tp={pins.tp}, pp={pins.pp} for world size {world}: "
+            f"the model has {num_units} pipeline units (blocks plus prologue and epilogue), "
+            "so pp cannot exceed that"
         )
     return found
 
 
-def _check_pins(traced, mesh, dp, tp, pp) -> None:
+def _check_pins(traced, mesh, pins: Pins) -> None:
     world = mesh.world_size
-    for name, value in (("dp", dp), ("tp", tp), ("pp", pp)):
+    for name in ("dp", "tp", "pp"):
+        value = getattr(pins, name)
         if value is not None and (not isinstance(value, int) or value < 1 or world % value):
             raise AutoparError(
                 f"{name}={value!r} must be a positive divisor of the world size {world}"
             )
-    pinned = [v for v in (dp, tp, pp) if v is not None]
-    if len(pinned) == 3 and math.prod(pinned) != world:
+    degrees = (pins.dp, pins.tp, pins.pp)
+    if None not in degrees and math.prod(degrees) != world:
         raise AutoparError(
-            f"dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} must equal the world size {world}"
+            f"dp*tp*pp = {pins.dp}*{pins.tp}*{pins.pp} = {math.prod(degrees)} must equal the "
+            f"world size {world}"
         )
     heads = max_heads(traced)
-    if tp is not None and heads is not None and tp > heads:
+    if pins.tp is not None and heads is not None and pins.tp > heads:
         raise AutoparError(
-            f"tp={tp} is larger than the {heads} attention heads the model has; pick tp <= {heads}"
+            f"tp={pins.tp} is larger than the {heads} attention heads the model has; "
+            f"pick tp <= {heads}"
         )
+
+
+def _microbatch_options(replica_batch: int, pp: int, pins: Pins) -> list[tuple[int, int]]:
+    """(microbatches, microbatch size) pairs that split one replica's batch evenly."""
+    options = []
+    for m in _divisors(replica_batch):
+        size = replica_batch // m
+        if m > MAX_MICROBATCHES or pins.microbatches not in (None, m):
+            continue
+        if pins.microbatch_size not in (None, size):
+            continue
+        if pp == 1 and pins.microbatches is None and pins.microbatch_size is None and m > 1:
+            continue  # without a pipeline, splitting the batch only adds overhead
+        options.append((m, size))
+    return options
+
+
+def _p2p(mesh, layout: Layout):
+    if layout.pp == 1:
+        return lambda nbytes: 0.0
+    neighbours = (0, layout.dp * layout.tp)  # pp is the outermost mesh axis
+    # forward activation and backward gradient cross each boundary once per microbatch
+    return lambda nbytes: 2 * mesh.collective_time("send_recv", nbytes, neighbours)
 
 
 def _dp_sync_seconds(mesh, layout: Layout, grad_bytes: float) -> float:
-    ranks = range(0, layout.dp * layout.tp, layout.tp)
-    return mesh.collective_time("all_reduce", grad_bytes, ranks) if layout.dp > 1 else 0.0
+    if layout.dp == 1:
+        return 0.0
+    return mesh.collective_time(
+        "all_reduce", grad_bytes, range(0, layout.dp * layout.tp, layout.tp)
+    )
+
+
+@dataclass
+class _TpSolution:
+    tp: int
+    result: object
+    strategies: object
+    pricing: object
+
+
+def _solve_tp(traced, mesh, tp, *, training, dtype_bytes, time_limit_s, max_pp) -> _TpSolution:
+    strategies = graph_strategies(traced, tp)
+    # the ILP sees the whole model; with pp stages each device holds about 1/pp of it
+    budget = mesh.device.memory_bytes * max_pp
+    result = solve_intra_op(
+        traced, strategies, mesh, tp, training=training, dtype_bytes=dtype_bytes,
+        memory_budget_bytes=budget, time_limit_s=time_limit_s,
+    )  # fmt: skip
+    pricing = price_tp(
+        traced, result.strategies, strategies.requires_grad, mesh, tp,
+        training=training, dtype_bytes=dtype_bytes,
+    )  # fmt: skip
+    return _TpSolution(tp, result, strategies, pricing)
+
+
+@dataclass
+class _Candidate:
+    layout: Layout
+    choice: object
+    microbatch_size: int
+    units: list
+    step_s: float
+    optimizer_s: float
+    dp_sync_s: float
+
+
+def _candidates_for(traced, mesh, solution, layout, pins, replica_batch, context):
+    training, dtype_bytes, traced_batch, unit_of = context
+    schedules = [pins.schedule] if pins.schedule else list(SCHEDULES)
+    if layout.pp == 1 and not pins.schedule:
+        schedules = ["gpipe"]  # one stage: every schedule is gradient accumulation
+    for m, size in _microbatch_options(replica_batch, layout.pp, pins):
+        units = build_units(
+            traced, solution.pricing, unit_of, scale=size / traced_batch, training=training,
+            dtype_bytes=dtype_bytes,
+        )  # fmt: skip
+        for schedule in schedules:
+            choice = evaluate(
+                units, layout.pp, m, schedule, _p2p(mesh, layout), mesh.device.memory_bytes
+            )
+            if choice is not None:
+                yield _finish(
+                    traced, mesh, solution, layout, choice, size, units, unit_of, training
+                )
+
+
+def _finish(traced, mesh, solution, layout, choice, size, units, unit_of, training):
+    optimizer = [0.0] * layout.pp
+    grads = [0.0] * layout.pp
+    for name, price in solution.pricing.nodes.items():
+        if price.param_numel:
+            stage = _stage_of_unit(choice.split, unit_of.get(name, 0))
+            optimizer[choice.rank_of_stage[stage]] += price.optimizer_s
+            grads[choice.rank_of_stage[stage]] += price.param_bytes
+    dp_sync = _dp_sync_seconds(mesh, layout, max(grads)) if training else 0.0
+    step = choice.step_s + max(optimizer) + dp_sync
+    return _Candidate(layout, choice, size, units, step, max(optimizer), dp_sync)
+
+
+def _stage_of_unit(split, unit: int) -> int:
+    return next(k for k, (i, j) in enumerate(split.bounds) if i <= unit < j)
+
+
+def search(traced, mesh, *, pins: Pins = Pins(), training=True, dtype_bytes=None,
+           time_limit_s=None, batch=1, global_batch_size=None, progress=None) -> Plan:  # fmt: skip
+    """The cheapest plan over everything the pins allow that fits in memory."""
+    start = time.perf_counter()
+    pins = Pins(**{**pins.__dict__, "schedule": normalize_schedule(pins.schedule)})
+    candidates = layouts(traced, mesh, pins)
+    dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
+    unit_of = unit_of_nodes(traced)
+    context = (training, dtype_bytes, batch, unit_of)
+    max_pp = max(c.pp for c in candidates)
+    solutions, best, tried, failures = {}, None, 0, []
+    for layout in candidates:
+        if progress:
+            progress(layout)
+        if layout.tp not in solutions:
+            try:
+                solutions[layout.tp] = _solve_tp(
+                    traced, mesh, layout.tp, training=training, dtype_bytes=dtype_bytes,
+                    time_limit_s=time_limit_s, max_pp=max_pp,
+                )  # fmt: skip
+            except PlanError as error:
+                solutions[layout.tp] = None
+                failures.append(f"tp={layout.tp}: {error}")
+        if solutions[layout.tp] is None:
+            continue
+        replica_batch = _replica_batch(global_batch_size, batch, layout.dp)
+        if replica_batch is None:
+            continue
+        for candidate in _candidates_for(
+            traced, mesh, solutions[layout.tp], layout, pins, replica_batch, context
+        ):
+            tried += 1
+            if best is None or candidate.step_s < best.step_s:
+                best = candidate
+    if best is None:
+        raise PlanError(_nothing_fits(mesh, pins, failures))
+    plan = _to_plan(traced, mesh, solutions[best.layout.tp], best, training, dtype_bytes)
+    plan.solver.update(search_time_s=time.perf_counter() - start, layouts_tried=tried)
+    return plan
+
+
+def _replica_batch(global_batch_size, batch, dp) -> int | None:
+    if global_batch_size is None:
+        return batch
+    return global_batch_size // dp if global_batch_size % dp == 0 else None
+
+
+def _nothing_fits(mesh, pins, failures) -> str:
+    detail = "".join(f"\n  {f}" for f in failures)
+    return (
+        f"no plan fits in {mesh.device.memory_bytes / 2**30:.0f} GiB per device with "
+        f"{', '.join(f'{k}={v}' for k, v in pins.__dict__.items() if v is not None) or 'no pins'}; "
+        "use more devices, allow a larger pp, more microbatches or a smaller batch" + detail
+    )
 
 
 def _strategies_text(traced, chosen) -> dict[str, dict]:
@@ -110,69 +295,55 @@ def _strategies_text(traced, chosen) -> dict[str, dict]:
     return table
 
 
-def _plan_layout(traced, mesh, layout, *, training, dtype_bytes, time_limit_s, batch):
-    strategies = graph_strategies(traced, layout.tp)
-    result = solve_intra_op(
-        traced, strategies, mesh, layout.tp, training=training, dtype_bytes=dtype_bytes,
-        time_limit_s=time_limit_s,
-    )  # fmt: skip
-    pricing = price_tp(
-        traced, result.strategies, strategies.requires_grad, mesh, layout.tp,
-        training=training, dtype_bytes=dtype_bytes,
-    )  # fmt: skip
-    comm = sum(c.seconds for c in pricing.collectives)
-    dp_sync = _dp_sync_seconds(mesh, layout, pricing.param_bytes_local) if training else 0.0
-    step = pricing.compute_s + pricing.optimizer_s + comm + dp_sync
-    state_bytes = costs.STATE_BYTES_PER_PARAM if training else dtype_bytes
-    memory = pricing.param_numel_local * state_bytes + pricing.activation_bytes
+def _stages(traced, best, unit_of) -> list[Stage]:
+    split, stages = best.choice.split, []
+    for k, (i, j) in enumerate(split.bounds):
+        nodes = [n for n, u in unit_of.items() if i <= u < j and n in traced.analysis.nodes]
+        layers = [u - 1 for u in range(i, j) if 1 <= u <= len(traced.analysis.layers)]
+        stages.append(
+            Stage(k, layers, nodes, split.stage_times[k], split.stage_memory[k],
+                  best.choice.rank_of_stage[k])
+        )  # fmt: skip
+    return stages
+
+
+def _to_plan(traced, mesh, solution, best, training, dtype_bytes) -> Plan:
+    layout, choice = best.layout, best.choice
+    comm_per_mb = sum(c.seconds for c in solution.pricing.collectives) * (
+        best.microbatch_size / traced_batch(traced)
+    )
     factor = 1 + costs.BACKWARD_FLOP_FACTOR if training else 1
-    flops = factor * traced.analysis.total_flops * layout.dp
+    tokens_scale = best.microbatch_size * choice.num_microbatches / traced_batch(traced)
+    flops = factor * traced.analysis.total_flops * tokens_scale * layout.dp
+    pipeline_work = choice.step_s - choice.bubble_s
+    comm = min(pipeline_work, comm_per_mb * choice.num_microbatches / layout.pp) + best.dp_sync_s
     cost = Cost(
-        step_time_s=step, compute_s=pricing.compute_s + pricing.optimizer_s,
-        comm_s=comm + dp_sync, bubble_s=0.0, memory_per_device_bytes=memory,
-        tflops_per_device=flops / step / mesh.world_size / 1e12 if step else 0.0,
+        step_time_s=best.step_s, compute_s=best.step_s - comm - choice.bubble_s, comm_s=comm,
+        bubble_s=choice.bubble_s, memory_per_device_bytes=choice.memory_bytes,
+        tflops_per_device=flops / best.step_s / mesh.world_size / 1e12,
     )  # fmt: skip
+    unit_of = unit_of_nodes(traced)
     layer_of = {n: i.layer for n, i in traced.analysis.nodes.items() if i.layer is not None}
-    stage = Stage(0, sorted(set(layer_of.values())), list(result.strategies), step, memory)
-    plan = Plan(
-        dp=layout.dp, tp=layout.tp, pp=layout.pp, num_microbatches=1, microbatch_size=batch,
-        schedule="none", strategies=_strategies_text(traced, result.strategies), stages=[stage],
-        cost=cost, collectives=pricing.collectives, unsupported_ops=strategies.unsupported,
-        model_fingerprint=traced.fingerprint(), mesh={**mesh.to_dict(), "description":
-        mesh.describe()}, mesh_fingerprint=mesh.fingerprint(),
+    result = solution.result
+    return Plan(
+        dp=layout.dp, tp=layout.tp, pp=layout.pp, num_microbatches=choice.num_microbatches,
+        microbatch_size=best.microbatch_size, schedule=choice.schedule,
+        strategies=_strategies_text(traced, result.strategies),
+        stages=_stages(traced, best, unit_of), cost=cost,
+        collectives=solution.pricing.collectives, unsupported_ops=solution.strategies.unsupported,
+        model_fingerprint=traced.fingerprint(),
+        mesh={**mesh.to_dict(), "description": mesh.describe()},
+        mesh_fingerprint=mesh.fingerprint(),
         solver={"status": result.status, "solve_time_s": result.solve_time_s,
                 "num_variables": result.num_variables, "num_constraints": result.num_constraints},
         layer_of=layer_of, param_fqns=dict(traced.param_fqns),
     )  # fmt: skip
-    return plan
 
 
-def search(
-    traced, mesh, *, dp=None, tp=None, pp=None, training=True, dtype_bytes=None,
-    time_limit_s=None, batch=1, progress=None,
-) -> Plan:  # fmt: skip
-    """The cheapest plan over all layouts the pins allow that fits in memory."""
-    candidates = layouts(traced, mesh, dp, tp, pp)
-    dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
-    best, failures, start = None, [], time.perf_counter()
-    for layout in candidates:
-        if progress:
-            progress(layout)
-        try:
-            plan = _plan_layout(
-                traced, mesh, layout, training=training, dtype_bytes=dtype_bytes,
-                time_limit_s=time_limit_s, batch=batch,
-            )  # fmt: skip
-        except PlanError as error:
-            failures.append(f"dp={layout.dp} tp={layout.tp} pp={layout.pp}: {error}")
-            continue
-        if best is None or plan.cost.step_time_s < best.cost.step_time_s:
-            best = plan
-    if best is None:
-        raise PlanError("no layout fits:\n  " + "\n  ".join(failures))
-    best.solver["search_time_s"] = time.perf_counter() - start
-    best.solver["layouts_tried"] = len(candidates)
-    return best
-
-
-__all__ = ["Layout", "layouts", "search", "Replicate"]
+def traced_batch(traced) -> int:
+    """The batch size (dim 0 of the first user input) the model was traced with."""
+    for node in traced.graph_module.graph.nodes:
+        if node.name in traced.user_inputs:
+            shape = node.meta["val"].shape
+            return int(shape[0]) if len(shape) else 1
+    return 1

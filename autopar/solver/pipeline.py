@@ -1,0 +1,122 @@
+"""From a tensor-parallel choice to pipeline units, stage splits and schedule step times.
+
+Units are the prologue (embeddings, masks), each transformer block, and the
+epilogue (final norm, head): the only places a stage boundary may fall. Unit costs
+are priced once per tp degree on the traced example batch and scaled linearly to
+the microbatch size; parameter state does not scale.
+
+Step time of one data-parallel replica with m microbatches and pp stages (t the
+slowest stage's forward+backward per microbatch):
+    GPipe, 1F1B:           (m + pp - 1) * t
+    interleaved 1F1B (v):  m * t_rank + (pp - 1) * t_chunk,  t_rank = v chunks of one rank
+Microbatches alive on stage k (its activation memory): GPipe keeps all m; 1F1B keeps
+pp - k (Narayanan et al. 2021); interleaved adds about (pp - 1) / v warm-up ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from autopar.solver import costs
+from autopar.solver.intra_op import _nbytes
+from autopar.solver.stages import StageSplit, Unit, best_split
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
+INTERLEAVED_CHUNKS = 2  # model chunks per rank under interleaving
+
+
+@dataclass(frozen=True)
+class PipelineChoice:
+    schedule: str
+    num_microbatches: int
+    split: StageSplit
+    step_s: float  # the pipeline's forward and backward over all microbatches
+    bubble_s: float
+    memory_bytes: float  # the fullest rank
+    rank_of_stage: tuple[int, ...]
+
+
+def unit_of_nodes(traced) -> dict[str, int]:
+    """Node name -> unit: 0 prologue, 1..L the blocks, L + 1 epilogue."""
+    analysis = traced.analysis
+    num_layers = len(analysis.layers)
+    units, seen_block = {}, False
+    for node in traced.graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        layer = analysis.nodes[node.name].layer
+        seen_block = seen_block or layer is not None
+        units[node.name] = layer + 1 if layer is not None else (num_layers + 1 if seen_block else 0)
+    for node in traced.graph_module.graph.nodes:
+        if node.op == "placeholder":
+            users = [units[u.name] for u in node.users if u.name in units]
+            units[node.name] = min(users) if users else 0
+    return units
+
+
+def _crossing_bytes(traced, unit_of, num_units, dtype_bytes) -> list[float]:
+    """Bytes produced at or before unit u and read after it, for each cut u | u+1."""
+    crossing = [0.0] * num_units
+    for node in traced.graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        last_reader = max((unit_of.get(u.name, num_units - 1) for u in node.users), default=0)
+        for cut in range(unit_of[node.name], min(last_reader, num_units - 1)):
+            crossing[cut] += _nbytes(node, dtype_bytes)
+    return crossing
+
+
+def build_units(traced, pricing, unit_of, *, scale, training, dtype_bytes) -> list[Unit]:
+    num_units = len(traced.analysis.layers) + 2
+    time_s, params, kept = [0.0] * num_units, [0.0] * num_units, [0.0] * num_units
+    state_bytes = costs.STATE_BYTES_PER_PARAM if training else None
+    for name, price in pricing.nodes.items():
+        u = unit_of.get(name, 0)
+        time_s[u] += scale * price.compute_s
+        kept[u] += scale * price.activation_bytes
+        params[u] += price.param_numel * state_bytes if state_bytes else price.param_bytes
+    param_names = set(traced.param_fqns)
+    for c in pricing.collectives:
+        time_s[unit_of.get(c.producer, 0)] += c.seconds * (
+            1 if c.producer in param_names else scale
+        )
+    crossing = _crossing_bytes(traced, unit_of, num_units, dtype_bytes)
+    names = ["prologue", *(f"block {i}" for i in range(num_units - 2)), "epilogue"]
+    return [
+        Unit(names[u], time_s[u], params[u], kept[u], scale * crossing[u]) for u in range(num_units)
+    ]
+
+
+def in_flight(schedule: str, pp: int, m: int, chunks: int):
+    """Microbatches whose activations stage k keeps alive, as a function of k."""
+    if schedule == "gpipe":
+        return lambda k: m
+    warmup = math.ceil((pp - 1) / chunks) if chunks > 1 else 0
+    return lambda k: min(m, pp - k % pp + warmup)
+
+
+def evaluate(units, pp, m, schedule, p2p, budget) -> PipelineChoice | None:
+    """Best split of `units` for this schedule, or None if no split fits in memory."""
+    chunks = INTERLEAVED_CHUNKS if schedule == "interleaved1f1b" else 1
+    num_stages = pp * chunks
+    if num_stages > len(units) or (chunks > 1 and (pp == 1 or m % pp)):
+        return None
+    try:
+        split = best_split(units, num_stages, p2p, in_flight(schedule, pp, m, chunks), budget * 1.0)
+    except ValueError:
+        return None
+    ranks = tuple(s % pp for s in range(num_stages))
+    rank_time = [
+        sum(t for t, r in zip(split.stage_times, ranks, strict=False) if r == rank)
+        for rank in range(pp)
+    ]
+    rank_memory = [
+        sum(b for b, r in zip(split.stage_memory, ranks, strict=False) if r == rank)
+        for rank in range(pp)
+    ]
+    if max(rank_memory) > budget:
+        return None
+    step = m * max(rank_time) + (pp - 1) * split.slowest_s
+    bubble = step - m * max(rank_time)
+    return PipelineChoice(schedule, m, split, step, bubble, max(rank_memory), ranks)
