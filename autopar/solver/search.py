@@ -220,10 +220,11 @@ def _stage_of_unit(split, unit: int) -> int:
     return next(k for k, (i, j) in enumerate(split.bounds) if i <= unit < j)
 
 
-def search(traced, mesh, *, pins: Pins = Pins(), training=True, dtype_bytes=None,
+def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes=None,
            time_limit_s=None, batch=1, global_batch_size=None, progress=None) -> Plan:  # fmt: skip
     """The cheapest plan over everything the pins allow that fits in memory."""
     start = time.perf_counter()
+    pins = pins or Pins()
     pins = Pins(**{**pins.__dict__, "schedule": normalize_schedule(pins.schedule)})
     candidates = layouts(traced, mesh, pins)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
