@@ -32,7 +32,7 @@ def annotated_code(graph_module: fx.GraphModule, header: str = "") -> str:
         match = _ASSIGNMENT.match(line)
         node = nodes.get(match.group(1)) if match else None
         comment = _describe(node) if node is not None else None
-        line = _RELEASES.sub("", line)
+        line = _RELEASES.sub("", line).rstrip()
         lines.append(f"{line}  # {comment}" if comment else line)
     prefix = "".join(f"# {text}\n" for text in header.splitlines())
     return prefix + "\n".join(lines).strip("\n") + "\n"

@@ -1,0 +1,277 @@
+"""Graph rewriting and ParallelModule in one process (tp=1 runs the collectives as identities).
+
+The multi-process checks of the same code live in test_runtime_parity.py.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+from test_runtime_parity import (
+    GPT2_SEEDS,
+    LLAMA_SEEDS,
+    gpt2_megatron,
+    megatron_placements,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_megatron,
+    tiny_transformer,
+)
+
+from autopar.capture import capture
+from autopar.codegen import NodePlacement, annotated_code, shard_graph
+from autopar.errors import AutoparError, PlanError
+from autopar.placement import Partial, Replicate, Shard
+from autopar.runtime import ParallelModule
+
+R, P = Replicate(), Partial()
+
+TINY_TRANSFORMER_TP2 = """\
+def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_bias, p_norm_weight, p_norm_bias, p_fc_weight, p_fc_bias, p_out_weight, p_out_bias, p_head_weight, ids):
+    embedding = torch.ops.aten.embedding.default(p_emb_weight, ids)  # S(2) (2, 8, 8)
+    embedding_gathered = all_gather(embedding, 2, 1, 'tp')  # R (2, 8, 16)
+    embedding_to_parallel = copy_to_parallel(embedding_gathered, 'tp')  # R (2, 8, 16)
+    linear_default = torch.ops.aten.linear.default(embedding_to_parallel, p_qkv_weight)  # S(2,g3) (2, 8, 24)
+    add_tensor = torch.ops.aten.add.Tensor(linear_default, p_qkv_bias)  # S(2,g3) (2, 8, 24)
+    split = torch.ops.aten.split.Tensor(add_tensor, 8, 2)  # S(2), S(2), S(2) ((2, 8, 8), (2, 8, 8), (2, 8, 8))
+    getitem = split[0]  # S(2) (2, 8, 8)
+    getitem_1 = split[1]  # S(2) (2, 8, 8)
+    getitem_2 = split[2]  # S(2) (2, 8, 8)
+    view = torch.ops.aten.view.default(getitem, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
+    transpose = torch.ops.aten.transpose.int(view, 1, 2)  # S(1) (2, 2, 8, 4)
+    view_1 = torch.ops.aten.view.default(getitem_1, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
+    transpose_1 = torch.ops.aten.transpose.int(view_1, 1, 2)  # S(1) (2, 2, 8, 4)
+    view_2 = torch.ops.aten.view.default(getitem_2, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
+    transpose_2 = torch.ops.aten.transpose.int(view_2, 1, 2)  # S(1) (2, 2, 8, 4)
+    scaled_dot_product_attention = torch.ops.aten.scaled_dot_product_attention.default(transpose, transpose_1, transpose_2, None, 0.0, True)  # S(1) (2, 2, 8, 4)
+    transpose_3 = torch.ops.aten.transpose.int(scaled_dot_product_attention, 1, 2)  # S(2) (2, 8, 2, 4)
+    reshape = torch.ops.aten.reshape.default(transpose_3, [2, 8, 8])  # S(2) (2, 8, 8)
+    linear_default_1 = torch.ops.aten.linear.default(reshape, p_proj_weight)  # P (2, 8, 16)
+    linear_default_1_reduced = all_reduce(linear_default_1, 'tp')  # R (2, 8, 16)
+    add_tensor_1 = torch.ops.aten.add.Tensor(linear_default_1_reduced, p_proj_bias)  # R (2, 8, 16)
+    add_tensor_1_local = shard_local(add_tensor_1, 2, 1, 'tp')  # S(2) (2, 8, 8)
+    add = torch.ops.aten.add.Tensor(embedding, add_tensor_1_local)  # S(2) (2, 8, 8)
+    add_gathered = all_gather(add, 2, 1, 'tp')  # R (2, 8, 16)
+    layer_norm = torch.ops.aten.layer_norm.default(add_gathered, [16], p_norm_weight, p_norm_bias, 1e-05, False)  # R (2, 8, 16)
+    layer_norm_to_parallel = copy_to_parallel(layer_norm, 'tp')  # R (2, 8, 16)
+    linear_default_2 = torch.ops.aten.linear.default(layer_norm_to_parallel, p_fc_weight)  # S(2) (2, 8, 16)
+    add_tensor_2 = torch.ops.aten.add.Tensor(linear_default_2, p_fc_bias)  # S(2) (2, 8, 16)
+    gelu = torch.ops.aten.gelu.default(add_tensor_2)  # S(2) (2, 8, 16)
+    linear_default_3 = torch.ops.aten.linear.default(gelu, p_out_weight)  # P (2, 8, 16)
+    linear_default_3_reduced = all_reduce(linear_default_3, 'tp')  # R (2, 8, 16)
+    add_tensor_3 = torch.ops.aten.add.Tensor(linear_default_3_reduced, p_out_bias)  # R (2, 8, 16)
+    add_tensor_3_local = shard_local(add_tensor_3, 2, 1, 'tp')  # S(2) (2, 8, 8)
+    add_1 = torch.ops.aten.add.Tensor(add, add_tensor_3_local)  # S(2) (2, 8, 8)
+    add_1_gathered = all_gather(add_1, 2, 1, 'tp')  # R (2, 8, 16)
+    add_1_to_parallel = copy_to_parallel(add_1_gathered, 'tp')  # R (2, 8, 16)
+    linear_4 = torch.ops.aten.linear.default(add_1_to_parallel, p_head_weight)  # S(2) (2, 8, 16)
+    linear_4_gathered = all_gather(linear_4, 2, 1, 'tp')  # R (2, 8, 32)
+    return (linear_4_gathered,)
+"""
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model, inputs = tiny_gpt2()
+    return model, inputs, capture(model, inputs)
+
+
+def _lines(graph_module) -> list[str]:
+    return [line.strip() for line in graph_module.code.splitlines()]
+
+
+def _count(graph_module, name: str) -> int:
+    return sum(1 for n in graph_module.graph.nodes if getattr(n.target, "__name__", "") == name)
+
+
+# --- shard_graph ----------------------------------------------------------------------------
+
+
+def test_generated_code_snapshot():
+    """The whole generated source of a small model; update it when a change is intended."""
+    model, inputs = tiny_transformer()
+    traced = capture(model, inputs)
+    code = annotated_code(shard_graph(traced, tiny_megatron(traced, 2), 2))
+    assert code == TINY_TRANSFORMER_TP2, f"generated code changed; new code:\n{code}"
+    compile(code, "<generated>", "exec")
+
+
+def test_traced_graph_is_left_alone(gpt2):
+    _, _, traced = gpt2
+    before = traced.graph_module.code
+    shard_graph(traced, gpt2_megatron(traced, 2), 2)
+    assert traced.graph_module.code == before
+
+
+def test_replicated_plan_changes_nothing(gpt2):
+    _, _, traced = gpt2
+    assert shard_graph(traced, {}, 4).code == traced.graph_module.code
+
+
+def test_megatron_gpt2_lines(gpt2):
+    _, _, traced = gpt2
+    lines = _lines(shard_graph(traced, gpt2_megatron(traced, 2), 2))
+    expected = [
+        "p_lm_head_weight_gathered = all_gather(p_lm_head_weight, 0, 1, 'tp')",  # tied embedding
+        "view_1_to_parallel = copy_to_parallel(view_1, 'tp');  view_1 = None",
+        "view_2 = torch.ops.aten.view.default(add_tensor, [2, 16, 96]);  add_tensor = None",
+        "split = torch.ops.aten.split.Tensor(view_2, 32, 2);  view_2 = None",
+        "mm_default_1_reduced = all_reduce(mm_default_1, 'tp');  mm_default_1 = None",
+        "linear_gathered = all_gather(linear, 2, 1, 'tp');  linear = None",
+        "return (linear_gathered,)",
+    ]
+    for line in expected:
+        assert line in lines, line
+
+
+def test_one_collective_per_producer_and_placement():
+    model, inputs = tiny_llama()
+    traced = capture(model, inputs)
+    gm = shard_graph(traced, megatron_placements(traced, 2, LLAMA_SEEDS), 2)
+    # q, k and v projections read one normalized input: one f, one gather for all three.
+    copies = [n for n in gm.graph.nodes if n.name.startswith("mul_4_")]
+    assert [n.name for n in copies] == ["mul_4_gathered", "mul_4_to_parallel"]
+    assert len(copies[1].users) == 3
+
+
+def test_column_and_row_parallel_insert_megatron_pair(gpt2):
+    _, _, traced = gpt2
+    gm = shard_graph(traced, gpt2_megatron(traced, 2), 2)
+    assert _count(gm, "all_reduce") == 2  # attention and MLP outputs
+    assert _count(gm, "copy_to_parallel") == 3  # their inputs, and the LM head's
+    for node in gm.graph.nodes:
+        if node.target is operator.getitem:
+            assert node.meta["placement"] == Shard(2)
+
+
+def test_sequence_parallel_uses_reduce_scatter(gpt2):
+    _, _, traced = gpt2
+    placements = megatron_placements(traced, 2, GPT2_SEEDS, sequence_parallel=True)
+    gm = shard_graph(traced, placements, 2)
+    assert _count(gm, "reduce_scatter") == 2 and _count(gm, "all_reduce") == 0
+
+
+def _linear_model():
+    model = nn.Sequential(nn.Linear(6, 4, bias=False))
+    return model, capture(model, (torch.randn(3, 6),))
+
+
+def _linear_node(traced):
+    return next(n for n in traced.graph_module.graph.nodes if n.op == "call_function")
+
+
+def test_inconsistent_edge_is_a_plan_error():
+    _, traced = _linear_model()
+    linear = _linear_node(traced)
+    weight, x = linear.all_input_nodes
+    placements = {linear.name: NodePlacement(R, (P, R) if weight.op == "placeholder" else (R, P))}
+    with pytest.raises(PlanError, match="no collective turns"):
+        shard_graph(traced, placements, 2)
+
+
+def test_wrong_input_count_names_the_node():
+    _, traced = _linear_model()
+    linear = _linear_node(traced)
+    with pytest.raises(PlanError, match=f"placement of {linear.name} lists 1 inputs"):
+        shard_graph(traced, {linear.name: NodePlacement(R, (R,))}, 2)
+
+
+def test_indivisible_shard_is_a_plan_error():
+    _, traced = _linear_model()
+    linear = _linear_node(traced)
+    with pytest.raises(PlanError, match="divide by groups x tp"):
+        shard_graph(traced, {linear.name: NodePlacement(Shard(0), (R, R))}, 2)
+
+
+def test_split_across_shard_blocks_is_a_plan_error():
+    model, inputs = tiny_transformer()
+    traced = capture(model, inputs)
+    placements = tiny_megatron(traced, 2)
+    split = next(n for n in traced.graph_module.graph.nodes if "split" in n.name)
+    placements[split.name] = NodePlacement((Shard(2),) * 3, (Shard(2),))
+    with pytest.raises(PlanError, match="not a multiple of the shard block size"):
+        shard_graph(traced, placements, 2)
+
+
+# --- ParallelModule on one rank ---------------------------------------------------------------
+
+
+def test_single_rank_module_matches_model_and_state(gpt2):
+    model, inputs, traced = gpt2
+    for placements in ({}, gpt2_megatron(traced, 1)):  # tp=1: collectives are identities
+        pm = ParallelModule(traced, placements, model)
+        assert torch.equal(pm(*inputs).logits, model(*inputs).logits)
+        state, original = pm.full_state_dict(), model.state_dict()
+        assert list(state) == list(original)
+        assert all(torch.equal(state[k], original[k]) for k in original)
+    distinct = {id(p) for p in model.parameters()}
+    assert len(list(pm.parameters())) == len(distinct)  # tied weights held once
+
+
+def test_load_full_state_dict_round_trip_and_errors(gpt2):
+    model, inputs, traced = gpt2
+    pm = ParallelModule(traced, {}, model)
+    state = {k: v + 1.0 for k, v in model.state_dict().items()}
+    pm.load_full_state_dict(state)
+    assert all(torch.equal(pm.full_state_dict()[k], state[k]) for k in state)
+    broken = dict(state)
+    del broken["transformer.wpe.weight"]
+    broken["extra.weight"] = torch.zeros(1)
+    broken["transformer.ln_f.bias"] = torch.zeros(3)
+    with pytest.raises(AutoparError) as error:
+        pm.load_full_state_dict(broken)
+    for text in ("transformer.wpe.weight", "extra.weight", "transformer.ln_f.bias: got (3,)"):
+        assert text in str(error.value)
+
+
+def test_optimizer_steps_local_parameters(gpt2):
+    model, inputs, traced = gpt2
+    pm = ParallelModule(traced, {}, model)
+    optimizer = torch.optim.SGD(pm.parameters(), lr=0.1)
+    pm(*inputs).logits.sum().backward()
+    optimizer.step()
+    assert not torch.equal(pm.full_state_dict()["lm_head.weight"], model.lm_head.weight)
+
+
+def test_meta_device_model_then_load(gpt2):
+    model, inputs, traced = gpt2
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    pm = ParallelModule(traced, {}, skeleton)
+    pm.load_full_state_dict(model.state_dict())
+    assert torch.equal(pm(*inputs).logits, model(*inputs).logits)
+
+
+def test_input_structure_must_match(gpt2):
+    model, inputs, traced = gpt2
+    pm = ParallelModule(traced, {}, model)
+    with pytest.raises(AutoparError, match="do not match the ones the model was captured"):
+        pm(*inputs, inputs[0])
+
+
+class _Norm(nn.Module):
+    """BatchNorm in training mode (buffer mutations), a lifted constant and a keyword input."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.scale = torch.tensor(3.0)  # not a buffer: export lifts it as a constant
+
+    def forward(self, x, *, shift):
+        return self.norm(x) * self.scale + shift
+
+
+def test_buffer_mutations_constants_and_keywords():
+    model = _Norm().train()
+    x, shift = torch.randn(5, 4), torch.randn(4)
+    traced = capture(_Norm().train(), (x,), {"shift": shift})
+    pm = ParallelModule(traced, {}, model)
+    out = pm(x, shift=shift)
+    expected = model(x, shift=shift)
+    torch.testing.assert_close(out, expected)
+    state = pm.full_state_dict()
+    torch.testing.assert_close(state["norm.running_mean"], model.norm.running_mean)
+    assert state["norm.num_batches_tracked"] == 1
