@@ -130,12 +130,14 @@ def best_split_brute_force(units, num_stages, p2p, in_flight, budget) -> StageSp
     return best
 
 
-def equal_split(units, num_stages, p2p, in_flight) -> StageSplit:
-    """The hand-tuned default: the same number of units per stage (remainder up front)."""
-    size, extra = divmod(len(units), num_stages)
+def equal_layer_split(units, num_stages, p2p, in_flight) -> StageSplit:
+    """The hand-tuned default: blocks shared out equally (remainder to the first stages),
+    the prologue (units[0]) on the first stage and the epilogue (units[-1]) on the last."""
+    num_blocks = len(units) - 2
+    size, extra = divmod(num_blocks, num_stages)
     bounds, start = [], 0
     for k in range(num_stages):
-        end = start + size + (1 if k < extra else 0)
-        bounds.append((start, end))
+        end = 1 + sum(size + (1 if s < extra else 0) for s in range(k + 1))
+        bounds.append((start, len(units) if k == num_stages - 1 else end))
         start = end
     return _describe(units, bounds, p2p, in_flight)
