@@ -30,7 +30,7 @@ def test_stage_dp_matches_brute_force():
     for _ in range(300):
         units = _random_units(rng, rng.randint(2, 8))
         stages = rng.randint(1, len(units))
-        p2p, alive, budget = (lambda b: 0.1 * b), (lambda k: stages - k), rng.uniform(5, 40)
+        p2p, alive, budget = (lambda b: 0.1 * b), (lambda k, n=stages: n - k), rng.uniform(5, 40)
         try:
             dp = best_split(units, stages, p2p, alive, budget)
         except ValueError:
