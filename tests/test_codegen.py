@@ -275,3 +275,9 @@ def test_buffer_mutations_constants_and_keywords():
     state = pm.full_state_dict()
     torch.testing.assert_close(state["norm.running_mean"], model.norm.running_mean)
     assert state["norm.num_batches_tracked"] == 1
+
+
+def test_tp_size_must_match_the_group(gpt2):
+    model, _, traced = gpt2
+    with pytest.raises(AutoparError, match="tp_size=2, tp_rank=None disagree"):
+        ParallelModule(traced, {}, model, tp_size=2)

@@ -33,8 +33,10 @@ class ParallelModule(nn.Module):
 
     `traced` is `capture(model, ...)`; `placements` maps node names to
     `NodePlacement`s (missing nodes are replicated); `tp_group` is the process
-    group of the tp axis (None: the default group). `model` supplies the values
-    (it may live on the meta device; then call `load_full_state_dict`).
+    group of the tp axis (None: the default group, or a single rank when
+    torch.distributed is not initialized); `tp_size` and `tp_rank` default to that
+    group's and are checked against it. `model` supplies the values (it may live
+    on the meta device; then call `load_full_state_dict`).
     """
 
     def __init__(
@@ -43,14 +45,14 @@ class ParallelModule(nn.Module):
         placements: Mapping[str, NodePlacement],
         model: nn.Module,
         *,
-        tp_size: int = 1,
-        tp_rank: int = 0,
+        tp_size: int | None = None,
+        tp_rank: int | None = None,
         tp_group: dist.ProcessGroup | None = None,
         axis: str = "tp",
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        _check_group(tp_size, tp_rank, tp_group)
+        tp_size, tp_rank = _size_and_rank(tp_size, tp_rank, tp_group)
         self.tp_size, self.tp_rank, self.tp_group, self.axis = tp_size, tp_rank, tp_group, axis
         self._axis = Axis(axis, tp_group, tp_size, tp_rank)
         self.graph_module = shard_graph(traced, placements, tp_size, axis=axis)
@@ -61,7 +63,7 @@ class ParallelModule(nn.Module):
         signature = traced.exported_program.graph_signature
         self._output_kinds = [(spec.kind, spec.target) for spec in signature.output_specs]
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
-        self._buffer_slots = {slot.name: slot for slot in slots.values()}
+        self._buffer_slots = {**{slot.name: slot for slot in slots.values()}, **self._state_slots}
 
     @property
     def code(self) -> str:
@@ -180,20 +182,26 @@ def _constant_feed(module: nn.Module, node, value: torch.Tensor) -> Slot:
     return Slot(node.name, module.constants, node.name, placement, value.shape, False)
 
 
-def _check_group(tp_size: int, tp_rank: int, group) -> None:
-    if tp_size == 1 and tp_rank == 0 and group is None:
-        return  # one rank: no collective runs
-    if not (dist.is_available() and dist.is_initialized()):
+def _size_and_rank(tp_size: int | None, tp_rank: int | None, group) -> tuple[int, int]:
+    """The tp group's size and this rank in it, checked against any values given."""
+    if tp_size == 1 and tp_rank in (None, 0) and group is None:
+        return 1, 0  # one rank per tp group (say, pure data parallel): no collective runs
+    if dist.is_available() and dist.is_initialized():
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+    elif group is None:
+        size, rank = 1, 0
+    else:
         raise AutoparError(
-            f"tp_size={tp_size} needs torch.distributed to be initialized "
+            "a tp_group was given but torch.distributed is not initialized "
             "(run under torchrun, or call init_process_group first)"
         )
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if (size, rank) != (tp_size, tp_rank):
+    given = (size if tp_size is None else tp_size, rank if tp_rank is None else tp_rank)
+    if given != (size, rank):
         raise AutoparError(
             f"tp_size={tp_size}, tp_rank={tp_rank} disagree with the process group "
-            f"(size {size}, this rank {rank}); pass the tp group's own size and rank"
+            f"(size {size}, this rank {rank}); pass the tp group's own size and rank, or neither"
         )
+    return size, rank
 
 
 def _check_state_dict(state_dict: Mapping[str, torch.Tensor], slots: dict[str, Slot]) -> None:
