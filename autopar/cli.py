@@ -35,6 +35,7 @@ from autopar.errors import AutoparError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BATCH = 8
 EXIT_USER_ERROR = 2
+PLAIN_PROGRESS_EVERY_S = 2.0
 
 
 # ----------------------------------------------------------------------------- progress
@@ -58,7 +59,7 @@ class Progress:
                 yield lambda text: status.update(f"{message}: {text}")
         else:
             print(f"autopar: {message} ...", file=sys.stderr, flush=True)
-            yield lambda text: print(f"autopar:   {text}", file=sys.stderr, flush=True)
+            yield _throttled(lambda text: print(f"autopar:   {text}", file=sys.stderr, flush=True))
         if not self.quiet:
             self.log(f"{message}: done in {time.perf_counter() - start:.1f} s")
 
@@ -69,6 +70,31 @@ class Progress:
             self.console.print(f"[dim]autopar: {message}[/dim]", highlight=False)
         else:
             print(f"autopar: {message}", file=sys.stderr, flush=True)
+
+
+def _throttled(emit: Callable[[str], None], every_s: float = PLAIN_PROGRESS_EVERY_S):
+    """At most one plain progress line per `every_s` seconds: a log, not a flood."""
+    last = -float("inf")
+
+    def update(text: str) -> None:
+        nonlocal last
+        if time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            emit(text)
+
+    return update
+
+
+def layout_progress(update: Callable[[str], None]) -> Callable:
+    """The `progress=` callback of `autopar.plan`: shows each (dp, tp, pp) layout tried."""
+    count = 0
+
+    def on_layout(layout) -> None:
+        nonlocal count
+        count += 1
+        update(f"layout {count}: dp={layout.dp} tp={layout.tp} pp={layout.pp}")
+
+    return on_layout
 
 
 def _rich_console():
@@ -186,10 +212,12 @@ def cmd_plan(args) -> int:
     with progress.step("capturing the graph (torch.export)"):
         traced = capture(model, inputs)
     dtype = DTYPES[args.dtype] if args.dtype else _default_dtype(args.mesh)
-    with progress.step(f"searching layouts of {mesh.world_size} devices"):
+    with progress.step(f"searching layouts of {mesh.world_size} devices") as update:
         plan = make_plan(
             traced, inputs, mesh, dtype=dtype, dp=args.dp, tp=args.tp, pp=args.pp,
-            time_limit_s=args.time_limit,
+            microbatches=args.microbatches, schedule=args.schedule,
+            global_batch_size=args.global_batch, time_limit_s=args.time_limit,
+            progress=layout_progress(update),
         )  # fmt: skip
     print(plan.summary())
     _write_outputs(plan, args.out, args.html)
@@ -301,8 +329,11 @@ def demo_capture(progress: Progress):
 def demo_plan(traced, inputs, mesh, progress: Progress):
     from autopar.api import plan as make_plan
 
-    with progress.step(f"planning for {mesh.nodes} x {mesh.devices_per_node} {mesh.device.name}"):
-        return make_plan(traced, inputs, mesh, dtype=torch.bfloat16)
+    title = f"planning for {mesh.nodes} x {mesh.devices_per_node} {mesh.device.name}"
+    with progress.step(title) as update:
+        return make_plan(
+            traced, inputs, mesh, dtype=torch.bfloat16, progress=layout_progress(update)
+        )
 
 
 def demo_layer_table(traced) -> str:
@@ -333,7 +364,8 @@ def demo_collective_table(plan) -> str:
     from autopar.viz.report import collective_totals
     from autopar.viz.text import human_bytes, human_seconds
 
-    lines = [f"collectives per step (dp={plan.dp} tp={plan.tp} pp={plan.pp})"]
+    lines = [f"tensor-parallel collectives, whole model, one pass of the example batch "
+             f"(tp={plan.tp}; each of the {plan.pp} pipeline stage(s) runs its blocks' share)"]  # fmt: skip
     for (kind, phase), (count, nbytes, seconds) in sorted(collective_totals(plan).items()):
         lines.append(
             f"  {phase:9s} {kind:15s} x{count:<4d} {human_bytes(nbytes):>11s} "
@@ -398,8 +430,12 @@ def _add_plan(commands) -> None:
     plan.add_argument("--batch", type=_positive, help="example batch of one data-parallel "
                       f"replica (default {DEFAULT_BATCH})")  # fmt: skip
     plan.add_argument("--seq", type=_positive, help="sequence length (default: the context)")
+    plan.add_argument("--global-batch", type=_positive, metavar="N", help="global batch size; "
+                      "the example batch then only fixes shapes")  # fmt: skip
     for degree in ("tp", "dp", "pp"):
         plan.add_argument(f"--{degree}", type=_positive, help=f"pin the {degree} degree")
+    plan.add_argument("--microbatches", type=_positive, metavar="N", help="pin microbatches")
+    plan.add_argument("--schedule", help="pin the pipeline schedule: gpipe, 1f1b, interleaved1f1b")
     plan.add_argument("--dtype", choices=tuple(DTYPES), help="training dtype (default bf16)")
     plan.add_argument("--time-limit", type=float, metavar="S", help="ILP time limit, seconds")
     plan.add_argument("--out", help="write the plan (JSON) here")

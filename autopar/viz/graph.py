@@ -91,7 +91,8 @@ def layer_label(layer: int | None) -> str:
 
 
 def communication_by_layer(plan) -> dict[int | None, dict[str, float]]:
-    """Seconds of collectives per step, per block and phase; None holds what no block owns."""
+    """Seconds of collectives per block and phase (see `Plan.collectives` for their scope);
+    None holds what no block owns."""
     table: dict[int | None, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for layer in set(plan.layer_of.values()):
         table[layer]["forward"] += 0.0  # blocks without collectives still get a bar
@@ -117,9 +118,9 @@ def layer_time_figure(plan, compute_by_layer: dict[int | None, float] | None = N
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     axes.set_xticks(x, [layer_label(k) for k in layers], fontsize=7, rotation=90)
     axes.set_xlabel("transformer block")
-    axes.set_ylabel("ms per step")
-    what = "time" if compute_by_layer else "communication"
-    axes.set_title(f"Predicted {what} per block (dp={plan.dp} tp={plan.tp} pp={plan.pp})")
+    axes.set_ylabel("ms")
+    what = "time" if compute_by_layer else "tensor-parallel communication"
+    axes.set_title(f"Predicted {what} per block, one pass of the example batch (tp={plan.tp})")
     axes.legend(fontsize=8)
     return figure
 

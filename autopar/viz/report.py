@@ -39,6 +39,13 @@ img { max-width: 100%; }
 """
 
 
+# What Plan.collectives holds, said wherever they are summed.
+COLLECTIVES_SCOPE = (
+    "Tensor-parallel collectives of the whole model for one forward and backward pass of the "
+    "example batch; each pipeline stage runs only its own blocks' share, once per microbatch"
+)
+
+
 def write_report(plan, path: str | os.PathLike) -> Path:
     """Write the report for `plan` to `path` atomically and return the path."""
     path = Path(path)
@@ -239,32 +246,35 @@ def collective_totals(plan) -> dict[tuple[str, str], tuple[int, int, float]]:
 
 def _communication_section(plan) -> str:
     totals = collective_totals(plan)
-    itemized = sum(t[2] for t in totals.values())
     largest = max((t[2] for t in totals.values()), default=0.0) or 1.0
     rows = [
         [kind, phase, n, human_bytes(nbytes), human_seconds(s), _bar(s / largest, "comm")]
         for (kind, phase), (n, nbytes, s) in sorted(totals.items())
     ]
-    rest = plan.cost.comm_s - itemized
-    if rest > 1e-12:
-        rows.append(["not itemized (data-parallel gradient sync)", "backward", "", "",
-                     human_seconds(rest), _bar(rest / max(largest, rest), "comm")])  # fmt: skip
-    headers = ["collective", "phase", "count", "bytes", "time per step", ""]
+    headers = ["collective", "phase", "count", "bytes", "time", ""]
+    note = (
+        f"<p class='muted'>{COLLECTIVES_SCOPE}. The data-parallel gradient sync is part of the "
+        "predicted communication above but not listed here.</p>"
+    )
     body = _table(headers, rows, numeric={2, 3, 4}) if rows else "<p>No collectives.</p>"
-    return _section("Communication by kind and phase", body)
+    return _section("Communication by kind and phase", note + body)
 
 
 def _stage_section(plan) -> str:
     longest = max((s.time_s for s in plan.stages), default=0.0) or 1.0
     capacity = plan.mesh.get("device", {}).get("memory_bytes") or 0
     rows = [
-        [s.index, layer_ranges(s.layers) or "-", len(s.nodes), human_seconds(s.time_s),
-         _bar(s.time_s / longest, "compute"), human_bytes(s.memory_bytes),
-         _bar(s.memory_bytes / capacity if capacity else 0.0, "memory")]
+        [s.index, s.pp_rank, layer_ranges(s.layers) or "-", len(s.nodes),
+         human_seconds(s.time_s), _bar(s.time_s / longest, "compute"),
+         human_bytes(s.memory_bytes), _bar(s.memory_bytes / capacity if capacity else 0.0, "memory")]
         for s in plan.stages
     ]  # fmt: skip
-    headers = ["stage", "blocks", "nodes", "time", "", "memory", "of device"]
-    return _section("Pipeline stages", _table(headers, rows, numeric={0, 2, 3, 5}))
+    headers = ["stage", "pp rank", "blocks", "nodes", "time per microbatch", "", "memory", ""]
+    note = (
+        f"<p class='muted'>{plan.num_microbatches} microbatch(es) of {plan.microbatch_size}, "
+        f"schedule {_e(plan.schedule)}; time is one microbatch's forward and backward.</p>"
+    )
+    return _section("Pipeline stages", note + _table(headers, rows, numeric={0, 1, 3, 4, 6}))
 
 
 def _unsupported_section(plan) -> str:
