@@ -10,9 +10,11 @@ MLP matmuls), each of batch x seq x hidden activations at 2 bytes (bf16).
 
 Both layouts are priced with the same cost model (`Mesh.tp_collective_time` on
 one 8 x A100-80GB node), so the ratio compares the layouts, not two cost models.
-A ratio of 1.0 means autopar found Megatron's communication; below 1, something
-cheaper (e.g. reduce-scatter + all-gather in place of an all-reduce costs the
-same bytes on a ring); above 1, more. Writes benchmarks/results/megatron_compare.json.
+Bytes are what each rank sends on a ring (nccl-tests' bus bytes: 2(n-1)/n of the
+tensor for an all-reduce, (n-1)/n for an all-gather or reduce-scatter), so a
+reduce-scatter plus an all-gather counts the same as one all-reduce. A ratio of
+1.0 means autopar found Megatron's communication; below 1, less; above 1, more.
+Writes benchmarks/results/megatron_compare.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from autopar.api import plan as make_plan
+from autopar.cost.comm import bus_factor
 from autopar.mesh import Mesh
 from autopar.models import build_model
 
@@ -55,6 +58,7 @@ def megatron_block(case: Case, mesh: Mesh) -> dict:
     seconds = mesh.tp_collective_time("all_reduce", nbytes, TP)
     n = MEGATRON_ALL_REDUCES_PER_BLOCK
     return {"collectives": n, "bytes": n * nbytes, "seconds": n * seconds,
+            "bus_bytes": n * nbytes * bus_factor("all_reduce", TP),
             "kinds": {"forward all_reduce": 2, "backward all_reduce": 2}}  # fmt: skip
 
 
@@ -76,6 +80,7 @@ def autopar_block(plan) -> dict:
         "collectives": median(len),
         "bytes": median(lambda cs: sum(c.nbytes for c in cs)),
         "seconds": median(lambda cs: sum(c.seconds for c in cs)),
+        "bus_bytes": median(lambda cs: sum(c.nbytes * bus_factor(c.kind, TP) for c in cs)),
         "kinds": dict(sorted(kinds.items())),
     }
 
@@ -89,7 +94,7 @@ def compare(case: Case) -> dict:
         "model": case.model, "batch": case.batch, "seq": case.seq, "tp": TP,
         "autopar": ours, "megatron": megatron,
         "seconds_ratio": ours["seconds"] / megatron["seconds"],
-        "bytes_ratio": ours["bytes"] / megatron["bytes"],
+        "bus_bytes_ratio": ours["bus_bytes"] / megatron["bus_bytes"],
     }  # fmt: skip
 
 
@@ -103,11 +108,12 @@ def table(rows: list[dict]) -> str:
         a, m = r["autopar"], r["megatron"]
         lines += [
             f"{r['model']} (batch {r['batch']} x seq {r['seq']}):",
-            f"  autopar : {a['seconds'] * 1e6:8.1f} us, {a['bytes'] / 2**20:8.1f} MiB  "
-            f"({_kinds(a['kinds'])})",
-            f"  megatron: {m['seconds'] * 1e6:8.1f} us, {m['bytes'] / 2**20:8.1f} MiB  "
-            f"({_kinds(m['kinds'])})",
-            f"  ratio autopar / megatron: time {r['seconds_ratio']:.3f}, bytes {r['bytes_ratio']:.3f}",
+            f"  autopar : {a['seconds'] * 1e6:8.1f} us, {a['bus_bytes'] / 2**20:8.1f} MiB sent per "
+            f"rank  ({_kinds(a['kinds'])})",
+            f"  megatron: {m['seconds'] * 1e6:8.1f} us, {m['bus_bytes'] / 2**20:8.1f} MiB sent per "
+            f"rank  ({_kinds(m['kinds'])})",
+            f"  ratio autopar / megatron: time {r['seconds_ratio']:.3f}, "
+            f"bytes sent {r['bus_bytes_ratio']:.3f}",
         ]
     return "\n".join(lines)
 
