@@ -143,3 +143,13 @@ def test_malformed_plan_files_raise(tmp_path):
     path.write_text('{"schema_version": 1, "dp": 1}')
     with pytest.raises(PlanError, match="malformed"):
         Plan.load(path)
+
+
+def test_cbc_and_highs_agree(gpt2_tp8, monkeypatch):
+    from autopar.solver import intra_op
+
+    monkeypatch.setattr(intra_op, "_highs_available", lambda: False)
+    model, inputs = build_model("gpt2-medium", n_layer=12, seq=1024)
+    with_cbc = make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16)
+    assert with_cbc.strategies == gpt2_tp8.strategies
+    assert with_cbc.cost.step_time_s == pytest.approx(gpt2_tp8.cost.step_time_s)
