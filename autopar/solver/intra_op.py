@@ -31,6 +31,7 @@ import functools
 import os
 import sys
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -318,7 +319,9 @@ def _solver(time_limit_s: float | None):
     """HiGHS when highspy is installed (faster), else PuLP's bundled CBC."""
     if _highs_available():
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC but still ships it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
 
 
 def _chosen(p: _Problem, node: fx.Node) -> Strategy:
