@@ -11,7 +11,7 @@ from autopar.api import plan as make_plan
 from autopar.errors import AutoparError
 from autopar.mesh import Mesh
 from autopar.models import build_model
-from autopar.viz import graph
+from autopar.viz import graph, timeline
 from autopar.viz.report import collective_totals, layer_ranges, render_report, write_report
 
 
@@ -92,3 +92,51 @@ def test_small_helpers():
     assert graph.short_op("<built-in function getitem>") == "getitem"
     assert graph.placement_kind("S(1,g3)") == "S"
     assert graph.placement_kind(["P", "P"]) == "P"
+
+
+# ----------------------------------------------------------------------------- pipeline timeline
+
+
+@pytest.mark.parametrize(
+    ("schedule", "stage_time", "num_stages", "expected"),
+    [
+        ("gpipe", 1.0, 4, 8 + 3),  # (m + pp - 1) t
+        ("1f1b", 1.0, 4, 8 + 3),
+        ("interleaved1f1b", 0.5, 8, 8 + 3 / 2),  # (m + (pp - 1) / v) t, v = 2 chunks
+    ],
+)
+def test_timeline_matches_the_textbook_step(schedule, stage_time, num_stages, expected):
+    actions = timeline.simulate([stage_time] * num_stages, pp=4, m=8, schedule=schedule)
+    assert max(a.end for a in actions) == pytest.approx(expected)
+    assert len(actions) == 2 * 8 * num_stages
+    for rank in range(4):  # a rank runs one action at a time
+        mine = sorted((a.start, a.end) for a in actions if a.rank == rank)
+        assert all(end <= start + 1e-12 for (_, end), (start, _) in zip(mine, mine[1:], strict=False))
+
+
+def test_1f1b_keeps_fewer_microbatches_in_flight_than_gpipe():
+    def peak_in_flight(schedule):
+        actions = timeline.simulate([1.0] * 4, pp=4, m=8, schedule=schedule)
+        rank0 = sorted((a for a in actions if a.rank == 0), key=lambda a: a.start)
+        alive = peak = 0
+        for a in rank0:
+            alive += 1 if a.kind == "F" else -1
+            peak = max(peak, alive)
+        return peak
+
+    assert peak_in_flight("gpipe") == 8
+    assert peak_in_flight("1f1b") == 4
+
+
+def test_interleaving_needs_microbatches_in_multiples_of_pp():
+    with pytest.raises(AutoparError, match="deadlocks"):
+        timeline.simulate([0.5] * 8, pp=4, m=6, schedule="interleaved1f1b")
+
+
+def test_report_draws_the_timeline_of_a_pipelined_plan():
+    pytest.importorskip("matplotlib")
+    model, inputs = build_model("gpt2", n_layer=4, batch=4, seq=256)
+    piped = make_plan(model, inputs, Mesh.preset("a100-80gb"), tp=2, pp=4, microbatches=4)
+    assert piped.pp == 4
+    assert render_report(piped).count('src="data:image/png;base64,') == 3
+    assert "<th>pp rank</th>" in render_report(piped)

@@ -4,9 +4,9 @@ Sections: degrees and mesh; the predicted step split into compute, communication
 and bubble, and memory against the device's; parameter placements per group of
 identical blocks with Megatron's role names; communication by kind and phase;
 per-stage time and memory; the ops that had no sharding rule. Bars are plain
-CSS, so the page reads without matplotlib; with it, the pictures of
-`viz.graph` are embedded as base64 PNG. No external assets: the file can be
-mailed or attached to a ticket as is.
+CSS, so the page reads without matplotlib; with it, the pictures of `viz.graph`
+and the pipeline timeline of `viz.timeline` are embedded as base64 PNG. No
+external assets: the file can be mailed or attached to a ticket as is.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from autopar.viz import graph
+from autopar.errors import AutoparError
+from autopar.viz import graph, timeline
 from autopar.viz.text import human_bytes, human_seconds, parameter_role, plan_summary
 
 CSS = """
@@ -182,15 +183,20 @@ def _cost_section(plan) -> str:
 def _pictures_section(plan) -> str:
     if not graph.matplotlib_available():
         return _section("Pictures", f"<p class='muted'>{_e(graph.MISSING)}.</p>")
-    images = [graph.layer_time_figure(plan)]
+    parts = [_img(graph.layer_time_figure(plan))]
     if plan.layer_of:
-        images.append(graph.block_dataflow_figure(plan))
-    body = "\n".join(
-        f'<p><img alt="plan picture" src="data:image/png;base64,'
-        f'{base64.b64encode(graph.figure_png(f)).decode()}"></p>'
-        for f in images
-    )
-    return _section("Pictures", body)
+        parts.append(_img(graph.block_dataflow_figure(plan)))
+    if plan.pp > 1:
+        try:
+            parts.append(_img(timeline.timeline_figure(plan)))
+        except AutoparError as error:
+            parts.append(f"<p class='muted'>No pipeline timeline: {_e(error)}</p>")
+    return _section("Pictures", "\n".join(parts))
+
+
+def _img(figure) -> str:
+    data = base64.b64encode(graph.figure_png(figure)).decode()
+    return f'<p><img alt="plan picture" src="data:image/png;base64,{data}"></p>'
 
 
 def _block_groups(plan) -> list[tuple[list[int], list[str]]]:
