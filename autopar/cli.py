@@ -304,14 +304,22 @@ def run_demo(html: str | None = None, quiet: bool = False) -> None:
 
     progress = Progress(quiet)
     traced, inputs = demo_capture(progress)
-    print(demo_layer_table(traced), end="\n\n")
+    _heading(f"1. the model: {DEMO_MODEL}, traced on the meta device")
+    print(demo_layer_table(traced))
     one_node = demo_plan(traced, inputs, Mesh.preset("a100-80gb"), progress)
-    print(one_node.summary(), end="\n\n")
-    print(demo_collective_table(one_node), end="\n\n")
+    _heading("2. the best plan for one node of 8 x A100-80GB")
+    print(one_node.summary())
+    _heading("3. what its collectives cost")
+    print(demo_collective_table(one_node))
     two_nodes = demo_plan(traced, inputs, Mesh.preset("a100-80gb", nodes=2), progress)
+    _heading("4. one node against two")
     print(demo_compare_table({"1 node": one_node, "2 nodes": two_nodes}))
     _write_outputs(one_node, None, html)
     print("\nnext: autopar plan gpt2-xl --mesh a100-80gb:2 --out plan.json --html report.html")
+
+
+def _heading(text: str) -> None:
+    print(f"\n== {text} ==", flush=True)
 
 
 def demo_capture(progress: Progress):
@@ -366,11 +374,19 @@ def demo_collective_table(plan) -> str:
 
     lines = [f"tensor-parallel collectives, whole model, one pass of the example batch "
              f"(tp={plan.tp}; each of the {plan.pp} pipeline stage(s) runs its blocks' share)"]  # fmt: skip
-    for (kind, phase), (count, nbytes, seconds) in sorted(collective_totals(plan).items()):
+    totals = collective_totals(plan)
+    if not totals:
+        return "\n".join([*lines, "  none"])
+    for kind, phase in sorted(totals, key=lambda key: (key[1] != "forward", key[0])):
+        count, nbytes, seconds = totals[kind, phase]
         lines.append(
             f"  {phase:9s} {kind:15s} x{count:<4d} {human_bytes(nbytes):>11s} "
             f"{human_seconds(seconds):>10s}"
         )
+    count, nbytes, seconds = (sum(column) for column in zip(*totals.values(), strict=True))
+    lines.append(
+        f"  {'total':25s} x{count:<4d} {human_bytes(nbytes):>11s} {human_seconds(seconds):>10s}"
+    )
     return "\n".join(lines)
 
 

@@ -111,7 +111,9 @@ def test_timeline_matches_the_textbook_step(schedule, stage_time, num_stages, ex
     assert len(actions) == 2 * 8 * num_stages
     for rank in range(4):  # a rank runs one action at a time
         mine = sorted((a.start, a.end) for a in actions if a.rank == rank)
-        assert all(end <= start + 1e-12 for (_, end), (start, _) in zip(mine, mine[1:], strict=False))
+        assert all(
+            end <= start + 1e-12 for (_, end), (start, _) in zip(mine, mine[1:], strict=False)
+        )
 
 
 def test_1f1b_keeps_fewer_microbatches_in_flight_than_gpipe():
