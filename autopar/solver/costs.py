@@ -20,8 +20,12 @@ BACKWARD_FLOP_FACTOR = (
     2.0  # backward ~ 2x forward FLOPs (Kaplan et al. 2020, Narayanan et al. 2021)
 )
 # A memory-bound op's backward reads the output gradient and writes the input gradient:
-# about the forward's traffic again (adds and views just pass the gradient on).
+# about the forward's traffic again. An add or sub hands its gradient on untouched
+# (autograd runs no kernel) except to a broadcast operand, whose gradient is a sum
+# that reads the output gradient once: about half the forward's traffic.
 BACKWARD_BYTES_FACTOR = 1.0
+PASS_THROUGH_BACKWARD_FACTOR = 0.0
+BROADCAST_SUM_BACKWARD_FACTOR = 0.5
 # Mixed-precision Adam touches ~32 bytes of memory per parameter per step: read and
 # write fp32 master weight, momentum and variance (24 B), read the 16-bit gradient and
 # write the 16-bit weight (4 B), plus slack for the gradient zeroing (4 B).
@@ -70,11 +74,14 @@ def comm_seconds(ops, mesh, tp: int) -> float:
     return sum(mesh.tp_collective_time(op.kind, op.nbytes, tp) for op in ops)
 
 
-def compute_seconds(flops: int, nbytes: int, splits_work: bool, mesh, tp: int, training: bool):
+def compute_seconds(
+    flops: int, nbytes: int, splits_work: bool, mesh, tp: int, training: bool,
+    backward_bytes_factor: float = BACKWARD_BYTES_FACTOR,
+):  # fmt: skip
     """Roofline time of one node, forward plus backward when training."""
     device = mesh.device
     flop_factor = (1 + BACKWARD_FLOP_FACTOR) if training else 1.0
-    byte_factor = (1 + BACKWARD_BYTES_FACTOR) if training else 1.0
+    byte_factor = (1 + backward_bytes_factor) if training else 1.0
     share = tp if splits_work else 1
     math_s = flop_factor * flops / share / (device.peak_flops * device.matmul_efficiency)
     memory_s = byte_factor * nbytes / share / device.memory_bandwidth

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from autopar.placement import Replicate, Shard
 from autopar.plan import Collective
 from autopar.solver import costs
-from autopar.solver.intra_op import _nbytes, allocates, needs_grad_sync, traffic_bytes
+from autopar.solver.intra_op import _nbytes, allocates, needs_grad_sync, node_compute_seconds
 
 
 @dataclass
@@ -88,10 +88,7 @@ def _grad_sync_collectives(traced, chosen, requires_grad, mesh, tp, training, dt
 
 def _node_price(traced, node, strategy, requires_grad, mesh, tp, training, dtype_bytes):
     if node.op == "call_function":
-        info = traced.analysis.nodes[node.name]
-        compute = costs.compute_seconds(
-            info.flops, traffic_bytes(info, dtype_bytes), strategy.splits_work, mesh, tp, training
-        )
+        compute = node_compute_seconds(traced, node, strategy, mesh, tp, training, dtype_bytes)
         kept = 0.0
         if training and requires_grad.get(node.name) and allocates(node):
             kept = _nbytes(node, dtype_bytes) / (tp if isinstance(strategy.output, Shard) else 1)

@@ -90,6 +90,23 @@ def traffic_bytes(info, dtype_bytes: int | None) -> float:
     return nbytes
 
 
+def _backward_bytes_factor(node: fx.Node) -> float:
+    if node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor):
+        return costs.BACKWARD_BYTES_FACTOR
+    out_shape = node.meta["val"].shape
+    broadcast = any(arg.meta["val"].shape != out_shape for arg in node.all_input_nodes)
+    return costs.BROADCAST_SUM_BACKWARD_FACTOR if broadcast else costs.PASS_THROUGH_BACKWARD_FACTOR
+
+
+def node_compute_seconds(traced, node, strategy, mesh, tp, training, dtype_bytes) -> float:
+    """Roofline time of a call_function node under `strategy`, forward plus backward."""
+    info = traced.analysis.nodes[node.name]
+    return costs.compute_seconds(
+        info.flops, traffic_bytes(info, dtype_bytes), strategy.splits_work, mesh, tp, training,
+        _backward_bytes_factor(node),
+    )  # fmt: skip
+
+
 def _local_fraction(strategy_output, tp: int) -> float:
     return 1.0 / tp if isinstance(strategy_output, Shard) else 1.0
 
@@ -132,9 +149,7 @@ def _node_cost(p: _Problem, node: fx.Node, strategy: Strategy) -> float:
             return 0.0  # an unused placeholder is a tied duplicate: its twin pays
         numel = node.meta["val"].numel() * _local_fraction(strategy.output, p.tp)
         return costs.optimizer_seconds(int(numel), p.mesh)
-    info = p.traced.analysis.nodes[node.name]
-    nbytes = traffic_bytes(info, p.dtype_bytes)
-    return costs.compute_seconds(info.flops, nbytes, strategy.splits_work, p.mesh, p.tp, p.training)
+    return node_compute_seconds(p.traced, node, strategy, p.mesh, p.tp, p.training, p.dtype_bytes)
 
 
 def _add_node_costs(p: _Problem, representatives: dict[str, fx.Node]) -> list:
