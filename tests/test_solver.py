@@ -130,7 +130,7 @@ def test_plan_round_trips_and_refuses_another_model(tmp_path):
     assert loaded.to_dict() == plan.to_dict()
     assert loaded.summary() == plan.summary()
     other, other_inputs = tiny_gpt2(n_layer=3)
-    other_fingerprint = autopar.capture.capture(other, other_inputs).fingerprint()
+    other_fingerprint = autopar.capture(other, other_inputs).fingerprint()
     with pytest.raises(PlanError, match="different model"):
         loaded.check_applies_to(other_fingerprint)
 
