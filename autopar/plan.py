@@ -27,6 +27,8 @@ class Cost:
     bubble_s: float
     memory_per_device_bytes: float
     tflops_per_device: float
+    optimizer_s: float = 0.0  # part of compute_s
+    dp_sync_s: float = 0.0  # the data-parallel gradient all-reduce, part of comm_s
 
 
 @dataclass
@@ -71,6 +73,8 @@ class Plan:
     solver: dict = field(default_factory=dict)  # status, solve time, ILP size
     layer_of: dict[str, int] = field(default_factory=dict)  # node -> block index
     param_fqns: dict[str, str] = field(default_factory=dict)  # placeholder -> parameter FQN
+    tied_params: dict[str, str] = field(default_factory=dict)  # unused twin -> placeholder used
+    unit_times_s: dict[str, float] = field(default_factory=dict)  # per microbatch, fwd + bwd
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -258,7 +258,10 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     if best is None:
         raise PlanError(_nothing_fits(mesh, pins, failures))
     plan = _to_plan(traced, mesh, solutions[best.layout.tp], best, training, dtype_bytes)
-    plan.solver.update(search_time_s=time.perf_counter() - start, layouts_tried=tried)
+    ilp_time = sum(s.result.solve_time_s for s in solutions.values() if s is not None)
+    plan.solver.update(
+        search_time_s=time.perf_counter() - start, layouts_tried=tried, ilp_time_s=ilp_time
+    )
     return plan
 
 
@@ -322,6 +325,7 @@ def _to_plan(traced, mesh, solution, best, training, dtype_bytes) -> Plan:
         step_time_s=best.step_s, compute_s=best.step_s - comm - choice.bubble_s, comm_s=comm,
         bubble_s=choice.bubble_s, memory_per_device_bytes=choice.memory_bytes,
         tflops_per_device=flops / best.step_s / mesh.world_size / 1e12,
+        optimizer_s=best.optimizer_s, dp_sync_s=best.dp_sync_s,
     )  # fmt: skip
     unit_of = unit_of_nodes(traced)
     layer_of = {n: i.layer for n, i in traced.analysis.nodes.items() if i.layer is not None}
@@ -338,7 +342,17 @@ def _to_plan(traced, mesh, solution, best, training, dtype_bytes) -> Plan:
         solver={"status": result.status, "solve_time_s": result.solve_time_s,
                 "num_variables": result.num_variables, "num_constraints": result.num_constraints},
         layer_of=layer_of, param_fqns=dict(traced.param_fqns),
+        tied_params=_unused_twins(traced), unit_times_s={u.name: u.time_s for u in best.units},
     )  # fmt: skip
+
+
+def _unused_twins(traced) -> dict[str, str]:
+    """Tied parameters: the placeholder the graph never reads -> the one it reads."""
+    read = {n.name for n in traced.graph_module.graph.nodes if n.op == "placeholder" and n.users}
+    return {
+        (first if duplicate in read else duplicate): (duplicate if duplicate in read else first)
+        for duplicate, first in traced.tied_params.items()
+    }
 
 
 def traced_batch(traced) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+COLLECTIVES_SCOPE = "tensor-parallel collectives, one forward and backward of the traced batch"
 MATMULS = ("aten.mm.default", "aten.linear.default", "aten.bmm.default", "aten.matmul.default")
 
 
@@ -27,21 +28,31 @@ def human_seconds(s: float) -> str:
     return f"{s * 1e6:.1f} us"
 
 
-def parameter_role(plan, placeholder: str) -> str:
-    """Megatron's names for what a parameter's placement does."""
-    placement = plan.strategies[placeholder]["output"]
-    if placement == "R":
-        return "replicated"
-    for entry in plan.strategies.values():
-        if placeholder not in entry["sources"]:
-            continue
-        if entry["op"] in MATMULS:
-            return "column-parallel" if entry["output"].startswith("S") else "row-parallel"
-        if entry["op"] == "aten.embedding.default":
-            return "embedding, hidden dim sharded"
-        if entry["op"] == "aten.add.Tensor":
-            return "bias of a column-parallel matmul"
+def _use_role(plan, entry: dict, placeholder: str) -> str:
+    """What one consumer does with a sharded parameter, in Megatron's words."""
+    if entry["op"] in MATMULS:
+        return "column-parallel" if entry["output"].startswith("S") else "row-parallel"
+    if entry["op"] == "aten.embedding.default":
+        return "embedding, hidden dim sharded"
+    if entry["op"] == "aten.add.Tensor":
+        matmul = next((s for s in entry["sources"] if s != placeholder), None)
+        produced = plan.strategies.get(matmul, {}).get("output", "")
+        return "bias of a column-parallel matmul" if produced.startswith("S") else (
+            "bias, added to a reduce-scattered output"
+        )  # fmt: skip
     return "sharded"
+
+
+def parameter_role(plan, placeholder: str) -> str:
+    """Megatron's names for what a parameter's placement does (every use, for tied ones)."""
+    if plan.strategies[placeholder]["output"] == "R":
+        return "replicated"
+    roles = [
+        _use_role(plan, entry, placeholder)
+        for entry in plan.strategies.values()
+        if placeholder in entry["sources"]
+    ]
+    return " + ".join(dict.fromkeys(roles)) or "sharded"
 
 
 def _header(plan) -> list[str]:
@@ -87,23 +98,33 @@ def _block_lines(plan) -> list[str]:
     if layers:
         shape = lambda layer: sorted((c.phase, c.kind, c.nbytes) for c in by_layer[layer])  # noqa: E731
         same = all(shape(layer) == shape(layers[0]) for layer in layers)
-        note = f" (blocks {layers[1]}-{layers[-1]} identical)" if same and len(layers) > 1 else ""
+        others = f"{layers[1]}-{layers[-1]}" if len(layers) > 2 else f"{layers[-1]}"
+        note = (
+            f" (block{'s' * (len(layers) > 2)} {others} identical)"
+            if same and len(layers) > 1
+            else ""
+        )
         lines.append(f"block {layers[0]}{note}:")
         lines += _param_lines(plan, [p for p in params if plan.layer_of.get(p) == layers[0]])
-        lines.append("  collectives per step:")
+        lines.append(f"  {COLLECTIVES_SCOPE}:")
         lines += _collective_lines(by_layer[layers[0]])
     lines.append("outside the blocks:")
     lines += _param_lines(plan, [p for p in params if p not in plan.layer_of])
-    lines.append("  collectives per step:")
+    lines.append(f"  {COLLECTIVES_SCOPE}:")
     lines += _collective_lines(by_layer[None])
     return lines
 
 
+def _param_line(plan, placeholder: str) -> str:
+    name = plan.param_fqns[placeholder]
+    twin = plan.tied_params.get(placeholder)
+    if twin is not None:
+        return f"  {name:44s} {'':8s} tied to {plan.param_fqns[twin]}"
+    return f"  {name:44s} {plan.strategies[placeholder]['output']:8s} {parameter_role(plan, placeholder)}"
+
+
 def _param_lines(plan, placeholders) -> list[str]:
-    return [
-        f"  {plan.param_fqns[p]:44s} {plan.strategies[p]['output']:8s} {parameter_role(plan, p)}"
-        for p in placeholders
-    ]
+    return [_param_line(plan, p) for p in placeholders]
 
 
 def plan_summary(plan) -> str:
