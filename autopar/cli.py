@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import math
 import os
 import sys
 import time
@@ -288,124 +287,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    run_demo(html=args.html, quiet=args.quiet)
+    from autopar.demo import run_demo
+
+    run_demo(html=args.html, quiet=args.quiet, train=not args.no_train)
     return 0
-
-
-# ----------------------------------------------------------------------------- demo
-# `make demo`: each step is a small function so that steps can be added (running
-# the generated modules on local gloo ranks comes next).
-
-DEMO_MODEL, DEMO_BATCH, DEMO_SEQ = "gpt2", 8, 1024
-
-
-def run_demo(html: str | None = None, quiet: bool = False) -> None:
-    from autopar.mesh import Mesh
-
-    progress = Progress(quiet)
-    traced, inputs = demo_capture(progress)
-    _heading(f"1. the model: {DEMO_MODEL}, traced on the meta device")
-    print(demo_layer_table(traced))
-    one_node = demo_plan(traced, inputs, Mesh.preset("a100-80gb"), progress)
-    _heading("2. the best plan for one node of 8 x A100-80GB")
-    print(one_node.summary())
-    _heading("3. what its collectives cost")
-    print(demo_collective_table(one_node))
-    two_nodes = demo_plan(traced, inputs, Mesh.preset("a100-80gb", nodes=2), progress)
-    _heading("4. one node against two")
-    print(demo_compare_table({"1 node": one_node, "2 nodes": two_nodes}))
-    _write_outputs(one_node, None, html)
-    print("\nnext: autopar plan gpt2-xl --mesh a100-80gb:2 --out plan.json --html report.html")
-
-
-def _heading(text: str) -> None:
-    print(f"\n== {text} ==", flush=True)
-
-
-def demo_capture(progress: Progress):
-    from autopar.capture import capture
-    from autopar.models import build_model
-
-    with progress.step(f"building {DEMO_MODEL} on the meta device"):
-        model, inputs = build_model(DEMO_MODEL, batch=DEMO_BATCH, seq=DEMO_SEQ)
-    with progress.step("capturing the graph (torch.export)"):
-        traced = capture(model, inputs)
-    progress.log(f"{len(traced.graph_module.graph.nodes)} graph nodes, {traced.num_layers} blocks")
-    return traced, inputs
-
-
-def demo_plan(traced, inputs, mesh, progress: Progress):
-    from autopar.api import plan as make_plan
-
-    title = f"planning for {mesh.nodes} x {mesh.devices_per_node} {mesh.device.name}"
-    with progress.step(title) as update:
-        return make_plan(
-            traced, inputs, mesh, dtype=torch.bfloat16, progress=layout_progress(update)
-        )
-
-
-def demo_layer_table(traced) -> str:
-    """Forward FLOPs and parameters per transformer block, from the graph analysis."""
-    flops: dict = {}
-    params: dict = {}
-    for name, info in traced.analysis.nodes.items():
-        flops[info.layer] = flops.get(info.layer, 0) + info.flops
-        if name in traced.param_fqns and name not in traced.tied_params and info.shape:
-            params[info.layer] = params.get(info.layer, 0) + math.prod(info.shape)
-    blocks = sorted(k for k in flops if k is not None) + [None]
-    lines = [
-        f"{DEMO_MODEL}, batch {DEMO_BATCH} x seq {DEMO_SEQ}: forward FLOPs and parameters",
-        f"  {'block':>8s} {'GFLOP':>10s} {'params':>10s}",
-    ]
-    for layer in blocks:
-        label = "outside" if layer is None else str(layer)
-        lines.append(
-            f"  {label:>8s} {flops.get(layer, 0) / 1e9:10.1f} "
-            f"{human_count(params.get(layer, 0)):>10s}"
-        )
-    total = f"{sum(flops.values()) / 1e9:10.1f} {human_count(sum(params.values())):>10s}"
-    return "\n".join([*lines, f"  {'total':>8s} {total}"])
-
-
-def demo_collective_table(plan) -> str:
-    """Predicted cost of the plan's collectives, by kind and phase."""
-    from autopar.viz.report import collective_totals
-    from autopar.viz.text import human_bytes, human_seconds
-
-    lines = [f"tensor-parallel collectives, whole model, one pass of the example batch "
-             f"(tp={plan.tp}; each of the {plan.pp} pipeline stage(s) runs its blocks' share)"]  # fmt: skip
-    totals = collective_totals(plan)
-    if not totals:
-        return "\n".join([*lines, "  none"])
-    for kind, phase in sorted(totals, key=lambda key: (key[1] != "forward", key[0])):
-        count, nbytes, seconds = totals[kind, phase]
-        lines.append(
-            f"  {phase:9s} {kind:15s} x{count:<4d} {human_bytes(nbytes):>11s} "
-            f"{human_seconds(seconds):>10s}"
-        )
-    count, nbytes, seconds = (sum(column) for column in zip(*totals.values(), strict=True))
-    lines.append(
-        f"  {'total':25s} x{count:<4d} {human_bytes(nbytes):>11s} {human_seconds(seconds):>10s}"
-    )
-    return "\n".join(lines)
-
-
-def demo_compare_table(plans: dict) -> str:
-    from autopar.viz.text import human_bytes, human_seconds
-
-    lines = [f"  {'mesh':8s} {'dp':>3s} {'tp':>3s} {'pp':>3s} {'step':>10s} {'comm':>10s} "
-             f"{'memory':>11s} {'TFLOP/s':>8s}"]  # fmt: skip
-    for label, plan in plans.items():
-        c = plan.cost
-        lines.append(
-            f"  {label:8s} {plan.dp:3d} {plan.tp:3d} {plan.pp:3d} "
-            f"{human_seconds(c.step_time_s):>10s} {human_seconds(c.comm_s):>10s} "
-            f"{human_bytes(c.memory_per_device_bytes):>11s} {c.tflops_per_device:8.1f}"
-        )
-    return "\n".join(["best plan per mesh (batch per replica fixed):", *lines])
-
-
-# ----------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="plan GPT-2 for one and two A100 nodes")
     demo.add_argument("--html", help="also write the one-node plan's HTML report here")
     demo.add_argument("--quiet", action="store_true", help="no progress messages")
+    demo.add_argument("--no-train", action="store_true", help="skip training on local ranks")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -148,7 +148,7 @@ def test_python_dash_m_autopar_models_lists_the_zoo():
 def test_demo_tables_on_a_tiny_model():
     from autopar.api import plan as make_plan
     from autopar.capture import capture
-    from autopar.cli import demo_collective_table, demo_compare_table, demo_layer_table
+    from autopar.demo import demo_collective_table, demo_compare_table, demo_layer_table
     from autopar.mesh import Mesh
 
     model, inputs = tiny()
