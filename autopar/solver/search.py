@@ -182,6 +182,13 @@ class _Candidate:
     optimizer_s: float
     dp_sync_s: float
 
+    @property
+    def seconds_per_sample(self) -> float:
+        """What the search minimizes: without a pinned global batch, dp changes how many
+        samples a step processes, so steps are compared per sample."""
+        samples = self.layout.dp * self.choice.num_microbatches * self.microbatch_size
+        return self.step_s / samples
+
 
 def _candidates_for(traced, mesh, solution, layout, pins, replica_batch, context):
     training, dtype_bytes, traced_batch, unit_of = context
@@ -253,7 +260,7 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
             traced, mesh, solutions[layout.tp], layout, pins, replica_batch, context
         ):
             tried += 1
-            if best is None or candidate.step_s < best.step_s:
+            if best is None or candidate.seconds_per_sample < best.seconds_per_sample:
                 best = candidate
     if best is None:
         raise PlanError(_nothing_fits(mesh, pins, failures))
