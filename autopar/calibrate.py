@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 from autopar.cost.comm import bus_factor, latency_steps
 from autopar.errors import AutoparError
+from autopar.fileio import write_atomic
 
 CALIBRATION_VERSION = 1
 # The numbers `Mesh.local` needs; a file missing one of them is rejected.
@@ -88,7 +89,7 @@ def calibrate(
     result["elapsed_s"] = time.perf_counter() - start
     path = Path(out_path) if out_path is not None else default_calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
     return result
 
 

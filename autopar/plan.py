@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autopar.errors import PlanError
+from autopar.fileio import write_atomic
 from autopar.placement import parse_placement
 
 SCHEMA_VERSION = 1
@@ -101,10 +102,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a crash never leaves half a plan file behind."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from autopar.errors import AutoparError
+from autopar.fileio import write_atomic
 from autopar.viz import graph, timeline
 from autopar.viz.text import human_bytes, human_seconds, parameter_role, plan_summary
 
@@ -49,11 +50,8 @@ COLLECTIVES_SCOPE = (
 
 def write_report(plan, path: str | os.PathLike) -> Path:
     """Write the report for `plan` to `path` atomically and return the path."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(plan), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    write_atomic(path, render_report(plan))
+    return Path(path)
 
 
 def render_report(plan) -> str:
