@@ -11,3 +11,7 @@ class TraceError(AutoparError):
 
 class PlanError(AutoparError):
     """A plan cannot be found, loaded or applied."""
+
+
+class SolverTimeLimit(PlanError):
+    """The solver reached its time limit before finding any solution."""

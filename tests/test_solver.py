@@ -153,3 +153,9 @@ def test_cbc_and_highs_agree(gpt2_tp8, monkeypatch):
     with_cbc = make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16)
     assert with_cbc.strategies == gpt2_tp8.strategies
     assert with_cbc.cost.step_time_s == pytest.approx(gpt2_tp8.cost.step_time_s)
+
+
+def test_time_limit_without_a_solution_says_so():
+    model, inputs = build_model("gpt2-medium", n_layer=4, seq=1024)
+    with pytest.raises(PlanError, match="time limit"):
+        make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16, time_limit_s=1e-6)

@@ -39,7 +39,7 @@ import pulp
 import torch
 import torch.fx as fx
 
-from autopar.errors import PlanError
+from autopar.errors import PlanError, SolverTimeLimit
 from autopar.placement import Replicate, Shard
 from autopar.solver import costs
 from autopar.strategies import GraphStrategies, Strategy
@@ -354,8 +354,10 @@ def _check_status(p: _Problem, budget_bytes: float) -> str:
     if solution == "Solution Found":
         return "feasible, not proven optimal (time limit)"
     if solution == "No Solution Found" and pulp.LpStatus[p.prob.status] == "Not Solved":
-        raise PlanError("the sharding ILP found no solution within its time limit; "
-                        "raise time_limit_s")  # fmt: skip
+        raise SolverTimeLimit(
+            f"the sharding ILP at tp={p.tp} found no solution within its time limit; "
+            "raise time_limit_s (or leave it unset)"
+        )
     raise PlanError(
         f"no tensor-parallel sharding at tp={p.tp} fits in {budget_bytes / 2**30:.1f} GiB per "
         f"device (solver status: {pulp.LpStatus[p.prob.status]}); use more devices, a larger "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autopar.errors import AutoparError, PlanError
+from autopar.errors import AutoparError, PlanError, SolverTimeLimit
 from autopar.plan import Cost, Plan, Stage
 from autopar.solver import costs
 from autopar.solver.explain import price_tp
@@ -248,6 +248,8 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
                     traced, mesh, layout.tp, training=training, dtype_bytes=dtype_bytes,
                     time_limit_s=time_limit_s, max_pp=max_pp,
                 )  # fmt: skip
+            except SolverTimeLimit:
+                raise
             except PlanError as error:
                 solutions[layout.tp] = None
                 failures.append(f"tp={layout.tp}: {error}")
