@@ -7,7 +7,7 @@
 This module only re-exports the public API; each name lives in its own module.
 """
 
-from autopar.api import plan
+from autopar.api import parallelize, plan
 from autopar.capture import TracedModel, capture
 from autopar.errors import AutoparError, PlanError, TraceError
 from autopar.mesh import DeviceSpec, Mesh
@@ -22,5 +22,6 @@ __all__ = [
     "TraceError",
     "TracedModel",
     "capture",
+    "parallelize",
     "plan",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel, capture
 from autopar.errors import AutoparError
@@ -57,3 +58,90 @@ def plan(
         time_limit_s=time_limit_s, batch=traced_batch(traced),
         global_batch_size=global_batch_size, progress=progress,
     )  # fmt: skip
+
+
+def parallelize(model, mesh, example_inputs, plan=None, **plan_kwargs):
+    """This rank's part of `model` under `plan`, ready to train; call on every rank.
+
+    Run inside an initialized process group of `mesh.world_size` ranks (torchrun).
+    `example_inputs` is one data-parallel replica's batch. Without `plan`, rank 0
+    plans with `autopar.plan(model, example_inputs, mesh, **plan_kwargs)` and sends
+    the plan to every rank; a given plan must have been made for this model.
+    Every rank must hold the same weights (same seed, or load a state dict).
+    Returns a `DistributedModule`: `pm(*inputs)`, `pm.train_step(inputs, target,
+    loss_fn)`, `pm.parameters()`, `pm.full_state_dict()`, `pm.code`.
+    """
+    import torch.distributed as dist
+
+    from autopar.runtime.groups import check_process_group, mesh_groups
+    from autopar.runtime.parallel import DistributedModule
+
+    check_process_group(mesh.world_size)
+    example_kwargs = plan_kwargs.get("example_kwargs")
+    traced = capture(model, example_inputs, example_kwargs)
+    if plan is None:
+        plan = _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs)
+    elif plan_kwargs:
+        raise AutoparError(
+            f"parallelize got a plan and planning options {sorted(plan_kwargs)}; pass one or "
+            "the other"
+        )
+    else:
+        plan.check_applies_to(traced.fingerprint())
+    if plan.dp * plan.tp * plan.pp != dist.get_world_size():
+        raise AutoparError(
+            f"the plan's dp*tp*pp = {plan.dp}*{plan.tp}*{plan.pp} does not match the world size "
+            f"{dist.get_world_size()}; plan for this mesh"
+        )
+    runtime_traced = _traced_at(model, traced, example_inputs, example_kwargs, plan)
+    groups = mesh_groups(plan.pp, plan.dp, plan.tp)
+    return DistributedModule(plan, runtime_traced, model, groups)
+
+
+def _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs) -> Plan:
+    """Rank 0 plans and broadcasts the plan (or its error), so every rank agrees."""
+    import torch.distributed as dist
+
+    payload = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = plan(traced, example_inputs, mesh, **plan_kwargs).to_dict()
+        except AutoparError as error:
+            payload[0] = error
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], BaseException):
+        raise payload[0]
+    return Plan.from_dict(payload[0])
+
+
+def _call_function_names(traced: TracedModel) -> list[str]:
+    return [n.name for n in traced.graph_module.graph.nodes if n.op == "call_function"]
+
+
+def _traced_at(model, traced, example_inputs, example_kwargs, plan) -> TracedModel:
+    """The model traced at the plan's microbatch size (graphs have static shapes)."""
+    if traced_batch(traced) == plan.microbatch_size:
+        return traced
+    args = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    args, kwargs = pytree.tree_map(
+        lambda x: _with_rows(x, plan.microbatch_size), (tuple(args), dict(example_kwargs or {}))
+    )
+    again = capture(model, args, kwargs or None)
+    before, after = _call_function_names(traced), _call_function_names(again)
+    if before != after:
+        changed = sorted(set(before) ^ set(after))
+        raise AutoparError(
+            f"traced at the microbatch size {plan.microbatch_size}, the model gives another "
+            f"graph than at the example batch {traced_batch(traced)} (nodes in only one: "
+            f"{changed[:8]}; torch.export drops no-op ops at size 1); plan with example "
+            f"inputs of microbatch_size rows ({plan.microbatch_size}) and global_batch_size, "
+            f"or pin microbatch_size={traced_batch(traced)}"
+        )
+    return again
+
+
+def _with_rows(x, rows: int):
+    """`x` with `rows` rows along dim 0 (its first rows, repeated if it has fewer)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    return x[torch.arange(rows, device=x.device) % x.shape[0]]

@@ -5,7 +5,8 @@
 Workers must be module-level functions (spawn re-imports their module) and
 return something picklable. Each run takes a free port, every process gets a
 collective timeout, the parent joins with a deadline and kills stragglers, and
-the first worker exception is re-raised in the parent with its traceback text.
+raises one `WorkerError` naming every rank that failed (with its traceback text),
+died without a result (its exit code) or stayed silent.
 """
 
 from __future__ import annotations
@@ -50,8 +51,15 @@ def _entry(rank, world_size, port, timeout_s, results, worker_fn, args) -> None:
             dist.destroy_process_group()
 
 
-def run_distributed(worker_fn, world_size: int, *args, timeout_s: float = 120) -> list:
-    """Run `worker_fn(rank, world_size, *args)` on `world_size` gloo processes; results by rank."""
+def run_distributed(
+    worker_fn, world_size: int, *args, timeout_s: float = 120, failure_grace_s: float = 10
+) -> list:
+    """Run `worker_fn(rank, world_size, *args)` on `world_size` gloo processes; results by rank.
+
+    `timeout_s` bounds the whole run and every collective. Once a rank fails or dies,
+    the others get `failure_grace_s` more to report (they usually fail at once, their
+    peer gone); then one `WorkerError` lists every failure, death and silent rank.
+    """
     context = mp.get_context("spawn")
     results = context.Queue()
     port = _free_port()
@@ -67,26 +75,46 @@ def run_distributed(worker_fn, world_size: int, *args, timeout_s: float = 120) -
         process.start()
     finished = False
     try:
-        values = _collect(results, processes, timeout_s)
+        values = _collect(results, processes, timeout_s, failure_grace_s)
         finished = True
         return values
     finally:
         _stop(processes, grace_s=10 if finished else 0)
 
 
-def _collect(results, processes, timeout_s: float) -> list:
+def _collect(results, processes, timeout_s: float, failure_grace_s: float) -> list:
     values: dict[int, object] = {}
+    problems: dict[int, str] = {}  # rank -> what went wrong
     deadline = time.monotonic() + timeout_s
-    while len(values) < len(processes):
+    while len(values) + len(problems) < len(processes) and time.monotonic() < deadline:
+        had_problems = bool(problems)
         try:
-            rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            rank, ok, value = results.get(timeout=0.2)
         except queue.Empty:
-            missing = sorted(set(range(len(processes))) - set(values))
-            raise WorkerError(f"ranks {missing} gave no result within {timeout_s} s") from None
-        if not ok:
-            raise WorkerError(f"rank {rank} failed:\n{value}")
-        values[rank] = value
+            _note_deaths(processes, values, problems)
+        else:
+            if ok:
+                values[rank] = value
+            else:
+                problems[rank] = f"rank {rank} failed:\n{value}"
+        if problems and not had_problems:
+            deadline = min(deadline, time.monotonic() + failure_grace_s)
+    if problems or len(values) < len(processes):
+        silent = sorted(set(range(len(processes))) - set(values) - set(problems))
+        lines = [problems[rank] for rank in sorted(problems)]
+        if silent:
+            lines.append(f"ranks {silent} gave no result within the time allowed")
+        raise WorkerError("\n".join(lines))
     return [values[rank] for rank in range(len(processes))]
+
+
+def _note_deaths(processes, values, problems) -> None:
+    """A process that exited non-zero without a result has died (os._exit, a signal, OOM)."""
+    for rank, process in enumerate(processes):
+        if rank in values or rank in problems or process.is_alive():
+            continue
+        if process.exitcode not in (None, 0):
+            problems[rank] = f"rank {rank} exited with code {process.exitcode} without a result"
 
 
 def _stop(processes, grace_s: float) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from autopar.errors import AutoparError
-from autopar.runtime.layout import join_chunks, take_chunk
+from autopar.runtime.layout import dim_order, join_chunks, take_chunk, with_dim_order
 
 __all__ = [
     "Axis",
@@ -141,9 +141,7 @@ def _in_layout_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     if x.is_contiguous() or out.dim() != x.dim():
         return out
-    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
-    inverse = sorted(range(x.dim()), key=order.__getitem__)
-    return out.permute(order).contiguous().permute(inverse)
+    return with_dim_order(out, dim_order(x))
 
 
 def _gather(x: torch.Tensor, dim: int, groups: int, axis: Axis) -> torch.Tensor:

@@ -37,3 +37,21 @@ def join_chunks(chunks: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int,
     dim = dim % first.dim()
     blocked = [c.reshape(_blocked_shape(c.shape, dim, groups, 1)).squeeze(dim + 1) for c in chunks]
     return torch.stack(blocked, dim + 1).flatten(dim, dim + 2)
+
+
+def dim_order(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions from outermost to innermost in memory (ties broken by index)."""
+    return tuple(sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d)))
+
+
+def with_dim_order(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """`x`'s values, laid out in memory with dimensions `order` from outermost to innermost.
+
+    View nodes of a traced graph were recorded against their producer's strides;
+    a tensor that arrives in another layout (from a collective, or from another
+    pipeline stage) must be put back in the traced one. No copy if it already is.
+    """
+    if len(order) != x.dim():
+        return x
+    inverse = sorted(range(x.dim()), key=order.__getitem__)
+    return x.permute(order).contiguous().permute(inverse)

@@ -59,7 +59,8 @@ class ParallelModule(nn.Module):
         self.shards = nn.Module()
         slots = build_slots(traced, self.graph_module, model, self.shards, tp_rank, tp_size, device)
         self._state_slots = state_slots(model, slots)
-        self._feeds = _placeholder_feeds(traced, self.graph_module, model, slots, self)
+        placeholders = self.graph_module.graph.find_nodes(op="placeholder")
+        self._feeds = placeholder_feeds(traced, placeholders, model, slots, self, device)
         signature = traced.exported_program.graph_signature
         self._output_kinds = [(spec.kind, spec.target) for spec in signature.output_specs]
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
@@ -76,25 +77,17 @@ class ParallelModule(nn.Module):
         return annotated_code(self.graph_module, header)
 
     def forward(self, *args, **kwargs):
-        user_inputs = iter(self._flatten_inputs(args, kwargs))
+        outputs = self.run_flat(flatten_inputs(self._in_spec, args, kwargs))
+        return pytree.tree_unflatten(outputs, self._out_spec)
+
+    def run_flat(self, flat_inputs: list) -> list:
+        """Run on the flattened user inputs; the flattened user outputs."""
+        user_inputs = iter(flat_inputs)
         inputs = [feed.local() if isinstance(feed, Slot) else feed for feed in self._feeds]
         inputs = [next(user_inputs) if value is _USER_INPUT else value for value in inputs]
         with bound_axes({self.axis: self._axis}):
             outputs = self.graph_module(*inputs)
-        return pytree.tree_unflatten(self._route_outputs(outputs), self._out_spec)
-
-    def _flatten_inputs(self, args: tuple, kwargs: dict) -> list:
-        """Flatten (args, kwargs) like torch.export did at capture, checking the structure."""
-        expected_kwargs = self._in_spec.child(1).context
-        if set(kwargs) == set(expected_kwargs):
-            kwargs = {name: kwargs[name] for name in expected_kwargs}
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self._in_spec:
-            raise AutoparError(
-                f"inputs do not match the ones the model was captured with: got structure "
-                f"{spec}, captured {self._in_spec}; call with the same arguments and keywords"
-            )
-        return flat
+        return self._route_outputs(outputs)
 
     def _route_outputs(self, outputs) -> list:
         """Store buffer mutations in the local buffers; return the user's outputs."""
@@ -136,11 +129,25 @@ class ParallelModule(nn.Module):
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a single-device state dict, keeping this rank's shards."""
-        _check_state_dict(state_dict, self._state_slots)
+        check_state_dict(state_dict, self._state_slots)
         with torch.no_grad():
             for key, slot in self._state_slots.items():
                 local = shard_tensor(state_dict[key], slot.placement, self.tp_rank, self.tp_size)
                 slot.local().copy_(local)
+
+
+def flatten_inputs(in_spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> list:
+    """Flatten (args, kwargs) like torch.export did at capture, checking the structure."""
+    expected_kwargs = in_spec.child(1).context
+    if set(kwargs) == set(expected_kwargs):
+        kwargs = {name: kwargs[name] for name in expected_kwargs}
+    flat, spec = pytree.tree_flatten((tuple(args), kwargs))
+    if spec != in_spec:
+        raise AutoparError(
+            f"inputs do not match the ones the model was captured with: got structure "
+            f"{spec}, captured {in_spec}; call with the same arguments and keywords"
+        )
+    return flat
 
 
 class _UserInput:
@@ -151,8 +158,12 @@ class _UserInput:
 _USER_INPUT = _UserInput()
 
 
-def _placeholder_feeds(traced, graph_module, model, slots, module) -> list:
-    """Per placeholder: the Slot that feeds it, a constant tensor, or _USER_INPUT."""
+def placeholder_feeds(traced, nodes, model, slots, module, device=None) -> list:
+    """Per placeholder node: the Slot that feeds it, a constant's Slot, or _USER_INPUT.
+
+    Constants are sharded by the node's placement and registered on `module.constants`
+    (`module` has `tp_rank` and `tp_size`).
+    """
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     fqns = {**traced.param_fqns, **traced.buffer_fqns}
@@ -163,21 +174,22 @@ def _placeholder_feeds(traced, graph_module, model, slots, module) -> list:
         if spec.kind == InputKind.CONSTANT_TENSOR
     }
     feeds = []
-    for node in graph_module.graph.find_nodes(op="placeholder"):
+    for node in nodes:
         if node.name in fqns:
             feeds.append(slots[id(named[fqns[node.name]])])
         elif node.name in constants:
-            feeds.append(_constant_feed(module, node, constants[node.name]))
+            feeds.append(_constant_feed(module, node, constants[node.name], device))
         else:
             feeds.append(_USER_INPUT)
     return feeds
 
 
-def _constant_feed(module: nn.Module, node, value: torch.Tensor) -> Slot:
+def _constant_feed(module: nn.Module, node, value: torch.Tensor, device) -> Slot:
     if not hasattr(module, "constants"):
         module.constants = nn.Module()
     placement = node.meta["placement"]
     local = shard_tensor(value, placement, module.tp_rank, module.tp_size)
+    local = local.to(device) if device is not None else local
     module.constants.register_buffer(node.name, local, persistent=False)
     return Slot(node.name, module.constants, node.name, placement, value.shape, False)
 
@@ -204,7 +216,7 @@ def _size_and_rank(tp_size: int | None, tp_rank: int | None, group) -> tuple[int
     return size, rank
 
 
-def _check_state_dict(state_dict: Mapping[str, torch.Tensor], slots: dict[str, Slot]) -> None:
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], slots: dict[str, Slot]) -> None:
     missing = [key for key in slots if key not in state_dict]
     unexpected = [key for key in state_dict if key not in slots]
     wrong = [

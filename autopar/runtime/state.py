@@ -37,7 +37,7 @@ class Slot:
         return getattr(self.owner, self.attr)
 
 
-def _tensors_by_id(model: nn.Module) -> dict[int, tuple[str, torch.Tensor, bool]]:
+def tensors_by_id(model: nn.Module) -> dict[int, tuple[str, torch.Tensor, bool]]:
     """id(tensor) -> (canonical FQN, tensor, is_parameter), in the model's order."""
     found: dict[int, tuple[str, torch.Tensor, bool]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -47,7 +47,7 @@ def _tensors_by_id(model: nn.Module) -> dict[int, tuple[str, torch.Tensor, bool]
     return found
 
 
-def _placeholder_placements(
+def tensor_placements(
     traced: TracedModel, graph_module: fx.GraphModule, model: nn.Module
 ) -> dict[int, Placement]:
     """id(original tensor) -> placement, from the placeholders that use it."""
@@ -85,12 +85,19 @@ def build_slots(
     rank: int,
     num_shards: int,
     device: torch.device | None,
+    keep: set[int] | None = None,
 ) -> dict[int, Slot]:
-    """Register this rank's shard of every model tensor under `root`; id(original) -> Slot."""
-    placements = _placeholder_placements(traced, graph_module, model)
+    """Register this rank's shard of every model tensor under `root`; id(original) -> Slot.
+
+    `keep` limits this to the tensors with those ids (a pipeline rank holds only the
+    state of its own stages).
+    """
+    placements = tensor_placements(traced, graph_module, model)
     persistent = set(model.state_dict().keys())
     slots = {}
-    for key, (name, tensor, is_parameter) in _tensors_by_id(model).items():
+    for key, (name, tensor, is_parameter) in tensors_by_id(model).items():
+        if keep is not None and key not in keep:
+            continue
         placement = placements.get(key, Replicate())
         local = _local_data(tensor, placement, rank, num_shards, device)
         *path, attr = name.split(".")
@@ -116,4 +123,8 @@ def state_slots(model: nn.Module, slots: dict[int, Slot]) -> dict[str, Slot]:
     """Every key of `model.state_dict()` (tied aliases included) -> its slot."""
     by_name = dict(model.named_parameters(remove_duplicate=False))
     by_name.update(model.named_buffers(remove_duplicate=False))
-    return {key: slots[id(by_name[key])] for key in model.state_dict() if key in by_name}
+    return {
+        key: slots[id(by_name[key])]
+        for key in model.state_dict()
+        if key in by_name and id(by_name[key]) in slots
+    }

@@ -1,0 +1,234 @@
+"""DistributedModule: one rank's part of a model under a whole plan (dp x tp x pp).
+
+What runs where, for rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank:
+
+- pp == 1: a `ParallelModule` (this tp rank's shards, collectives on the tp group);
+  `train_step` is a gradient-accumulation loop over the microbatches.
+- pp > 1: a `PipelineModule` with this pp rank's stages, driven by the plan's
+  torch.distributed.pipelining schedule over the pp group.
+- dp: each replica takes its contiguous 1/dp of the global batch; after backward
+  the gradients are averaged over the dp group (one all-reduce per dtype).
+
+`train_step` leaves in `.grad` the gradient of the mean of `loss_fn` over the
+microbatches and replicas (equal to the unsplit model's when `loss_fn` is a mean
+over equally sized microbatches) and returns that mean loss on every rank.
+`pm(*inputs)` returns the full output on every rank. Every graph is traced at
+`plan.microbatch_size` rows, so inputs are cut into chunks of that many rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from autopar.capture import TracedModel
+from autopar.errors import AutoparError
+from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
+from autopar.runtime.module import ParallelModule, flatten_inputs
+from autopar.runtime.pipeline import PipelineModule
+
+
+class DistributedModule(nn.Module):
+    """What `autopar.parallelize` returns: call it like the model, train with `train_step`.
+
+    `pm.parameters()` are this rank's shards (all its stages), for any torch.optim
+    optimizer; `pm.full_state_dict()` / `pm.full_grads()` rebuild single-device
+    values on every rank; `pm.code` is this rank's generated source.
+    """
+
+    def __init__(self, plan, traced: TracedModel, model: nn.Module, groups: MeshGroups):
+        super().__init__()
+        self.plan = plan
+        self.groups = groups
+        self.microbatch_size = plan.microbatch_size
+        if plan.pp == 1:
+            self.part = ParallelModule(
+                traced, plan.node_placements(), model, tp_group=groups.tp_group,
+                device=groups.device,
+            )  # fmt: skip
+        else:
+            self.part = PipelineModule(traced, plan, model, groups)
+        self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
+
+    @property
+    def code(self) -> str:
+        """This rank's generated Python source (all its pipeline stages)."""
+        return f"# {self.groups.describe()}\n{self.part.code}"
+
+    # --- forward -------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        """The model's output for the whole batch, on every rank.
+
+        Rows are processed `microbatch_size` at a time. With pp == 1 the result is
+        differentiable (every rank computes it); with pp > 1 it is not (train with
+        `train_step`).
+        """
+        device = self.groups.device
+        flat = [_to(x, device) for x in flatten_inputs(self._in_spec, args, kwargs)]
+        chunks = _split_rows(flat, self.microbatch_size, self.microbatch_size)
+        if isinstance(self.part, ParallelModule):
+            outputs = [self.part.run_flat(chunk) for chunk in chunks]
+        else:
+            outputs = [self._guarded("forward", self.part.run_flat, chunk) for chunk in chunks]
+        return pytree.tree_unflatten(_join_rows(outputs), self._out_spec)
+
+    # --- training ------------------------------------------------------------------------
+
+    def train_step(self, inputs, target: torch.Tensor, loss_fn: Callable) -> float:
+        """Forward and backward on the global batch; the mean loss (equal on every rank).
+
+        `inputs` (a tuple, or one tensor) and `target` are the global batch, the same
+        on every rank; `loss_fn(output, target)` gets the model's output structure for
+        one microbatch. Gradients are set afresh (previous `.grad` values are dropped).
+        """
+        inputs = inputs if isinstance(inputs, tuple | list) else (inputs,)
+        flat = flatten_inputs(self._in_spec, tuple(inputs), {})
+        flat, target = self._replica_batch(flat, target)
+        self.zero_grad(set_to_none=True)
+        local = self._guarded("train_step", self._forward_backward, flat, target, loss_fn)
+        self._guarded("train_step", self._average_grads)
+        return self._guarded("train_step", self._mean_loss, local)
+
+    def _replica_batch(self, flat: list, target: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """This dp replica's contiguous 1/dp of every batched input and of the target."""
+        dp, rank = self.plan.dp, self.groups.dp_rank
+        rows = _batch_rows(flat + [target])
+        if rows % dp:
+            raise AutoparError(
+                f"the global batch has {rows} rows, which does not split over dp={dp} replicas"
+            )
+        size = rows // dp
+        device = self.groups.device
+        flat = [_to(_rows(x, rank * size, size), device) if _batched(x) else x for x in flat]
+        return flat, _to(_rows(target, rank * size, size), device)
+
+    def _forward_backward(self, flat: list, target: torch.Tensor, loss_fn) -> torch.Tensor | None:
+        if isinstance(self.part, PipelineModule):
+            expected = self.plan.num_microbatches * self.microbatch_size
+            rows = _batch_rows(flat + [target])
+            if rows != expected:
+                raise AutoparError(
+                    f"each of the dp={self.plan.dp} replicas got {rows} rows, but the pipeline "
+                    f"runs {self.plan.num_microbatches} microbatches of {self.microbatch_size}: "
+                    f"pass a global batch of {expected * self.plan.dp} rows"
+                )
+            return self.part.train(flat, target, loss_fn)
+        return self._accumulate(flat, target, loss_fn)
+
+    def _accumulate(self, flat: list, target: torch.Tensor, loss_fn) -> torch.Tensor:
+        """pp == 1: gradient accumulation over the microbatches; the mean loss."""
+        size = self.microbatch_size
+        chunks = _split_rows(flat + [target], size, size)
+        total = torch.zeros((), dtype=torch.float64, device=self.groups.device)
+        for *chunk, chunk_target in chunks:
+            output = pytree.tree_unflatten(self.part.run_flat(chunk), self._out_spec)
+            loss = loss_fn(output, chunk_target) / len(chunks)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def _average_grads(self) -> None:
+        if self.plan.dp == 1:
+            return
+        params = [p for p in self.parameters() if p.grad is not None]
+        summed = all_reduce_coalesced([p.grad for p in params], self.groups.dp_group)
+        for param, grad in zip(params, summed, strict=True):
+            param.grad = grad.div_(self.plan.dp)
+
+    def _mean_loss(self, local: torch.Tensor | None) -> float:
+        """Mean over dp replicas of the last stage's loss, on every rank (one all-reduce)."""
+        share = torch.zeros((), dtype=torch.float64, device=self.groups.device)
+        if local is not None:  # every tp rank of the last stage holds the same value
+            share += local.to(torch.float64) / (self.plan.dp * self.plan.tp)
+        dist.all_reduce(share)
+        return float(share)
+
+    def _guarded(self, what: str, fn, *args):
+        """Run `fn`; a failing collective says which rank and what to look for."""
+        try:
+            return fn(*args)
+        except (RuntimeError, dist.DistError) as error:
+            if isinstance(error, dist.DistError) or _looks_like_comm(error):
+                error.add_note(
+                    f"autopar: {what} on {self.groups.describe()} failed in communication; "
+                    "another rank has probably died or stopped (timeout "
+                    f"{self.groups.timeout}); check the other ranks' logs"
+                )
+            raise
+
+    # --- state ---------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device model's `state_dict()` (same keys, full values) on every rank."""
+        return self.part.full_state_dict()
+
+    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a single-device state dict; each rank keeps its shards."""
+        self.part.load_full_state_dict(state_dict)
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        """Full gradients of the parameters on every rank (for tests and debugging)."""
+        return self.part.full_grads()
+
+
+_COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+
+
+def _looks_like_comm(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in _COMM_WORDS)
+
+
+def _to(x, device: torch.device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _batched(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0
+
+
+def _batch_rows(values: Sequence) -> int:
+    rows = {x.shape[0] for x in values if _batched(x)}
+    if len(rows) != 1:
+        raise AutoparError(
+            f"every batched input (and the target) needs the same number of rows (dim 0), "
+            f"got {sorted(rows) or 'no batched tensor'}"
+        )
+    return rows.pop()
+
+
+def _rows(x: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    return x.narrow(0, start, size)
+
+
+def _split_rows(flat: list, size: int, multiple: int) -> list[list]:
+    """Cut every batched value into chunks of `size` rows; unbatched values repeat."""
+    rows = _batch_rows(flat)
+    if rows % multiple:
+        raise AutoparError(
+            f"the batch has {rows} rows, not a multiple of the plan's microbatch size "
+            f"{multiple} (every graph is traced at that size)"
+        )
+    return [
+        [_rows(x, start, size) if _batched(x) else x for x in flat]
+        for start in range(0, rows, size)
+    ]
+
+
+def _join_rows(chunks: list[list]) -> list:
+    if len(chunks) == 1:
+        return chunks[0]
+    joined = []
+    for values in zip(*chunks, strict=True):
+        if not _batched(values[0]):
+            raise AutoparError(
+                "the model returns a value without a batch dimension; call it with "
+                "microbatch_size rows at a time"
+            )
+        joined.append(torch.cat(values))
+    return joined

@@ -1,0 +1,408 @@
+"""Pipeline parallelism: this rank's stages of a plan, run by torch.distributed.pipelining.
+
+Every rank builds the same tensor-parallel rank graph (`shard_graph`), splits it
+into the plan's stages (`split_stages`) and keeps the stages whose `pp_rank` is
+its own (several under interleaving, stage k on pp rank k % pp). Each kept stage
+becomes a `StageModule` (the stage graph fed with this rank's parameter shards)
+wrapped in a `PipelineStage` over the pp group, and the plan's schedule (GPipe,
+1F1B or interleaved 1F1B) runs them.
+
+State: a pp rank holds the parameters and buffers its stages read; a tensor no
+stage reads stays with pp rank 0. A parameter read by stages on several pp ranks
+(GPT-2's tied embedding and LM head) has a copy on each; after backward their
+gradients are summed over the pp group, so the copies see the same gradient and
+stay equal under any optimizer.
+
+Gradient scaling: the schedule runs with `scale_grads=False` and the loss of each
+microbatch is divided by the number of microbatches instead, so gradients are
+those of the mean loss even when one parameter is shared by two stages of a rank.
+
+Across a stage boundary a value travels contiguous; the receiving stage puts it
+back in the memory layout it was traced with (its view nodes depend on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+from torch.export.graph_signature import OutputKind
+from torch.utils import _pytree as pytree
+
+from autopar.capture import TracedModel
+from autopar.codegen import annotated_code, gather_full, shard_graph, shard_tensor
+from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
+from autopar.errors import AutoparError, PlanError
+from autopar.placement import Placement, Replicate
+from autopar.runtime.collectives import Axis, bound_axes
+from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
+from autopar.runtime.layout import dim_order, with_dim_order
+from autopar.runtime.module import check_state_dict, placeholder_feeds
+from autopar.runtime.state import Slot, build_slots, tensor_placements, tensors_by_id
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved1f1b": ScheduleInterleaved1F1B,
+}
+
+
+class StageModule(nn.Module):
+    """One pipeline stage on this rank: `forward(*received) -> tuple(sent)`.
+
+    Feeds the stage graph the received values (in their traced memory layout) and
+    this rank's shards of the stage's state; binds the tp axis for its collectives.
+    """
+
+    def __init__(self, stage: StageGraph, feeds: list[Slot], axis: Axis, is_last: bool):
+        super().__init__()
+        self.index = stage.index
+        self.stage = stage
+        self.graph_module = stage.graph_module
+        self._feeds = feeds
+        self._axis = axis
+        self._is_last = is_last
+        placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
+        self._received = placeholders[: len(stage.received)]
+        self._orders = [dim_order(node.meta["val"]) for node in self._received]
+
+    def forward(self, *received: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = [with_dim_order(x, order) for x, order in zip(received, self._orders, strict=True)]
+        state = [feed.local() for feed in self._feeds]
+        with bound_axes({self._axis.name: self._axis}):
+            outputs = self.graph_module(*inputs, *state)
+        if self._is_last:
+            return tuple(outputs)
+        return tuple(value.contiguous() for value in outputs)  # p2p sends whole buffers
+
+    def received_buffers(self, device: torch.device) -> list[torch.Tensor]:
+        """Empty tensors for this stage's inputs from the previous stage (contiguous)."""
+        return [torch.empty(_local_shape(node), dtype=node.meta["val"].dtype, device=device)
+                for node in self._received]  # fmt: skip
+
+
+def _local_shape(node: fx.Node) -> tuple[int, ...]:
+    shape = node.meta.get("local_shape")
+    return tuple(shape) if shape is not None else tuple(node.meta["val"].shape)
+
+
+@dataclass(frozen=True)
+class HeldTensor:
+    """One parameter or buffer of the model, and the pipeline ranks that hold a copy."""
+
+    key: int  # id() of the model's tensor
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    placement: Placement
+    is_parameter: bool
+    holders: tuple[int, ...]  # pp ranks, ascending; the first one answers for it
+
+    def local_shape(self, tp_rank: int, tp_size: int) -> torch.Size:
+        meta = torch.empty(self.shape, dtype=self.dtype, device="meta")
+        return shard_tensor(meta, self.placement, tp_rank, tp_size).shape
+
+
+def split_plan_stages(graph_module: fx.GraphModule, plan, traced: TracedModel) -> list[StageGraph]:
+    """The rank graph cut into the plan's stages."""
+    stage_of = stage_of_nodes(graph_module, [stage.nodes for stage in plan.stages])
+    return split_stages(graph_module, stage_of, len(plan.stages), traced.user_inputs)
+
+
+def check_stage_ranks(plan) -> None:
+    """Stages must sit where torch.distributed.pipelining puts them: stage k on pp rank k % pp."""
+    num_stages = len(plan.stages)
+    wrong = [
+        f"stage {k} on pp rank {stage.pp_rank}"
+        for k, stage in enumerate(plan.stages)
+        if stage.index != k or stage.pp_rank != k % plan.pp
+    ]
+    if num_stages % plan.pp or wrong:
+        raise PlanError(
+            f"the plan has {num_stages} stages for pp={plan.pp} ({', '.join(wrong) or 'ok'}); "
+            "the runtime needs a multiple of pp stages with stage k on pp rank k % pp; "
+            "plan the model again"
+        )
+    if plan.schedule not in SCHEDULES:
+        raise PlanError(f"schedule {plan.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if plan.schedule != "interleaved1f1b" and num_stages != plan.pp:
+        raise PlanError(
+            f"schedule {plan.schedule!r} runs one stage per pipeline rank, but the plan has "
+            f"{num_stages} stages for pp={plan.pp}; use interleaved1f1b or plan again"
+        )
+
+
+def held_tensors(traced, graph_module, model, stages, rank_of_stage) -> dict[int, HeldTensor]:
+    """Every model tensor (tied ones once), with the pp ranks whose stages read it."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    fqns = {**traced.param_fqns, **traced.buffer_fqns}
+    holders: dict[int, set[int]] = {}
+    for stage in stages:
+        for name in stage.state:
+            if name in fqns:
+                holders.setdefault(id(named[fqns[name]]), set()).add(rank_of_stage[stage.index])
+    placements = tensor_placements(traced, graph_module, model)
+    held = {}
+    for key, (name, tensor, is_parameter) in tensors_by_id(model).items():
+        ranks = tuple(sorted(holders.get(key, {0})))  # read by no stage: pp rank 0 keeps it
+        placement = placements.get(key, Replicate())
+        held[key] = HeldTensor(
+            key, name, tensor.shape, tensor.dtype, placement, is_parameter, ranks
+        )
+    return held
+
+
+class PipelineModule(nn.Module):
+    """This rank's stages of a pipelined plan, their parameter shards and schedule."""
+
+    def __init__(self, traced: TracedModel, plan, model: nn.Module, groups: MeshGroups):
+        super().__init__()
+        check_stage_ranks(plan)
+        _check_outputs(traced)
+        self.groups = groups
+        self.tp_rank, self.tp_size = groups.tp_rank, groups.tp
+        self.num_stages = len(plan.stages)
+        self.num_microbatches = plan.num_microbatches
+        self._rank_of_stage = [stage.pp_rank for stage in plan.stages]
+        graph_module = shard_graph(traced, plan.node_placements(), plan.tp)
+        stages = split_plan_stages(graph_module, plan, traced)
+        self._held = held_tensors(traced, graph_module, model, stages, self._rank_of_stage)
+        mine = {key for key, held in self._held.items() if groups.pp_rank in held.holders}
+        self.shards = nn.Module()
+        self._slots = build_slots(
+            traced, graph_module, model, self.shards, self.tp_rank, self.tp_size,
+            groups.device, keep=mine,
+        )  # fmt: skip
+        self._state_keys = _state_keys(model)
+        axis = Axis("tp", groups.tp_group, groups.tp, groups.tp_rank)
+        local = [stage for stage in stages if self._rank_of_stage[stage.index] == groups.pp_rank]
+        self.stage_modules = [self._stage_module(traced, model, s, axis) for s in local]
+        self._stage0_inputs = [traced.user_inputs.index(name) for name in stages[0].received]
+        self._out_spec = traced.out_spec
+        self._output_nodes = _output_nodes(stages[-1])
+        self._loss_fn: Callable | None = None
+        pipeline_stages = [
+            PipelineStage(module, module.index, self.num_stages, groups.device,
+                          group=groups.pp_group)
+            for module in self.stage_modules
+        ]  # fmt: skip
+        self._schedule = _build_schedule(plan, pipeline_stages, self._microbatch_loss)
+
+    def _stage_module(self, traced, model, stage: StageGraph, axis: Axis) -> StageModule:
+        placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
+        state_nodes = placeholders[len(stage.received) :]
+        feeds = placeholder_feeds(traced, state_nodes, model, self._slots, self, self.groups.device)
+        unknown = [node.name for node, feed in zip(state_nodes, feeds, strict=True)
+                   if not isinstance(feed, Slot)]  # fmt: skip
+        if unknown:
+            raise AutoparError(f"stage {stage.index}: state placeholders {unknown} have no value")
+        return StageModule(stage, feeds, axis, is_last=stage.index == self.num_stages - 1)
+
+    # --- where things are ----------------------------------------------------------------
+
+    def holds_stage(self, index: int) -> bool:
+        return self._rank_of_stage[index] == self.groups.pp_rank
+
+    @property
+    def holds_last_stage(self) -> bool:
+        return self.holds_stage(self.num_stages - 1)
+
+    @property
+    def code(self) -> str:
+        """This rank's generated source, one block per stage it runs."""
+        g = self.groups
+        parts = []
+        for module in self.stage_modules:
+            stage = module.stage
+            header = (
+                f"stage {stage.index} of {self.num_stages} on pp rank {g.pp_rank}, "
+                f"tp rank {g.tp_rank} of {g.tp}\n"
+                f"receives {', '.join(stage.received) or 'nothing'}; "
+                f"sends {', '.join(stage.sent) or 'nothing'}"
+            )
+            parts.append(annotated_code(module.graph_module, header))
+        return "\n\n".join(parts)
+
+    # --- training ------------------------------------------------------------------------
+
+    def _microbatch_loss(self, output, target) -> torch.Tensor:
+        """The schedule's loss: the user's loss on the model's output structure, over m."""
+        flat = list(output) if isinstance(output, tuple | list) else [output]
+        structured = pytree.tree_unflatten(flat, self._out_spec)
+        return self._loss_fn(structured, target) / self.num_microbatches
+
+    def train(self, flat_inputs: Sequence, target: torch.Tensor, loss_fn) -> torch.Tensor | None:
+        """Run the schedule on one replica's batch; the mean microbatch loss on the last stage.
+
+        Gradients accumulate into the shards' `.grad` (set them to None first); tied
+        parameters' gradients are then summed over the pp ranks holding them.
+        """
+        self._loss_fn = loss_fn
+        args = [flat_inputs[i] for i in self._stage0_inputs] if self.holds_stage(0) else []
+        losses: list[torch.Tensor] = []
+        self._schedule.step(
+            *args, target=target if self.holds_last_stage else None, losses=losses,
+            return_outputs=False,
+        )  # fmt: skip
+        self._sum_tied_grads()
+        return torch.stack(losses).sum().detach() if losses else None
+
+    def _sum_tied_grads(self) -> None:
+        tied = [h for h in self._held.values() if h.is_parameter and len(h.holders) > 1]
+        if not tied:
+            return
+        pieces = []
+        for held in tied:
+            slot = self._slots.get(held.key)
+            grad = slot.local().grad if slot is not None else None
+            if grad is None:
+                shape = held.local_shape(self.tp_rank, self.tp_size)
+                grad = torch.zeros(shape, dtype=held.dtype, device=self.groups.device)
+            pieces.append(grad)
+        summed = all_reduce_coalesced(pieces, self.groups.pp_group)
+        for held, grad in zip(tied, summed, strict=True):
+            if held.key in self._slots:
+                self._slots[held.key].local().grad = grad
+
+    # --- inference -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run_flat(self, flat_inputs: Sequence) -> list[torch.Tensor]:
+        """One microbatch through every stage; the model's flat outputs on every rank."""
+        outputs: tuple[torch.Tensor, ...] = ()
+        for module in self.stage_modules:
+            if module.index == 0:
+                received = [flat_inputs[i] for i in self._stage0_inputs]
+            else:
+                received = self._receive(module)
+            outputs = module(*received)
+            if module.index < self.num_stages - 1:
+                self._send(module.index, outputs)
+        return self._broadcast_outputs(outputs)
+
+    def _receive(self, module: StageModule) -> list[torch.Tensor]:
+        source = self._rank_of_stage[module.index - 1]
+        buffers = module.received_buffers(self.groups.device)
+        for buffer in buffers:
+            dist.recv(buffer, group=self.groups.pp_group, group_src=source)
+        return buffers
+
+    def _send(self, index: int, values: Sequence[torch.Tensor]) -> None:
+        target = self._rank_of_stage[index + 1]
+        for value in values:
+            dist.send(value.contiguous(), group=self.groups.pp_group, group_dst=target)
+
+    def _broadcast_outputs(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        source = self._rank_of_stage[-1]
+        if self.holds_last_stage:
+            values = [value.contiguous() for value in outputs]
+        else:
+            values = [
+                torch.empty(_local_shape(node), dtype=node.meta["val"].dtype,
+                            device=self.groups.device)
+                for node in self._output_nodes
+            ]  # fmt: skip
+        for value in values:
+            dist.broadcast(value, group=self.groups.pp_group, group_src=source)
+        return values
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _full(self, held: HeldTensor, local: torch.Tensor | None) -> torch.Tensor:
+        """The full tensor on every rank: gathered over tp by the holders, sent from the first."""
+        if local is not None:
+            placement = held.placement if self.tp_size > 1 else Replicate()
+            value = gather_full(local, placement, self.groups.tp_group).contiguous()
+        else:
+            value = torch.empty(held.shape, dtype=held.dtype, device=self.groups.device)
+        dist.broadcast(value, group=self.groups.pp_group, group_src=held.holders[0])
+        return value
+
+    def _local(self, held: HeldTensor) -> torch.Tensor | None:
+        slot = self._slots.get(held.key)
+        return None if slot is None or self.groups.pp_rank != held.holders[0] else slot.local()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device `state_dict()` on every rank (tied aliases included)."""
+        full: dict[int, torch.Tensor] = {}
+        result = {}
+        for name, key in self._state_keys.items():
+            if key not in full:
+                held = self._held[key]
+                full[key] = self._full(held, self._local(held))
+            result[name] = full[key]
+        return result
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        """Full gradients of the parameters, keyed like `full_state_dict` (None: no grad)."""
+        params = [h for h in self._held.values() if h.is_parameter]
+        grads = [self._local(h).grad if self._local(h) is not None else None for h in params]
+        present = torch.tensor([float(g is not None) for g in grads], device=self.groups.device)
+        dist.all_reduce(present, group=self.groups.pp_group)
+        full = {
+            held.key: self._full(held, grad) if flag else None
+            for held, grad, flag in zip(params, grads, present.tolist(), strict=True)
+        }
+        return {name: full[key] for name, key in self._state_keys.items() if key in full}
+
+    def load_full_state_dict(self, state_dict) -> None:
+        """Load a single-device state dict, keeping this rank's shards of its stages' state."""
+        check_state_dict(
+            state_dict, {name: self._held[key] for name, key in self._state_keys.items()}
+        )
+        with torch.no_grad():
+            for name, key in self._state_keys.items():
+                slot = self._slots.get(key)
+                if slot is not None:
+                    value = state_dict[name].to(slot.local().device)
+                    slot.local().copy_(
+                        shard_tensor(value, slot.placement, self.tp_rank, self.tp_size)
+                    )
+
+
+def _state_keys(model: nn.Module) -> dict[str, int]:
+    """Every key of `model.state_dict()` -> id of its tensor (tied aliases share one)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return {key: id(named[key]) for key in model.state_dict() if key in named}
+
+
+def _output_nodes(last: StageGraph) -> list[fx.Node]:
+    (output,) = last.graph_module.graph.find_nodes(op="output")
+    values = output.args[0]
+    return list(values) if isinstance(values, tuple | list) else [values]
+
+
+def _check_outputs(traced: TracedModel) -> None:
+    kinds = [spec.kind for spec in traced.exported_program.graph_signature.output_specs]
+    other = [kind.name for kind in kinds if kind not in (OutputKind.USER_OUTPUT,)]
+    if other:
+        raise AutoparError(
+            f"the model's graph has outputs of kind {sorted(set(other))} (buffer mutations or "
+            "gradients); pipeline parallelism supports models whose forward only returns "
+            "values; plan with pp=1"
+        )
+
+
+def _build_schedule(plan, stages: list[PipelineStage], loss_fn):
+    """The plan's schedule over this rank's stages (gradients not rescaled: see module doc)."""
+    schedule = SCHEDULES[plan.schedule]
+    first = stages if plan.schedule == "interleaved1f1b" else stages[0]
+    try:
+        return schedule(first, plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
+    except ValueError as error:
+        raise PlanError(
+            f"schedule {plan.schedule} with {plan.num_microbatches} microbatches and "
+            f"{len(plan.stages)} stages on pp={plan.pp}: {error}"
+        ) from error
