@@ -3,15 +3,16 @@
 1. trace GPT-2 small on the meta device and show its per-block FLOPs and parameters;
 2. plan it for one node of 8 x A100-80GB and show the plan;
 3. price its collectives; 4. compare with two nodes;
-5. plan a tiny GPT-2 for a two-node cluster shape with a 3D layout (dp=2, tp=2, pp=2),
-   train it for a few AdamW steps on 8 local gloo processes, and print its loss curve
-   next to the unsplit model's.
+5. plan a tiny GPT-2 for a toy two-node cluster with a 3D layout (dp=2, tp=2, pp=2; the
+   solver picks the microbatches and schedule), train it for a few AdamW steps on 8 local
+   gloo processes, and print its loss curve next to the unsplit model's.
 
 Each step is a small function; `run_demo` strings them together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 from datetime import timedelta
@@ -154,6 +155,20 @@ def tiny_gpt2():
         )  # fmt: skip
 
 
+def toy_cluster():
+    """Two nodes of four devices with A100 links but 1/1000 of an A100's compute and memory
+    bandwidth: at this scale a toy model's matmuls are worth splitting, as a real
+    model's are on real A100s (on A100 constants the solver keeps a toy replicated)."""
+    from autopar.mesh import DeviceSpec, Mesh
+
+    a100 = Mesh.preset("a100-80gb", nodes=2)
+    device = DeviceSpec(
+        "toy device (A100 / 1000)", peak_flops=a100.device.peak_flops / 1000,
+        memory_bandwidth=a100.device.memory_bandwidth / 1000, memory_bytes=a100.device.memory_bytes,
+    )  # fmt: skip
+    return dataclasses.replace(a100, devices_per_node=TRAIN_WORLD // 2, device=device)
+
+
 def next_token_loss(output, ids: torch.Tensor) -> torch.Tensor:
     """Causal LM loss: predict token t+1 from tokens up to t."""
     logits = output.logits[:, :-1].reshape(-1, output.logits.shape[-1])
@@ -181,7 +196,6 @@ def single_device_losses(steps: int) -> list[float]:
 def _train_worker(rank: int, port: int, steps: int, results) -> None:
     """One of the 8 processes: plan (rank 0 broadcasts it), build its part, train."""
     import autopar
-    from autopar.mesh import Mesh
 
     torch.set_num_threads(1)
     try:
@@ -190,9 +204,7 @@ def _train_worker(rank: int, port: int, steps: int, results) -> None:
             world_size=TRAIN_WORLD, timeout=timedelta(seconds=TRAIN_TIMEOUT_S),
         )  # fmt: skip
         model, inputs = tiny_gpt2()
-        mesh = Mesh.preset("a100-80gb", nodes=2)
-        mesh = Mesh(**{**mesh.__dict__, "nodes": 2, "devices_per_node": TRAIN_WORLD // 2})
-        pm = autopar.parallelize(model, mesh, (inputs[0][:4],), **TRAIN_LAYOUT)
+        pm = autopar.parallelize(model, toy_cluster(), (inputs[0][:4],), **TRAIN_LAYOUT)
         optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3)
         losses = []
         for ids in _batches(steps):
