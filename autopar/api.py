@@ -93,9 +93,11 @@ def parallelize(model, mesh, example_inputs, plan=None, **plan_kwargs):
             f"the plan's dp*tp*pp = {plan.dp}*{plan.tp}*{plan.pp} does not match the world size "
             f"{dist.get_world_size()}; plan for this mesh"
         )
-    runtime_traced = _traced_at(model, traced, example_inputs, example_kwargs, plan)
+    runtime_traced, runtime_plan = _traced_at(model, traced, example_inputs, example_kwargs, plan)
     groups = mesh_groups(plan.pp, plan.dp, plan.tp)
-    return DistributedModule(plan, runtime_traced, model, groups)
+    pm = DistributedModule(runtime_plan, runtime_traced, model, groups)
+    pm.plan = plan  # as made; the runtime's copy names the nodes of its own trace
+    return pm
 
 
 def _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs) -> Plan:
@@ -114,30 +116,29 @@ def _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs) -> Plan:
     return Plan.from_dict(payload[0])
 
 
-def _call_function_names(traced: TracedModel) -> list[str]:
-    return [n.name for n in traced.graph_module.graph.nodes if n.op == "call_function"]
-
-
-def _traced_at(model, traced, example_inputs, example_kwargs, plan) -> TracedModel:
-    """The model traced at the plan's microbatch size (graphs have static shapes)."""
+def _traced_at(model, traced, example_inputs, example_kwargs, plan) -> tuple[TracedModel, Plan]:
+    """The model traced at the plan's microbatch size (graphs have static shapes), and the
+    plan in that graph's node names (export drops ops that do nothing at the new size)."""
     if traced_batch(traced) == plan.microbatch_size:
-        return traced
+        return traced, plan
+    from autopar.runtime.retrace import align, plan_for
+
     args = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     args, kwargs = pytree.tree_map(
         lambda x: _with_rows(x, plan.microbatch_size), (tuple(args), dict(example_kwargs or {}))
     )
     again = capture(model, args, kwargs or None)
-    before, after = _call_function_names(traced), _call_function_names(again)
-    if before != after:
-        changed = sorted(set(before) ^ set(after))
+    old_graph = traced.graph_module.graph
+    try:
+        alignment = align(old_graph, again.graph_module.graph)
+    except AutoparError as error:
         raise AutoparError(
-            f"traced at the microbatch size {plan.microbatch_size}, the model gives another "
-            f"graph than at the example batch {traced_batch(traced)} (nodes in only one: "
-            f"{changed[:8]}; torch.export drops no-op ops at size 1); plan with example "
-            f"inputs of microbatch_size rows ({plan.microbatch_size}) and global_batch_size, "
-            f"or pin microbatch_size={traced_batch(traced)}"
-        )
-    return again
+            f"{error}; traced at the microbatch size {plan.microbatch_size} instead of the "
+            f"example batch {traced_batch(traced)}, the model's graph changes: plan with "
+            f"example inputs of {plan.microbatch_size} rows (and global_batch_size), or pin "
+            f"microbatch_size={traced_batch(traced)}"
+        ) from error
+    return again, plan_for(plan, old_graph, alignment)
 
 
 def _with_rows(x, rows: int):

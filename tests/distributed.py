@@ -52,13 +52,19 @@ def _entry(rank, world_size, port, timeout_s, results, worker_fn, args) -> None:
 
 
 def run_distributed(
-    worker_fn, world_size: int, *args, timeout_s: float = 120, failure_grace_s: float = 10
+    worker_fn,
+    world_size: int,
+    *args,
+    timeout_s: float = 120,
+    failure_grace_s: float = 10,
+    collective_timeout_s: float | None = None,
 ) -> list:
     """Run `worker_fn(rank, world_size, *args)` on `world_size` gloo processes; results by rank.
 
-    `timeout_s` bounds the whole run and every collective. Once a rank fails or dies,
-    the others get `failure_grace_s` more to report (they usually fail at once, their
-    peer gone); then one `WorkerError` lists every failure, death and silent rank.
+    `timeout_s` bounds the whole run, `collective_timeout_s` (default: the same) every
+    collective. Once a rank fails or dies, the others get `failure_grace_s` more to
+    report (they usually fail at once, their peer gone); then one `WorkerError` lists
+    every failure, death and silent rank.
     """
     context = mp.get_context("spawn")
     results = context.Queue()
@@ -66,7 +72,15 @@ def run_distributed(
     processes = [
         context.Process(
             target=_entry,
-            args=(rank, world_size, port, timeout_s, results, worker_fn, args),
+            args=(
+                rank,
+                world_size,
+                port,
+                collective_timeout_s or timeout_s,
+                results,
+                worker_fn,
+                args,
+            ),
             daemon=True,
         )
         for rank in range(world_size)
