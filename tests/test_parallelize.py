@@ -122,7 +122,29 @@ def _api_worker(rank: int, world_size: int, plan_path: str, other_plan_path: str
     pm = autopar.parallelize(model, mesh, (ids,), tp=2)
     found["planned loss"] = abs(pm.train_step((batch,), batch, lm_loss) - expected) / expected
     found["planned layout"] = (pm.plan.dp, pm.plan.tp, pm.plan.pp)
+    found["bert"] = _bert_errors(mesh, batch)
     return found
+
+
+def _bert_errors(mesh, batch: torch.Tensor) -> dict[str, float]:
+    """BERT in two stages: two outputs, the last stage passes one through unchanged."""
+    model, (ids,) = conftest.tiny_bert(n_layer=2, batch=2)
+    pm = autopar.parallelize(model, mesh, (ids,), pp=2, microbatches=2, global_batch_size=4)
+
+    def loss_fn(output, target):
+        return output.last_hidden_state.square().mean()
+
+    loss = pm.train_step(batch, batch, loss_fn)
+    expected = loss_fn(model(batch), batch)
+    expected.backward()
+    reference = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        output, expected_output = pm(batch), model(batch)
+    return {
+        "loss": abs(loss - expected.item()) / expected.item(),
+        "grads": max(relative_error(g, reference[k].grad) for k, g in pm.full_grads().items()),
+        "pooler": relative_error(output.pooler_output, expected_output.pooler_output),
+    }
 
 
 @pytest.mark.multiprocess
@@ -150,6 +172,7 @@ def test_parallelize_paths_and_misuse_on_two_ranks(tmp_path):
         assert f"stage {rank} of 2 on pp rank {rank}" in found["code"]
         assert found["planned layout"] == (1, 2, 1)
         assert found["planned loss"] <= 1e-5, rank
+        assert max(found["bert"].values()) <= 1e-5, (rank, found["bert"])
 
 
 def _dying_worker(rank: int, world_size: int) -> str:
