@@ -108,7 +108,7 @@ def _api_worker(rank: int, world_size: int, plan_path: str, other_plan_path: str
     expected = expected.item()
     # a given plan, made at the example batch (4 rows), run at its microbatch size (1 row:
     # export drops the no-op expands of the mask, so the runtime's graph has fewer nodes)
-    pm = autopar.parallelize(model, mesh, (ids,), plan)
+    pm = autopar.parallelize(model, mesh, (ids,), plan).eval().train()  # nn.Module modes work
     found["given plan loss"] = abs(pm.train_step(batch, batch, lm_loss) - expected) / expected
     reference = dict(model.named_parameters(remove_duplicate=False))
     found["grads"] = max(

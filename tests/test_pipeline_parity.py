@@ -10,8 +10,9 @@ and each pipeline schedule pinned at least twice. Per case, on every rank:
 - after 3 AdamW steps `full_state_dict()` equals the unsplit model's state dict;
 - `pm(ids)` gives the unsplit model's logits on every rank.
 
-All cases run in one spawn of 8 processes. Example inputs have the plan's
-microbatch size (2 rows), so no case traces twice; the global batch is 16.
+All cases run in one spawn of 8 processes. The global batch is 16 sequences of 16
+tokens; each case's example inputs have its microbatch size, so no case traces twice
+(test_parallelize.py covers a plan run at another batch size).
 """
 
 from __future__ import annotations

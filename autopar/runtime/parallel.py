@@ -117,7 +117,7 @@ class DistributedModule(nn.Module):
                     f"runs {self.plan.num_microbatches} microbatches of {self.microbatch_size}: "
                     f"pass a global batch of {expected * self.plan.dp} rows"
                 )
-            return self.part.train(flat, target, loss_fn)
+            return self.part.run_schedule(flat, target, loss_fn)
         return self._accumulate(flat, target, loss_fn)
 
     def _accumulate(self, flat: list, target: torch.Tensor, loss_fn) -> torch.Tensor:

@@ -242,7 +242,9 @@ class PipelineModule(nn.Module):
         structured = pytree.tree_unflatten(flat, self._out_spec)
         return self._loss_fn(structured, target) / self.num_microbatches
 
-    def train(self, flat_inputs: Sequence, target: torch.Tensor, loss_fn) -> torch.Tensor | None:
+    def run_schedule(
+        self, flat_inputs: Sequence, target: torch.Tensor, loss_fn
+    ) -> torch.Tensor | None:
         """Run the schedule on one replica's batch; the mean microbatch loss on the last stage.
 
         Gradients accumulate into the shards' `.grad` (set them to None first); tied
