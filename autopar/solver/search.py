@@ -118,22 +118,14 @@ def _check_pins(traced, mesh, pins: Pins) -> None:
         )
 
 
-def _microbatch_options(
-    replica_batch: int, pp: int, pins: Pins, traced_batch: int
-) -> list[tuple[int, int]]:
-    """(microbatches, microbatch size) pairs that split one replica's batch evenly.
-
-    A batch of one is only offered when the model was traced with one: torch.export
-    specializes size-1 dims (drops no-op expands), so that graph differs from the plan's.
-    """
+def _microbatch_options(replica_batch: int, pp: int, pins: Pins) -> list[tuple[int, int]]:
+    """(microbatches, microbatch size) pairs that split one replica's batch evenly."""
     options = []
     for m in _divisors(replica_batch):
         size = replica_batch // m
         if m > MAX_MICROBATCHES or pins.microbatches not in (None, m):
             continue
         if pins.microbatch_size not in (None, size):
-            continue
-        if size == 1 < traced_batch and pins.microbatch_size is None and pins.microbatches is None:
             continue
         if pp == 1 and pins.microbatches is None and pins.microbatch_size is None and m > 1:
             continue  # without a pipeline, splitting the batch only adds overhead
@@ -203,7 +195,7 @@ def _candidates_for(traced, mesh, solution, layout, pins, replica_batch, context
     schedules = [pins.schedule] if pins.schedule else list(SCHEDULES)
     if layout.pp == 1 and not pins.schedule:
         schedules = ["gpipe"]  # one stage: every schedule is gradient accumulation
-    for m, size in _microbatch_options(replica_batch, layout.pp, pins, traced_batch):
+    for m, size in _microbatch_options(replica_batch, layout.pp, pins):
         units = build_units(
             traced, solution.pricing, unit_of, scale=size / traced_batch, training=training,
             dtype_bytes=dtype_bytes,
