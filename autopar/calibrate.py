@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from queue import Empty
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from autopar.cost.comm import bus_factor, latency_steps
 from autopar.errors import AutoparError
 from autopar.fileio import write_atomic
+from autopar.launch import LaunchError, run_local
 
 CALIBRATION_VERSION = 1
 # The numbers `Mesh.local` needs; a file missing one of them is rejected.
@@ -146,22 +143,14 @@ def physical_memory_bytes() -> int:
 
 
 def measure_allreduce(world_size: int, sizes: CalibrationSizes) -> dict:
-    """Spawn `world_size` gloo ranks, time two all-reduce sizes and fit alpha and beta."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_allreduce_worker, args=(rank, world_size, port, sizes, queue))
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
+    """Run `world_size` gloo ranks, time two all-reduce sizes and fit alpha and beta."""
     try:
-        times = _wait_for_result(queue, procs)
-    finally:
-        _join_or_kill(procs)
-    if "error" in times:
-        raise AutoparError(f"all-reduce calibration failed: {times['error']}")
+        times = run_local(
+            _allreduce_worker, world_size, sizes, timeout_s=JOIN_TIMEOUT_S,
+            collective_timeout_s=60,
+        )[0]  # fmt: skip
+    except LaunchError as error:
+        raise AutoparError(f"all-reduce calibration failed: {error}") from error
     return fit_alpha_beta(world_size, sizes, times["small_s"], times["large_s"])
 
 
@@ -194,42 +183,12 @@ def fit_alpha_beta(
     }
 
 
-def _allreduce_worker(
-    rank: int, world_size: int, port: int, sizes: CalibrationSizes, queue
-) -> None:
-    """One gloo rank: time both message sizes; rank 0 reports the medians."""
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=60),
-        )
-        times = {
-            "small_s": _time_allreduce(sizes.small_message_bytes, sizes.small_message_repeats),
-            "large_s": _time_allreduce(sizes.large_message_bytes, sizes.repeats),
-        }
-        dist.destroy_process_group()
-    except Exception as exc:  # report to the parent instead of hanging it
-        queue.put({"error": f"rank {rank}: {exc!r}"})
-        return
-    if rank == 0:
-        queue.put(times)
-
-
-def _wait_for_result(queue, procs: list) -> dict:
-    """Rank 0's timings, or an error once a rank died silently or time ran out."""
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            return queue.get(timeout=0.5)
-        except Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                return {"error": f"a rank exited with code {dead[0]} before reporting"}
-    return {"error": f"no result within {JOIN_TIMEOUT_S:.0f} s"}
+def _allreduce_worker(rank: int, world_size: int, sizes: CalibrationSizes) -> dict:
+    """One gloo rank: time both message sizes (every rank sees the same medians)."""
+    return {
+        "small_s": _time_allreduce(sizes.small_message_bytes, sizes.small_message_repeats),
+        "large_s": _time_allreduce(sizes.large_message_bytes, sizes.repeats),
+    }
 
 
 def _time_allreduce(nbytes: int, repeats: int) -> float:
@@ -253,21 +212,6 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return max(statistics.median(times), 1e-9)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _join_or_kill(procs: list) -> None:
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for proc in procs:
-        proc.join(timeout=max(deadline - time.monotonic(), 0.1))
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=5)
 
 
 def _is_number(data: dict, key: str) -> bool:

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import socket
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from autopar.cli import Progress, _write_outputs, human_count, layout_progress
+from autopar.launch import run_local
 
 DEMO_MODEL, DEMO_BATCH, DEMO_SEQ = "gpt2", 8, 1024
 TRAIN_WORLD, TRAIN_STEPS, TRAIN_LAYOUT = 8, 5, {"dp": 2, "tp": 2, "pp": 2}
@@ -193,60 +190,24 @@ def single_device_losses(steps: int) -> list[float]:
     return losses
 
 
-def _train_worker(rank: int, port: int, steps: int, results) -> None:
+def _train_worker(rank: int, world_size: int, steps: int) -> tuple[list[float], str]:
     """One of the 8 processes: plan (rank 0 broadcasts it), build its part, train."""
     import autopar
 
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-            world_size=TRAIN_WORLD, timeout=timedelta(seconds=TRAIN_TIMEOUT_S),
-        )  # fmt: skip
-        model, inputs = tiny_gpt2()
-        pm = autopar.parallelize(model, toy_cluster(), (inputs[0][:4],), **TRAIN_LAYOUT)
-        optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3)
-        losses = []
-        for ids in _batches(steps):
-            losses.append(float(pm.train_step((ids,), ids, next_token_loss)))
-            optimizer.step()
-            optimizer.zero_grad()
-        results.put((rank, losses, pm.plan.summary() if rank == 0 else None))
-    except BaseException as error:  # reported by the parent, which owns the terminal
-        results.put((rank, None, f"{type(error).__name__}: {error}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    model, inputs = tiny_gpt2()
+    pm = autopar.parallelize(model, toy_cluster(), (inputs[0][:4],), **TRAIN_LAYOUT)
+    optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+    losses = []
+    for ids in _batches(steps):
+        losses.append(float(pm.train_step((ids,), ids, next_token_loss)))
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses, pm.plan.summary()
 
 
 def parallel_losses(steps: int) -> tuple[list[float], str]:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    workers = [
-        context.Process(target=_train_worker, args=(rank, port, steps, results))
-        for rank in range(TRAIN_WORLD)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        reports = [results.get(timeout=TRAIN_TIMEOUT_S) for _ in workers]
-    finally:
-        for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
-    failed = [r for r in reports if r[1] is None]
-    if failed:
-        raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][2]}")
-    by_rank = sorted(reports, key=lambda r: r[0])
-    return by_rank[0][1], by_rank[0][2]
+    """Losses (equal on every rank) and the plan's summary, from 8 local gloo processes."""
+    return run_local(_train_worker, TRAIN_WORLD, steps, timeout_s=TRAIN_TIMEOUT_S)[0]
 
 
 def demo_train(progress: Progress) -> str:

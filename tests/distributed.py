@@ -1,145 +1,14 @@
-"""Run a function on real torch.distributed (gloo) processes and collect what each returns.
+"""Parity checks on real torch.distributed (gloo) processes.
 
-    results = run_distributed(worker, 2, arg)   # worker(rank, world_size, arg) on 2 processes
-
-Workers must be module-level functions (spawn re-imports their module) and
-return something picklable. Each run takes a free port, every process gets a
-collective timeout, the parent joins with a deadline and kills stragglers, and
-raises one `WorkerError` naming every rank that failed (with its traceback text),
-died without a result (its exit code) or stayed silent.
+`check_parity` runs cases through `autopar.launch.run_local` and compares a parallel
+module with the single-device model on every rank.
 """
 
 from __future__ import annotations
 
-import queue
-import socket
-import time
-import traceback
-from datetime import timedelta
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-class WorkerError(RuntimeError):
-    """A worker process raised; the message holds its rank and traceback."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank, world_size, port, timeout_s, results, worker_fn, args) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
-        value = worker_fn(rank, world_size, *args)
-        results.put((rank, True, value))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_distributed(
-    worker_fn,
-    world_size: int,
-    *args,
-    timeout_s: float = 120,
-    failure_grace_s: float = 10,
-    collective_timeout_s: float | None = None,
-) -> list:
-    """Run `worker_fn(rank, world_size, *args)` on `world_size` gloo processes; results by rank.
-
-    `timeout_s` bounds the whole run, `collective_timeout_s` (default: the same) every
-    collective. Once a rank fails or dies, the others get `failure_grace_s` more to
-    report (they usually fail at once, their peer gone); then one `WorkerError` lists
-    every failure, death and silent rank.
-    """
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [
-        context.Process(
-            target=_entry,
-            args=(
-                rank,
-                world_size,
-                port,
-                collective_timeout_s or timeout_s,
-                results,
-                worker_fn,
-                args,
-            ),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
-    finished = False
-    try:
-        values = _collect(results, processes, timeout_s, failure_grace_s)
-        finished = True
-        return values
-    finally:
-        _stop(processes, grace_s=10 if finished else 0)
-
-
-def _collect(results, processes, timeout_s: float, failure_grace_s: float) -> list:
-    values: dict[int, object] = {}
-    problems: dict[int, str] = {}  # rank -> what went wrong
-    deadline = time.monotonic() + timeout_s
-    while len(values) + len(problems) < len(processes) and time.monotonic() < deadline:
-        had_problems = bool(problems)
-        try:
-            rank, ok, value = results.get(timeout=0.2)
-        except queue.Empty:
-            _note_deaths(processes, values, problems)
-        else:
-            if ok:
-                values[rank] = value
-            else:
-                problems[rank] = f"rank {rank} failed:\n{value}"
-        if problems and not had_problems:
-            deadline = min(deadline, time.monotonic() + failure_grace_s)
-    if problems or len(values) < len(processes):
-        silent = sorted(set(range(len(processes))) - set(values) - set(problems))
-        lines = [problems[rank] for rank in sorted(problems)]
-        if silent:
-            lines.append(f"ranks {silent} gave no result within the time allowed")
-        raise WorkerError("\n".join(lines))
-    return [values[rank] for rank in range(len(processes))]
-
-
-def _note_deaths(processes, values, problems) -> None:
-    """A process that exited non-zero without a result has died (os._exit, a signal, OOM)."""
-    for rank, process in enumerate(processes):
-        if rank in values or rank in problems or process.is_alive():
-            continue
-        if process.exitcode not in (None, 0):
-            problems[rank] = f"rank {rank} exited with code {process.exitcode} without a result"
-
-
-def _stop(processes, grace_s: float) -> None:
-    """Join within `grace_s` (0 after a failure: the others may wait in a collective), then kill."""
-    for process in processes:
-        process.join(timeout=grace_s)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)
-
+from autopar.launch import run_local
 
 # --- parity of a ParallelModule with the single-device model --------------------------------
 
@@ -151,7 +20,7 @@ def check_parity(cases: list, world_size: int, *, timeout_s: float = 300) -> lis
     seed on every rank); `placements_fn(traced, tp_size)` returns the placement map.
     Each rank asserts parity itself; results are per rank, per case (see `parity_case`).
     """
-    return run_distributed(_parity_worker, world_size, cases, timeout_s=timeout_s)
+    return run_local(_parity_worker, world_size, cases, timeout_s=timeout_s)
 
 
 def _parity_worker(rank: int, world_size: int, cases: list) -> list[dict]:

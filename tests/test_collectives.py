@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed import run_distributed
 
 from autopar.codegen.params import shard_tensor, unshard
 from autopar.errors import PlanError
+from autopar.launch import run_local
 from autopar.placement import Partial, Replicate, Shard
 from autopar.runtime import collectives as C
 from autopar.runtime.layout import join_chunks, take_chunk
@@ -110,7 +110,7 @@ def collectives_worker(rank: int, world_size: int) -> list[str]:
 
 @pytest.mark.multiprocess
 def test_collectives_forward_and_backward_on_two_ranks():
-    assert run_distributed(collectives_worker, 2) == [["all_to_all", "reduce_scatter"]] * 2
+    assert run_local(collectives_worker, 2) == [["all_to_all", "reduce_scatter"]] * 2
 
 
 @pytest.mark.parametrize("dim", [0, 1, -1])

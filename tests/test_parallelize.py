@@ -14,11 +14,12 @@ import conftest
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import WorkerError, relative_error, run_distributed
+from distributed import relative_error
 from test_pipeline_parity import free_comm_mesh, lm_loss
 
 import autopar
 from autopar.errors import AutoparError
+from autopar.launch import LaunchError, run_local
 from autopar.runtime.layout import dim_order, with_dim_order
 from autopar.runtime.pipeline import check_stage_ranks
 
@@ -155,7 +156,7 @@ def test_parallelize_paths_and_misuse_on_two_ranks(tmp_path):
     plan.save(tmp_path / "plan.json")
     other_model, (other_ids,) = small_gpt2(batch=4, n_layer=1)
     autopar.plan(other_model, (other_ids,), free_comm_mesh(2), pp=2).save(tmp_path / "other.json")
-    results = run_distributed(
+    results = run_local(
         _api_worker, 2, str(tmp_path / "plan.json"), str(tmp_path / "other.json"), timeout_s=180
     )
     for rank, found in enumerate(results):
@@ -192,11 +193,9 @@ def _dying_worker(rank: int, world_size: int) -> str:
 
 @pytest.mark.multiprocess
 def test_a_dead_rank_makes_the_others_fail_quickly():
-    with pytest.raises(WorkerError) as caught:
+    with pytest.raises(LaunchError) as caught:
         # collectives give up after 20 s; the others get 30 s after the death to report
-        run_distributed(
-            _dying_worker, 2, timeout_s=120, failure_grace_s=30, collective_timeout_s=20
-        )
+        run_local(_dying_worker, 2, timeout_s=120, failure_grace_s=30, collective_timeout_s=20)
     message = str(caught.value)
     assert "rank 1 exited with code 1 without a result" in message
     assert "rank 0 failed" in message, message  # it raised within the grace; it did not hang

@@ -21,7 +21,9 @@ import conftest
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import relative_error, run_distributed
+from distributed import relative_error
+
+from autopar.launch import run_local
 
 WORLD = 8
 GLOBAL_BATCH, SEQ = 16, 16
@@ -223,7 +225,7 @@ def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> lis
 @pytest.mark.multiprocess
 def test_parallelize_matches_single_device_training_on_8_ranks():
     references = {name: reference_run(name) for name in MODELS}
-    results = run_distributed(_parity_worker, WORLD, CASES, timeout_s=400)
+    results = run_local(_parity_worker, WORLD, CASES, timeout_s=400)
     failures = [
         failure
         for rank, per_case in enumerate(results)
