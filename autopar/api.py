@@ -6,11 +6,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel, capture
+from autopar.cost.memory import OPTIMIZER_STATES
 from autopar.errors import AutoparError
 from autopar.plan import Plan
 from autopar.solver.search import Pins, search, traced_batch
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 def _dtype_bytes(dtype) -> int | None:
@@ -46,8 +45,8 @@ def plan(
     (the global batch is that times dp); with it, the example only fixes the shapes
     and costs are scaled to each replica's share of the global batch.
     """
-    if optimizer not in OPTIMIZERS:
-        raise AutoparError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise AutoparError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZER_STATES)}")
     if isinstance(model, TracedModel):
         traced = model
     else:
@@ -55,6 +54,7 @@ def plan(
     pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule)
     return search(
         traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
+        optimizer=optimizer,
         time_limit_s=time_limit_s, batch=traced_batch(traced),
         global_batch_size=global_batch_size, progress=progress,
     )  # fmt: skip

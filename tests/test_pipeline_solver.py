@@ -55,7 +55,7 @@ def test_large_vocabulary_head_moves_the_split():
         traced, result.strategies, strategies.requires_grad, mesh, 2, training=True, dtype_bytes=2
     )
     units = build_units(
-        traced, pricing, unit_of_nodes(traced), scale=1.0, training=True, dtype_bytes=2
+        traced, pricing, unit_of_nodes(traced), scale=1.0, dtype_bytes=2, state_bytes_per_param=16
     )
     p2p, alive = (lambda b: 0.0), in_flight("1f1b", 4, 8, 1)
     chosen = best_split(units, 4, p2p, alive, float("inf"))

@@ -159,3 +159,12 @@ def test_time_limit_without_a_solution_says_so():
     model, inputs = build_model("gpt2-medium", n_layer=4, seq=1024)
     with pytest.raises(PlanError, match="time limit"):
         make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16, time_limit_s=1e-6)
+
+
+def test_optimizer_state_counts_in_memory():
+    model, inputs = build_model("gpt2-medium", n_layer=2, seq=1024)
+    adam = make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16, optimizer="adamw")
+    sgd = make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16, optimizer="sgd")
+    assert sgd.cost.memory_per_device_bytes < adam.cost.memory_per_device_bytes
+    with pytest.raises(AutoparError, match="optimizer"):
+        make_plan(model, inputs, A100_NODE, tp=8, optimizer="lion")

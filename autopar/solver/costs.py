@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autopar.cost.memory import training_memory
 from autopar.placement import Partial, Placement, Replicate, Shard
 
 FORWARD, BACKWARD = "forward", "backward"
@@ -30,9 +31,6 @@ BROADCAST_SUM_BACKWARD_FACTOR = 0.5
 # write fp32 master weight, momentum and variance (24 B), read the 16-bit gradient and
 # write the 16-bit weight (4 B), plus slack for the gradient zeroing (4 B).
 OPTIMIZER_BYTES_PER_PARAM = 32
-# Memory held per parameter in training: 16-bit weight and gradient plus fp32 master,
-# momentum and variance (the 16 bytes of the ZeRO paper, Rajbhandari et al. 2020).
-STATE_BYTES_PER_PARAM = 16
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,14 @@ def compute_seconds(
     math_s = flop_factor * flops / share / (device.peak_flops * device.matmul_efficiency)
     memory_s = byte_factor * nbytes / share / device.memory_bandwidth
     return max(math_s, memory_s)
+
+
+def state_bytes_per_param(training: bool, dtype_bytes: int, optimizer: str) -> float:
+    """Memory one parameter holds: weight, and in training its gradient and optimizer state
+    (mixed-precision Adam: the 16 bytes of the ZeRO paper), from cost/memory.py."""
+    if not training:
+        return dtype_bytes
+    return training_memory(1, 0, dtype_bytes=dtype_bytes, optimizer=optimizer).total
 
 
 def optimizer_seconds(local_numel: int, mesh) -> float:

@@ -67,6 +67,7 @@ class _Problem:
     tp: int
     training: bool
     dtype_bytes: int | None
+    state_bytes_per_param: float
     key_of: dict[str, str]
     multiplicity: Counter
     prob: pulp.LpProblem
@@ -293,8 +294,7 @@ def allocates(node: fx.Node) -> bool:
 def _memory_bytes(p: _Problem, node: fx.Node, strategy: Strategy, activation_copies: float):
     fraction = _local_fraction(strategy.output, p.tp)
     if node.name in p.traced.param_fqns and node.users:
-        per_param = costs.STATE_BYTES_PER_PARAM if p.training else (p.dtype_bytes or 4)
-        return node.meta["val"].numel() * fraction * per_param
+        return node.meta["val"].numel() * fraction * p.state_bytes_per_param
     is_activation = node.op == "call_function" and p.strategies.requires_grad.get(node.name)
     if p.training and is_activation and allocates(node):
         return _nbytes(node, p.dtype_bytes) * fraction * activation_copies
@@ -375,6 +375,7 @@ def solve_intra_op(
     dtype_bytes: int | None = None,
     memory_budget_bytes: float | None = None,
     activation_copies: float = 1.0,
+    state_bytes_per_param: float = 16.0,
     time_limit_s: float | None = None,
 ) -> IntraOpResult:
     """Choose one strategy per node minimizing predicted step time under the memory bound."""
@@ -385,8 +386,9 @@ def solve_intra_op(
             representatives.setdefault(key_of[node.name], node)
     prob = pulp.LpProblem("intra_op_sharding", pulp.LpMinimize)
     p = _Problem(
-        traced, strategies, mesh, tp, training, dtype_bytes, key_of, multiplicity, prob, {}
-    )
+        traced, strategies, mesh, tp, training, dtype_bytes, state_bytes_per_param, key_of,
+        multiplicity, prob, {},
+    )  # fmt: skip
     _add_variables(p, representatives)
     objective = _add_node_costs(p, representatives) + _add_edge_costs(p) + _add_grad_sync(p)
     prob += pulp.lpSum(objective)

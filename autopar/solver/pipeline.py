@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from autopar.solver import costs
 from autopar.solver.intra_op import _nbytes
 from autopar.solver.stages import StageSplit, Unit, best_split
 
@@ -80,15 +79,16 @@ def _crossing_bytes(traced, unit_of, num_units, dtype_bytes) -> list[float]:
     return crossing
 
 
-def build_units(traced, pricing, unit_of, *, scale, training, dtype_bytes) -> list[Unit]:
+def build_units(
+    traced, pricing, unit_of, *, scale, dtype_bytes, state_bytes_per_param
+) -> list[Unit]:
     num_units = len(traced.analysis.layers) + 2
     time_s, params, kept = [0.0] * num_units, [0.0] * num_units, [0.0] * num_units
-    state_bytes = costs.STATE_BYTES_PER_PARAM if training else None
     for name, price in pricing.nodes.items():
         u = unit_of.get(name, 0)
         time_s[u] += scale * price.compute_s
         kept[u] += scale * price.activation_bytes
-        params[u] += price.param_numel * state_bytes if state_bytes else price.param_bytes
+        params[u] += price.param_numel * state_bytes_per_param
     param_names = set(traced.param_fqns)
     for c in pricing.collectives:
         time_s[unit_of.get(c.producer, 0)] += c.seconds * (

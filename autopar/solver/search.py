@@ -157,13 +157,15 @@ class _TpSolution:
     pricing: object
 
 
-def _solve_tp(traced, mesh, tp, *, training, dtype_bytes, time_limit_s, max_pp) -> _TpSolution:
+def _solve_tp(
+    traced, mesh, tp, *, training, dtype_bytes, state_bytes, time_limit_s, max_pp
+) -> _TpSolution:
     strategies = graph_strategies(traced, tp)
     # the ILP sees the whole model; with pp stages each device holds about 1/pp of it
     budget = mesh.device.memory_bytes * max_pp
     result = solve_intra_op(
         traced, strategies, mesh, tp, training=training, dtype_bytes=dtype_bytes,
-        memory_budget_bytes=budget, time_limit_s=time_limit_s,
+        memory_budget_bytes=budget, time_limit_s=time_limit_s, state_bytes_per_param=state_bytes,
     )  # fmt: skip
     pricing = price_tp(
         traced, result.strategies, strategies.requires_grad, mesh, tp,
@@ -191,14 +193,14 @@ class _Candidate:
 
 
 def _candidates_for(traced, mesh, solution, layout, pins, replica_batch, context):
-    training, dtype_bytes, traced_batch, unit_of = context
+    training, dtype_bytes, traced_batch, unit_of, state_bytes = context
     schedules = [pins.schedule] if pins.schedule else list(SCHEDULES)
     if layout.pp == 1 and not pins.schedule:
         schedules = ["gpipe"]  # one stage: every schedule is gradient accumulation
     for m, size in _microbatch_options(replica_batch, layout.pp, pins):
         units = build_units(
-            traced, solution.pricing, unit_of, scale=size / traced_batch, training=training,
-            dtype_bytes=dtype_bytes,
+            traced, solution.pricing, unit_of, scale=size / traced_batch,
+            dtype_bytes=dtype_bytes, state_bytes_per_param=state_bytes,
         )  # fmt: skip
         for schedule in schedules:
             choice = evaluate(
@@ -228,7 +230,8 @@ def _stage_of_unit(split, unit: int) -> int:
 
 
 def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes=None,
-           time_limit_s=None, batch=1, global_batch_size=None, progress=None) -> Plan:  # fmt: skip
+           optimizer="adam", time_limit_s=None, batch=1, global_batch_size=None,
+           progress=None) -> Plan:  # fmt: skip
     """The cheapest plan over everything the pins allow that fits in memory."""
     start = time.perf_counter()
     pins = pins or Pins()
@@ -236,7 +239,8 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     candidates = layouts(traced, mesh, pins)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
     unit_of = unit_of_nodes(traced)
-    context = (training, dtype_bytes, batch, unit_of)
+    state_bytes = costs.state_bytes_per_param(training, dtype_bytes, optimizer)
+    context = (training, dtype_bytes, batch, unit_of, state_bytes)
     max_pp = max(c.pp for c in candidates)
     solutions, best, tried, failures = {}, None, 0, []
     for layout in candidates:
@@ -246,7 +250,7 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
             try:
                 solutions[layout.tp] = _solve_tp(
                     traced, mesh, layout.tp, training=training, dtype_bytes=dtype_bytes,
-                    time_limit_s=time_limit_s, max_pp=max_pp,
+                    state_bytes=state_bytes, time_limit_s=time_limit_s, max_pp=max_pp,
                 )  # fmt: skip
             except SolverTimeLimit:
                 raise
