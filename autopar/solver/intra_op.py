@@ -2,7 +2,9 @@ r"""Intra-op sharding as an integer linear program (after Alpa and PyTorch's aut
 
 Sets. Nodes of the traced graph are grouped into keys k: corresponding nodes of
 structurally identical transformer blocks share a key, so one block is solved once
-and its choice reused by every copy; m_k counts the nodes of key k. S_k are the
+and its choice reused by every copy; m_k counts the nodes of key k. A view or unary
+elementwise node whose strategies match its producer's one to one follows it: it
+reuses the producer's x (no variables, no edge), which folds such chains away. S_k are the
 candidate strategies of key k (strategies/). An edge class a = (k_u, k_v, slot)
 gathers the n_a graph edges from a key-k_u node into input `slot` of a key-k_v node.
 
@@ -33,7 +35,7 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulp
 import torch
@@ -72,6 +74,7 @@ class _Problem:
     multiplicity: Counter
     prob: pulp.LpProblem
     x: dict  # key -> list of variables or None (single candidate)
+    folded: set = field(default_factory=set)  # keys that reuse their producer's variables
 
 
 def _nbytes(node: fx.Node, dtype_bytes: int | None) -> int:
@@ -127,11 +130,34 @@ def _choice(p: _Problem, key: str, index: int):
     return 1 if variables is None else variables[index]
 
 
+def _follow_map(p: _Problem, node: fx.Node) -> list[int] | None:
+    """For a one-input node whose strategies match its producer's one to one (views and
+    unary elementwise ops), strategy j -> the producer strategy it follows; else None."""
+    if node.op != "call_function" or len(node.all_input_nodes) != 1:
+        return None
+    producer = node.all_input_nodes[0]
+    if producer.op != "call_function" or p.x.get(p.key_of[producer.name]) is None:
+        return None
+    produced = [s.output for s in p.strategies.candidates[producer.name]]
+    seen = [s.inputs[0] for s in p.strategies.candidates[node.name]]
+    if len(set(produced)) != len(produced) or sorted(map(str, produced)) != sorted(map(str, seen)):
+        return None
+    return [produced.index(placement) for placement in seen]
+
+
 def _add_variables(p: _Problem, representatives: dict[str, fx.Node]) -> None:
+    """One binary per (key, strategy), except that a follower reuses its producer's
+    binaries: the fold of view and elementwise chains into their producers."""
     for key, node in representatives.items():
         candidates = p.strategies.candidates[node.name]
         if len(candidates) == 1:
             p.x[key] = None
+            continue
+        follows = _follow_map(p, node)
+        if follows is not None:
+            producer_vars = p.x[p.key_of[node.all_input_nodes[0].name]]
+            p.x[key] = [producer_vars[i] for i in follows]
+            p.folded.add(key)
             continue
         safe = _safe(key)
         p.x[key] = [
@@ -197,6 +223,8 @@ def _add_edge_costs(p: _Problem) -> list:
     terms = []
     for (src_key, dst_key, slot), edges in _edge_classes(p).items():
         producer, consumer = edges[0]
+        if dst_key in p.folded and p.key_of[consumer.all_input_nodes[0].name] == src_key:
+            continue  # a follower sees exactly what its producer makes: no reshard
         table = _edge_cost_table(p, producer, consumer, slot)
         count = len(edges)
         src_vars = p.x[src_key]
