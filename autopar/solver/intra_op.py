@@ -393,6 +393,15 @@ def _check_status(p: _Problem, budget_bytes: float) -> str:
     )
 
 
+def _representatives(traced, key_of: dict[str, str]) -> dict[str, fx.Node]:
+    """The first node of each key, in graph order (its producers come first)."""
+    representatives = {}
+    for node in traced.graph_module.graph.nodes:
+        if node.op in ("placeholder", "call_function"):
+            representatives.setdefault(key_of[node.name], node)
+    return representatives
+
+
 def solve_intra_op(
     traced,
     strategies: GraphStrategies,
@@ -408,10 +417,7 @@ def solve_intra_op(
 ) -> IntraOpResult:
     """Choose one strategy per node minimizing predicted step time under the memory bound."""
     key_of, multiplicity = _keys(traced)
-    representatives = {}
-    for node in traced.graph_module.graph.nodes:
-        if node.op in ("placeholder", "call_function"):
-            representatives.setdefault(key_of[node.name], node)
+    representatives = _representatives(traced, key_of)
     prob = pulp.LpProblem("intra_op_sharding", pulp.LpMinimize)
     p = _Problem(
         traced, strategies, mesh, tp, training, dtype_bytes, state_bytes_per_param, key_of,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -175,6 +175,36 @@ def _solve_tp(
 
 
 @dataclass
+class _TpSolver:
+    """Solves the intra-op ILP once per tp degree; remembers failures for the error."""
+
+    traced: object
+    mesh: object
+    training: bool
+    dtype_bytes: int
+    state_bytes: float
+    time_limit_s: float | None
+    max_pp: int
+    solutions: dict = field(default_factory=dict)  # tp -> _TpSolution, or None if it failed
+    failures: list = field(default_factory=list)
+
+    def __call__(self, tp: int) -> _TpSolution | None:
+        if tp not in self.solutions:
+            try:
+                self.solutions[tp] = _solve_tp(
+                    self.traced, self.mesh, tp, training=self.training,
+                    dtype_bytes=self.dtype_bytes, state_bytes=self.state_bytes,
+                    time_limit_s=self.time_limit_s, max_pp=self.max_pp,
+                )  # fmt: skip
+            except SolverTimeLimit:
+                raise
+            except PlanError as error:
+                self.solutions[tp] = None
+                self.failures.append(f"tp={tp}: {error}")
+        return self.solutions[tp]
+
+
+@dataclass
 class _Candidate:
     layout: Layout
     choice: object
@@ -241,37 +271,26 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     unit_of = unit_of_nodes(traced)
     state_bytes = costs.state_bytes_per_param(training, dtype_bytes, optimizer)
     context = (training, dtype_bytes, batch, unit_of, state_bytes)
-    max_pp = max(c.pp for c in candidates)
-    solutions, best, tried, failures = {}, None, 0, []
+    solve = _TpSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
+                      max_pp=max(c.pp for c in candidates))  # fmt: skip
+    best, tried = None, 0
     for layout in candidates:
         if progress:
             progress(layout)
-        if layout.tp not in solutions:
-            try:
-                solutions[layout.tp] = _solve_tp(
-                    traced, mesh, layout.tp, training=training, dtype_bytes=dtype_bytes,
-                    state_bytes=state_bytes, time_limit_s=time_limit_s, max_pp=max_pp,
-                )  # fmt: skip
-            except SolverTimeLimit:
-                raise
-            except PlanError as error:
-                solutions[layout.tp] = None
-                failures.append(f"tp={layout.tp}: {error}")
-        if solutions[layout.tp] is None:
-            continue
+        solution = solve(layout.tp)
         replica_batch = _replica_batch(global_batch_size, batch, layout.dp)
-        if replica_batch is None:
+        if solution is None or replica_batch is None:
             continue
         for candidate in _candidates_for(
-            traced, mesh, solutions[layout.tp], layout, pins, replica_batch, context
+            traced, mesh, solution, layout, pins, replica_batch, context
         ):
             tried += 1
             if best is None or candidate.seconds_per_sample < best.seconds_per_sample:
                 best = candidate
     if best is None:
-        raise PlanError(_nothing_fits(mesh, pins, failures))
-    plan = _to_plan(traced, mesh, solutions[best.layout.tp], best, training, dtype_bytes)
-    ilp_time = sum(s.result.solve_time_s for s in solutions.values() if s is not None)
+        raise PlanError(_nothing_fits(mesh, pins, solve.failures))
+    plan = _to_plan(traced, mesh, solve.solutions[best.layout.tp], best, training, dtype_bytes)
+    ilp_time = sum(s.result.solve_time_s for s in solve.solutions.values() if s is not None)
     plan.solver.update(
         search_time_s=time.perf_counter() - start, layouts_tried=tried, ilp_time_s=ilp_time
     )
