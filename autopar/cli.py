@@ -314,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(run=cmd_calibrate)
     models = commands.add_parser("models", help="list the built-in models and their sizes")
     models.set_defaults(run=cmd_models)
-    demo = commands.add_parser("demo", help="plan GPT-2 for one and two A100 nodes")
+    demo = commands.add_parser(
+        "demo", help="plan GPT-2 for A100 nodes, then train a 3D plan on 8 local ranks"
+    )
     demo.add_argument("--html", help="also write the one-node plan's HTML report here")
     demo.add_argument("--quiet", action="store_true", help="no progress messages")
     demo.add_argument("--no-train", action="store_true", help="skip training on local ranks")
