@@ -117,8 +117,19 @@ def _placeholder_maps(ep: ExportedProgram) -> tuple[dict[str, str], dict[str, st
     return params, buffers, user_inputs
 
 
+def _module_leaf(node: fx.Node) -> str:
+    """The innermost module's own name ('c_attn' for transformer.h.0.attn.c_attn), for
+    node names a reader recognizes; the node's name when it has no module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    leaf = path.rsplit(".", 1)[-1]
+    return leaf if leaf.isidentifier() else node.name
+
+
 def _split_bias(graph: fx.Graph) -> None:
-    """linear(x, w, b) -> add(linear(x, w), b); addmm(b, x, w) -> add(mm(x, w), b)."""
+    """linear(x, w, b) -> add(linear(x, w), b); addmm(b, x, w) -> add(mm(x, w), b).
+
+    The new nodes are named after the module (`c_attn_matmul`, `c_attn_bias`)."""
     for node in list(graph.nodes):
         if node.target == aten.linear.default and len(node.args) == 3 and node.args[2] is not None:
             x, weight, bias = node.args
@@ -128,10 +139,15 @@ def _split_bias(graph: fx.Graph) -> None:
             matmul_target, matmul_args = aten.mm.default, (x, weight)
         else:
             continue
+        leaf = _module_leaf(node)
         with graph.inserting_before(node):
-            matmul = graph.call_function(matmul_target, matmul_args)
+            matmul = graph.create_node(
+                "call_function", matmul_target, matmul_args, name=f"{leaf}_matmul"
+            )
             matmul.meta = dict(node.meta)
-            add = graph.call_function(aten.add.Tensor, (matmul, bias))
+            add = graph.create_node(
+                "call_function", aten.add.Tensor, (matmul, bias), name=f"{leaf}_bias"
+            )
             add.meta = dict(node.meta)
         node.replace_all_uses_with(add)
         graph.erase_node(node)

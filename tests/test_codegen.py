@@ -34,9 +34,9 @@ def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_
     embedding = torch.ops.aten.embedding.default(p_emb_weight, ids)  # S(2) (2, 8, 8)
     embedding_gathered = all_gather(embedding, 2, 1, 'tp')  # R (2, 8, 16)
     embedding_to_parallel = copy_to_parallel(embedding_gathered, 'tp')  # R (2, 8, 16)
-    linear_default = torch.ops.aten.linear.default(embedding_to_parallel, p_qkv_weight)  # S(2,g3) (2, 8, 24)
-    add_tensor = torch.ops.aten.add.Tensor(linear_default, p_qkv_bias)  # S(2,g3) (2, 8, 24)
-    split = torch.ops.aten.split.Tensor(add_tensor, 8, 2)  # S(2), S(2), S(2) ((2, 8, 8), (2, 8, 8), (2, 8, 8))
+    qkv_matmul = torch.ops.aten.linear.default(embedding_to_parallel, p_qkv_weight)  # S(2,g3) (2, 8, 24)
+    qkv_bias = torch.ops.aten.add.Tensor(qkv_matmul, p_qkv_bias)  # S(2,g3) (2, 8, 24)
+    split = torch.ops.aten.split.Tensor(qkv_bias, 8, 2)  # S(2), S(2), S(2) ((2, 8, 8), (2, 8, 8), (2, 8, 8))
     getitem = split[0]  # S(2) (2, 8, 8)
     getitem_1 = split[1]  # S(2) (2, 8, 8)
     getitem_2 = split[2]  # S(2) (2, 8, 8)
@@ -49,22 +49,22 @@ def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_
     scaled_dot_product_attention = torch.ops.aten.scaled_dot_product_attention.default(transpose, transpose_1, transpose_2, None, 0.0, True)  # S(1) (2, 2, 8, 4)
     transpose_3 = torch.ops.aten.transpose.int(scaled_dot_product_attention, 1, 2)  # S(2) (2, 8, 2, 4)
     reshape = torch.ops.aten.reshape.default(transpose_3, [2, 8, 8])  # S(2) (2, 8, 8)
-    linear_default_1 = torch.ops.aten.linear.default(reshape, p_proj_weight)  # P (2, 8, 16)
-    linear_default_1_reduced = all_reduce(linear_default_1, 'tp')  # R (2, 8, 16)
-    add_tensor_1 = torch.ops.aten.add.Tensor(linear_default_1_reduced, p_proj_bias)  # R (2, 8, 16)
-    add_tensor_1_local = shard_local(add_tensor_1, 2, 1, 'tp')  # S(2) (2, 8, 8)
-    add = torch.ops.aten.add.Tensor(embedding, add_tensor_1_local)  # S(2) (2, 8, 8)
+    proj_matmul = torch.ops.aten.linear.default(reshape, p_proj_weight)  # P (2, 8, 16)
+    proj_matmul_reduced = all_reduce(proj_matmul, 'tp')  # R (2, 8, 16)
+    proj_bias = torch.ops.aten.add.Tensor(proj_matmul_reduced, p_proj_bias)  # R (2, 8, 16)
+    proj_bias_local = shard_local(proj_bias, 2, 1, 'tp')  # S(2) (2, 8, 8)
+    add = torch.ops.aten.add.Tensor(embedding, proj_bias_local)  # S(2) (2, 8, 8)
     add_gathered = all_gather(add, 2, 1, 'tp')  # R (2, 8, 16)
     layer_norm = torch.ops.aten.layer_norm.default(add_gathered, [16], p_norm_weight, p_norm_bias, 1e-05, False)  # R (2, 8, 16)
     layer_norm_to_parallel = copy_to_parallel(layer_norm, 'tp')  # R (2, 8, 16)
-    linear_default_2 = torch.ops.aten.linear.default(layer_norm_to_parallel, p_fc_weight)  # S(2) (2, 8, 16)
-    add_tensor_2 = torch.ops.aten.add.Tensor(linear_default_2, p_fc_bias)  # S(2) (2, 8, 16)
-    gelu = torch.ops.aten.gelu.default(add_tensor_2)  # S(2) (2, 8, 16)
-    linear_default_3 = torch.ops.aten.linear.default(gelu, p_out_weight)  # P (2, 8, 16)
-    linear_default_3_reduced = all_reduce(linear_default_3, 'tp')  # R (2, 8, 16)
-    add_tensor_3 = torch.ops.aten.add.Tensor(linear_default_3_reduced, p_out_bias)  # R (2, 8, 16)
-    add_tensor_3_local = shard_local(add_tensor_3, 2, 1, 'tp')  # S(2) (2, 8, 8)
-    add_1 = torch.ops.aten.add.Tensor(add, add_tensor_3_local)  # S(2) (2, 8, 8)
+    fc_matmul = torch.ops.aten.linear.default(layer_norm_to_parallel, p_fc_weight)  # S(2) (2, 8, 16)
+    fc_bias = torch.ops.aten.add.Tensor(fc_matmul, p_fc_bias)  # S(2) (2, 8, 16)
+    gelu = torch.ops.aten.gelu.default(fc_bias)  # S(2) (2, 8, 16)
+    out_matmul = torch.ops.aten.linear.default(gelu, p_out_weight)  # P (2, 8, 16)
+    out_matmul_reduced = all_reduce(out_matmul, 'tp')  # R (2, 8, 16)
+    out_bias = torch.ops.aten.add.Tensor(out_matmul_reduced, p_out_bias)  # R (2, 8, 16)
+    out_bias_local = shard_local(out_bias, 2, 1, 'tp')  # S(2) (2, 8, 8)
+    add_1 = torch.ops.aten.add.Tensor(add, out_bias_local)  # S(2) (2, 8, 8)
     add_1_gathered = all_gather(add_1, 2, 1, 'tp')  # R (2, 8, 16)
     add_1_to_parallel = copy_to_parallel(add_1_gathered, 'tp')  # R (2, 8, 16)
     linear_4 = torch.ops.aten.linear.default(add_1_to_parallel, p_head_weight)  # S(2) (2, 8, 16)
@@ -117,9 +117,9 @@ def test_megatron_gpt2_lines(gpt2):
     expected = [
         "p_lm_head_weight_gathered = all_gather(p_lm_head_weight, 0, 1, 'tp')",  # tied embedding
         "view_1_to_parallel = copy_to_parallel(view_1, 'tp');  view_1 = None",
-        "view_2 = torch.ops.aten.view.default(add_tensor, [2, 16, 96]);  add_tensor = None",
+        "view_2 = torch.ops.aten.view.default(c_attn_bias, [2, 16, 96]);  c_attn_bias = None",
         "split = torch.ops.aten.split.Tensor(view_2, 32, 2);  view_2 = None",
-        "mm_default_1_reduced = all_reduce(mm_default_1, 'tp');  mm_default_1 = None",
+        "c_proj_matmul_reduced = all_reduce(c_proj_matmul, 'tp');  c_proj_matmul = None",
         "linear_gathered = all_gather(linear, 2, 1, 'tp');  linear = None",
         "return (linear_gathered,)",
     ]

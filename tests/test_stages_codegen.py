@@ -267,9 +267,9 @@ def test_values_pass_through_middle_stages():
     stage_of = _by_module(traced, {"a": 0, "b": 1, "c": 2, "": 2}) | {"relu": 1}
     stages = split_stages(traced.graph_module, stage_of, 3, traced.user_inputs)
     assert stages[0].received == ["x", "y"]
-    assert stages[1].received == ["y", "add_tensor"]  # y and h pass through stage 1
-    assert stages[2].received == ["y", "add_tensor", "add_tensor_1"]
-    assert stages[2].sent == ["add", "add_tensor"]  # h, made in stage 0, is an output
+    assert stages[1].received == ["y", "a_bias"]  # y and h pass through stage 1
+    assert stages[2].received == ["y", "a_bias", "b_bias"]
+    assert stages[2].sent == ["add", "a_bias"]  # h, made in stage 0, is an output
     assert stages[1].state == ["p_b_weight", "p_b_bias"]
     assert_chain_matches(
         traced.graph_module, stages, _values(traced, model, inputs), traced.param_fqns
@@ -280,8 +280,8 @@ def test_outputs_made_early_reach_the_last_stage():
     model, inputs, traced = _skip()
     stage_of = {n.name: 0 for n in traced.graph_module.graph.nodes if n.op == "call_function"}
     stages = split_stages(traced.graph_module, stage_of, 3, traced.user_inputs)
-    assert [s.received for s in stages[1:]] == [["add_tensor", "add"]] * 2  # graph order
-    assert stages[2].state == [] and stages[2].sent == ["add", "add_tensor"]
+    assert [s.received for s in stages[1:]] == [["a_bias", "add"]] * 2  # graph order
+    assert stages[2].state == [] and stages[2].sent == ["add", "a_bias"]
     assert_chain_matches(
         traced.graph_module, stages, _values(traced, model, inputs), traced.param_fqns
     )
@@ -290,7 +290,7 @@ def test_outputs_made_early_reach_the_last_stage():
 def test_non_contiguous_assignment_is_an_error():
     _, _, traced = _skip()
     stage_of = _by_module(traced, {"a": 1, "b": 1, "c": 1, "": 1}) | {"relu": 0}
-    with pytest.raises(AutoparError, match=r"relu \(stage 0\) reads add_tensor \(stage 1\)"):
+    with pytest.raises(AutoparError, match=r"relu \(stage 0\) reads a_bias \(stage 1\)"):
         split_stages(traced.graph_module, stage_of, 2, traced.user_inputs)
 
 
@@ -298,7 +298,7 @@ def test_missing_and_out_of_range_stages_are_errors():
     _, _, traced = _skip()
     stage_of = _by_module(traced, {"a": 0, "b": 0, "c": 5, "": 0})
     del stage_of["relu"]
-    message = r"unassigned \[relu\], out of range \[linear_default_2=5"
+    message = r"unassigned \[relu\], out of range \[c_matmul=5"
     with pytest.raises(AutoparError, match=message):
         split_stages(traced.graph_module, stage_of, 2, traced.user_inputs)
 
@@ -325,8 +325,8 @@ def test_getitems_stay_with_their_multi_output_node():
     model, inputs = SplitHeads(), (torch.randn(3, 8),)
     traced = capture(model, inputs)
     gm = traced.graph_module
-    plan = [["linear_default", "add_tensor", "split"], ["getitem", "getitem_1", "mul"]]
-    plan[1] += ["linear_default_1", "add_tensor_1"]
+    plan = [["proj_matmul", "proj_bias", "split"], ["getitem", "getitem_1", "mul"]]
+    plan[1] += ["out_matmul", "out_bias"]
     stage_of = stage_of_nodes(gm, plan)
     assert stage_of["getitem"] == stage_of["getitem_1"] == 0
     stages = split_stages(gm, stage_of, 2, traced.user_inputs)
