@@ -181,3 +181,22 @@ def test_folding_view_chains_shrinks_the_ilp_at_almost_no_cost(gpt2_tp8, monkeyp
     # folding forbids a reshard between a view and its producer; it changes little
     assert gpt2_tp8.cost.step_time_s == pytest.approx(unfolded.cost.step_time_s, rel=1e-2)
     assert _block_params(unfolded, 3) == _block_params(gpt2_tp8, 3)
+
+
+def test_ilp_objective_is_what_the_plan_prices():
+    """The ILP charges each collective the generated code runs exactly once."""
+    from autopar.solver.explain import price_tp
+    from autopar.solver.intra_op import solve_intra_op
+    from autopar.strategies import graph_strategies
+
+    model, inputs = build_model("llama2-7b", seq=1024, num_hidden_layers=2)
+    traced = autopar.capture(model, inputs)
+    strategies = graph_strategies(traced, 8)
+    result = solve_intra_op(traced, strategies, A100_NODE, 8, dtype_bytes=2)
+    pricing = price_tp(
+        traced, result.strategies, strategies.requires_grad, A100_NODE, 8, training=True,
+        dtype_bytes=2,
+    )  # fmt: skip
+    collectives = sum(c.seconds for c in pricing.collectives)
+    priced = pricing.total("compute_s") + pricing.total("optimizer_s") + collectives
+    assert result.objective_s == pytest.approx(priced, rel=1e-9)

@@ -220,54 +220,80 @@ def _edge_cost_table(p: _Problem, producer: fx.Node, consumer: fx.Node, slot: in
 
 
 def _add_edge_costs(p: _Problem) -> list:
-    terms = []
+    """Reshard costs, one per producer and target placement: codegen inserts a single
+    collective for all the consumers that want the same placement of one value."""
+    shared = defaultdict(list)  # (producer key, producer strategy, placement seen) -> triggers
+    seconds = {}
     for (src_key, dst_key, slot), edges in _edge_classes(p).items():
         producer, consumer = edges[0]
         if dst_key in p.folded and p.key_of[consumer.all_input_nodes[0].name] == src_key:
             continue  # a follower sees exactly what its producer makes: no reshard
         table = _edge_cost_table(p, producer, consumer, slot)
-        count = len(edges)
-        src_vars = p.x[src_key]
-        dst_vars = p.x.get(dst_key) if consumer.op != "output" else None
-        name = _safe(f"{src_key}__{dst_key}__{slot}")
-        if src_key == dst_key:
-            terms += _diagonal_terms(p, src_key, table, count, name)
-        elif src_vars is None or dst_vars is None:
-            terms += _one_sided_terms(p, src_key, dst_key, table, count, name, consumer)
-        else:
-            terms += _pair_terms(p, src_vars, dst_vars, table, count, name)
-    return terms
-
-
-def _diagonal_terms(p, key, table, count, name) -> list:
+        seen = [s.inputs[slot] for s in _consumer_candidates(p, consumer)]
+        for (i, j), trigger in _edge_triggers(p, (src_key, dst_key, slot), consumer, table).items():
+            if table[i, j]:
+                shared[src_key, i, str(seen[j])].append(trigger)
+                seconds[src_key, i, str(seen[j])] = table[i, j]
     terms = []
-    for i, var in enumerate(p.x[key] or [1]):
-        if (i, i) not in table:
-            p.prob += var == 0, f"no_reshard_{name}_{i}"
-        elif table[i, i]:
-            terms.append(count * table[i, i] * var)
+    for (src_key, i, placement), triggers in shared.items():
+        paid = _at_least_one(p, triggers, _safe(f"r_{src_key}_{i}_{placement}"))
+        terms.append(p.multiplicity[src_key] * seconds[src_key, i, placement] * paid)
     return terms
 
 
-def _one_sided_terms(p, src_key, dst_key, table, count, name, consumer) -> list:
-    """One end has a single candidate: the edge cost is linear in the other end's choice."""
-    src_vars, dst_vars = p.x[src_key], (p.x.get(dst_key) if consumer.op != "output" else None)
+def _at_least_one(p: _Problem, triggers: list, name: str):
+    """An expression that is 1 when any trigger is (a new [0, 1] variable if several)."""
+    if len(triggers) == 1:
+        return triggers[0]
+    paid = p.prob.add_variable(name, lowBound=0, upBound=1)
+    for n, trigger in enumerate(triggers):
+        p.prob += paid >= trigger, f"{name}_{n}"
+    return paid
+
+
+def _edge_triggers(p, edge_class, consumer, table) -> dict:
+    """(i, j) -> an expression that is 1 when the edge's ends run strategies i and j;
+    pairs with no valid reshard are forbidden."""
+    src_key, dst_key, slot = edge_class
+    name = _safe(f"{src_key}__{dst_key}__{slot}")
+    src_vars = p.x[src_key]
+    dst_vars = p.x.get(dst_key) if consumer.op != "output" else None
+    if src_key == dst_key:
+        return _diagonal_triggers(p, src_vars or [1], table, name)
     if src_vars is None and dst_vars is None:
         if (0, 0) not in table:
             raise PlanError(f"internal: no reshard on fixed edge {name}")
-        return [count * table[0, 0]] if table[0, 0] else []
+        return {(0, 0): 1}
+    if src_vars is None or dst_vars is None:
+        return _one_sided_triggers(p, src_vars, dst_vars, table, name)
+    return _pair_triggers(p, src_vars, dst_vars, table, name)
+
+
+def _diagonal_triggers(p, variables, table, name) -> dict:
+    """Both ends share a key (corresponding nodes of consecutive blocks): same choice."""
+    triggers = {}
+    for i, var in enumerate(variables):
+        if (i, i) not in table:
+            p.prob += var == 0, f"no_reshard_{name}_{i}"
+        else:
+            triggers[i, i] = var
+    return triggers
+
+
+def _one_sided_triggers(p, src_vars, dst_vars, table, name) -> dict:
+    """One end has a single candidate: the edge is linear in the other end's choice."""
     free_vars, fixed_is_src = (dst_vars, True) if src_vars is None else (src_vars, False)
-    terms = []
+    triggers = {}
     for k, var in enumerate(free_vars):
         pair = (0, k) if fixed_is_src else (k, 0)
         if pair not in table:
             p.prob += var == 0, f"no_reshard_{name}_{k}"
-        elif table[pair]:
-            terms.append(count * table[pair] * var)
-    return terms
+        else:
+            triggers[pair] = var
+    return triggers
 
 
-def _pair_terms(p, src_vars, dst_vars, table, count, name) -> list:
+def _pair_triggers(p, src_vars, dst_vars, table, name) -> dict:
     e = {pair: p.prob.add_variable(f"e_{name}_{pair[0]}_{pair[1]}", lowBound=0) for pair in table}
     for i, var in enumerate(src_vars):
         p.prob += (
@@ -279,7 +305,7 @@ def _pair_terms(p, src_vars, dst_vars, table, count, name) -> list:
             pulp.lpSum(e[i, j] for i in range(len(src_vars)) if (i, j) in e) == var,
             (f"dst_{name}_{j}"),
         )
-    return [count * cost * e[pair] for pair, cost in table.items() if cost]
+    return e
 
 
 def needs_grad_sync(strategy: Strategy, slot: int) -> bool:
