@@ -4,22 +4,26 @@ Sets. Nodes of the traced graph are grouped into keys k: corresponding nodes of
 structurally identical transformer blocks share a key, so one block is solved once
 and its choice reused by every copy; m_k counts the nodes of key k. A view or unary
 elementwise node whose strategies match its producer's one to one follows it: it
-reuses the producer's x (no variables, no edge), which folds such chains away. S_k are the
-candidate strategies of key k (strategies/). An edge class a = (k_u, k_v, slot)
-gathers the n_a graph edges from a key-k_u node into input `slot` of a key-k_v node.
+reuses the producer's x (no variables, no edge), which folds such chains away. S_k
+are the candidate strategies of key k (strategies/). An edge class a = (k_u, k_v,
+slot) gathers the graph edges from a key-k_u node into input `slot` of a key-k_v node.
 
 Variables.  x[k,s] in {0,1}: key k runs strategy s.
             e[a,i,j] >= 0: edge class a joins producer strategy i to consumer strategy j.
+            r[k,i,q] in [0,1]: producer key k, running i, pays one reshard to placement q
+                               (codegen shares it among all consumers that see q).
             y[k] in [0,1]: Megatron's f (identity forward, all-reduce backward) on k's output.
 
     minimize   sum_k m_k sum_s x[k,s] (compute[k,s] + optimizer[k,s])        _add_node_costs
-             + sum_a n_a sum_ij e[a,i,j] reshard_a[i,j]                      _add_edge_costs
+             + sum_k m_k sum_iq r[k,i,q] reshard(output_i -> q)              _add_edge_costs
              + sum_k m_k y[k] allreduce(bytes_k)                             _add_grad_sync
     subject to
       one_strategy_k:   sum_s x[k,s] = 1                                     _add_variables
-      src_a_i:          sum_j e[a,i,j] = x[k_u,i]                            _add_edge_costs
+      src_a_i:          sum_j e[a,i,j] = x[k_u,i]                            _pair_triggers
       dst_a_j:          sum_i e[a,i,j] = x[k_v,j]
                         (a pair with no valid reshard has no e: the sums forbid it)
+      r_k_i_q_n:        r[k,i,q] >= e[a,i,j] for each class a from k and consumer
+                        strategy j that sees q (x itself when one end is fixed) _at_least_one
       f_k_a_j:          y[k] >= x[k_v,j] when strategy j sees k replicated
                         yet produces a sharded or partial output              _add_grad_sync
       memory:           sum_k m_k sum_s x[k,s] mem[k,s] <= budget           _add_memory
