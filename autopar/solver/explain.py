@@ -90,7 +90,7 @@ def _node_price(traced, node, strategy, requires_grad, mesh, tp, training, dtype
     if node.op == "call_function":
         compute = node_compute_seconds(traced, node, strategy, mesh, tp, training, dtype_bytes)
         kept = 0.0
-        if training and requires_grad.get(node.name) and allocates(node):
+        if training and requires_grad.get(node.name) and allocates(traced, node):
             kept = _nbytes(node, dtype_bytes) / (tp if isinstance(strategy.output, Shard) else 1)
         return NodePrice(compute_s=compute, activation_bytes=kept)
     if node.name in traced.param_fqns and node.users:

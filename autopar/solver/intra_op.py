@@ -50,10 +50,6 @@ from autopar.placement import Replicate, Shard
 from autopar.solver import costs
 from autopar.strategies import GraphStrategies, Strategy
 
-ALLOCATION_FREE = ("view", "reshape", "_unsafe_view", "transpose", "permute", "t", "expand",
-                   "unsqueeze", "squeeze", "select", "slice", "split", "alias", "getitem",
-                   "detach", "dropout")  # fmt: skip
-
 
 @dataclass
 class IntraOpResult:
@@ -344,9 +340,10 @@ def _add_grad_sync(p: _Problem) -> list:
     return terms
 
 
-def allocates(node: fx.Node) -> bool:
-    """Does the node's output take new memory (views and aliases do not)?"""
-    return not any(word in str(node.target) for word in ALLOCATION_FREE)
+def allocates(traced, node: fx.Node) -> bool:
+    """Does the node's output take new memory? Views and aliases write nothing
+    (analyze.py knows them by their FakeTensors sharing the input's storage)."""
+    return traced.analysis.nodes[node.name].bytes_written > 0
 
 
 def _memory_bytes(p: _Problem, node: fx.Node, strategy: Strategy, activation_copies: float):
@@ -354,7 +351,7 @@ def _memory_bytes(p: _Problem, node: fx.Node, strategy: Strategy, activation_cop
     if node.name in p.traced.param_fqns and node.users:
         return node.meta["val"].numel() * fraction * p.state_bytes_per_param
     is_activation = node.op == "call_function" and p.strategies.requires_grad.get(node.name)
-    if p.training and is_activation and allocates(node):
+    if p.training and is_activation and allocates(p.traced, node):
         return _nbytes(node, p.dtype_bytes) * fraction * activation_copies
     return 0.0
 

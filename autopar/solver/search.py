@@ -25,7 +25,7 @@ from autopar.solver.intra_op import solve_intra_op
 from autopar.solver.pipeline import SCHEDULES, build_units, evaluate, unit_of_nodes
 from autopar.strategies import graph_strategies
 
-MAX_MICROBATCHES = 64
+MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
 
 
 @dataclass(frozen=True)
