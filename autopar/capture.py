@@ -45,7 +45,6 @@ class TracedModel:
     param_fqns: dict[str, str]  # placeholder name -> parameter FQN in the model
     buffer_fqns: dict[str, str]  # placeholder name -> buffer FQN in the model
     user_inputs: list[str]  # placeholder names of the user's (flattened) inputs
-    extra: dict = field(default_factory=dict)
     tied_params: dict[str, str] = field(default_factory=dict)  # duplicate -> first placeholder
     analysis: GraphAnalysis | None = None  # filled by capture()
 

@@ -15,12 +15,14 @@ replicated; the former are listed in `GraphStrategies.unsupported`.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from autopar.placement import Shard
 from autopar.strategies import attention, elementwise, embedding, matmul, norm, view
 from autopar.strategies.base import NodeShapes, OpSpec, R, Strategy, enumerate_strategies
 
@@ -61,7 +63,7 @@ def _is_float(node: fx.Node) -> bool:
 def _input_shapes(node: fx.Node):
     shapes = []
     for arg in node.all_input_nodes:
-        index = node.args[1] if node.target.__name__ == "getitem" else None
+        index = node.args[1] if node.target is operator.getitem else None
         shapes.append(output_shape(arg, index))
     return tuple(shapes)
 
@@ -122,9 +124,7 @@ def _parameter_strategies(param: fx.Node, candidates: dict) -> list[Strategy]:
     for user in param.users:
         index = user.all_input_nodes.index(param)
         wanted += [s.inputs[index] for s in candidates.get(user.name, ()) if s.inputs]
-    return [
-        Strategy(p, ()) for p in dict.fromkeys(wanted) if p == R or p.__class__.__name__ == "Shard"
-    ]
+    return [Strategy(p, ()) for p in dict.fromkeys(wanted) if p == R or isinstance(p, Shard)]
 
 
 def graph_strategies(traced, tp: int) -> GraphStrategies:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from pathlib import Path
 
 from autopar.errors import AutoparError
 
@@ -60,12 +59,6 @@ def figure_png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def save_figure(figure, path) -> Path:
-    path = Path(path)
-    figure.savefig(path)
-    return path
 
 
 def short_op(op: str) -> str:
