@@ -200,3 +200,23 @@ def test_ilp_objective_is_what_the_plan_prices():
     collectives = sum(c.seconds for c in pricing.collectives)
     priced = pricing.total("compute_s") + pricing.total("optimizer_s") + collectives
     assert result.objective_s == pytest.approx(priced, rel=1e-9)
+
+
+def test_activation_memory_per_block_matches_the_known_formula():
+    """Korthikanti et al. 2023: a block at tp keeps s*b*h*(10 + 24/tp + 5*a*s/(h*tp)) bytes."""
+    from autopar.solver.explain import price_tp
+    from autopar.solver.intra_op import solve_intra_op
+    from autopar.strategies import graph_strategies
+
+    model, inputs = build_model("gpt2-medium", n_layer=2, seq=1024)
+    traced = autopar.capture(model, inputs)
+    strategies = graph_strategies(traced, 8)
+    result = solve_intra_op(traced, strategies, A100_NODE, 8, dtype_bytes=2)
+    pricing = price_tp(
+        traced, result.strategies, strategies.requires_grad, A100_NODE, 8, training=True,
+        dtype_bytes=2,
+    )  # fmt: skip
+    block = sum(pricing.nodes[n].activation_bytes for n in traced.analysis.layers[0])
+    s, b, h, a, tp = 1024, 1, 1024, 16, 8
+    formula = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    assert 0.5 * formula < block < 1.5 * formula
