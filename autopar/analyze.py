@@ -66,6 +66,7 @@ class NodeInfo:
     params: tuple[str, ...]  # parameter placeholders this node reads directly
     layer: int | None  # index into GraphAnalysis.layers
     position: tuple[int, int] | None  # (block class, index in block); equal across same blocks
+    requires_grad: bool  # a floating-point value that a parameter's gradient flows through
 
 
 @dataclass
@@ -329,7 +330,22 @@ def _output_shapes(value) -> tuple[Shape | None, tuple[Shape, ...] | None]:
     return None, (tuple(tuple(t.shape) for t in tensors) if tensors else None)
 
 
-def _node_info(node: fx.Node, params: Collection[str], layer, position) -> NodeInfo:
+def _requires_grad(nodes: list[fx.Node], params: Collection[str]) -> set[fx.Node]:
+    """Floating-point parameters and every floating-point value computed from one."""
+    found: set[fx.Node] = set()
+    for node in nodes:
+        tensors = _tensors(_val(node))
+        floating = bool(tensors) and tensors[0].dtype.is_floating_point
+        if node.op == "placeholder":
+            grad = node.name in params
+        else:
+            grad = any(u in found for u in node.all_input_nodes)
+        if floating and grad:
+            found.add(node)
+    return found
+
+
+def _node_info(node: fx.Node, params: Collection[str], grads, layer, position) -> NodeInfo:
     value = _val(node)
     shape, shapes = _output_shapes(value)
     tensors = _tensors(value)
@@ -349,6 +365,7 @@ def _node_info(node: fx.Node, params: Collection[str], layer, position) -> NodeI
         params=tuple(n.name for n in node.all_input_nodes if n.name in params),
         layer=layer,
         position=position,
+        requires_grad=node in grads,
     )
 
 
@@ -369,6 +386,7 @@ def analyze(
     where = {n: (i, (classes[i], j)) for i, block in enumerate(layers) for j, n in enumerate(block)}
     params = frozenset(param_names)
     analyzed = [n for n in graph.nodes if n.op in ("placeholder", "call_function")]
-    nodes = {n.name: _node_info(n, params, *where.get(n, (None, None))) for n in analyzed}
+    grads = _requires_grad(analyzed, params)
+    nodes = {n.name: _node_info(n, params, grads, *where.get(n, (None, None))) for n in analyzed}
     edges = [(n.name, u.name) for n in analyzed for u in n.users if u.name in nodes]
     return GraphAnalysis(nodes, edges, [[n.name for n in b] for b in layers], classes)

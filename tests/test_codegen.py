@@ -32,9 +32,8 @@ R, P = Replicate(), Partial()
 TINY_TRANSFORMER_TP2 = """\
 def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_bias, p_norm_weight, p_norm_bias, p_fc_weight, p_fc_bias, p_out_weight, p_out_bias, p_head_weight, ids):
     embedding = torch.ops.aten.embedding.default(p_emb_weight, ids)  # S(2) (2, 8, 8)
-    embedding_gathered = all_gather(embedding, 2, 1, 'tp')  # R (2, 8, 16)
-    embedding_to_parallel = copy_to_parallel(embedding_gathered, 'tp')  # R (2, 8, 16)
-    qkv_matmul = torch.ops.aten.linear.default(embedding_to_parallel, p_qkv_weight)  # S(2,g3) (2, 8, 24)
+    embedding_all_gather = redistribute(embedding, 'tp', 'S(2)', 'R', 'P')  # R (2, 8, 16); forward all_gather(2); backward reduce_scatter(2)
+    qkv_matmul = torch.ops.aten.linear.default(embedding_all_gather, p_qkv_weight)  # S(2,g3) (2, 8, 24)
     qkv_bias = torch.ops.aten.add.Tensor(qkv_matmul, p_qkv_bias)  # S(2,g3) (2, 8, 24)
     split = torch.ops.aten.split.Tensor(qkv_bias, 8, 2)  # S(2), S(2), S(2) ((2, 8, 8), (2, 8, 8), (2, 8, 8))
     getitem = split[0]  # S(2) (2, 8, 8)
@@ -50,26 +49,25 @@ def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_
     transpose_3 = torch.ops.aten.transpose.int(scaled_dot_product_attention, 1, 2)  # S(2) (2, 8, 2, 4)
     reshape = torch.ops.aten.reshape.default(transpose_3, [2, 8, 8])  # S(2) (2, 8, 8)
     proj_matmul = torch.ops.aten.linear.default(reshape, p_proj_weight)  # P (2, 8, 16)
-    proj_matmul_reduced = all_reduce(proj_matmul, 'tp')  # R (2, 8, 16)
-    proj_bias = torch.ops.aten.add.Tensor(proj_matmul_reduced, p_proj_bias)  # R (2, 8, 16)
-    proj_bias_local = shard_local(proj_bias, 2, 1, 'tp')  # S(2) (2, 8, 8)
-    add = torch.ops.aten.add.Tensor(embedding, proj_bias_local)  # S(2) (2, 8, 8)
-    add_gathered = all_gather(add, 2, 1, 'tp')  # R (2, 8, 16)
-    layer_norm = torch.ops.aten.layer_norm.default(add_gathered, [16], p_norm_weight, p_norm_bias, 1e-05, False)  # R (2, 8, 16)
-    layer_norm_to_parallel = copy_to_parallel(layer_norm, 'tp')  # R (2, 8, 16)
+    proj_matmul_all_reduce = redistribute(proj_matmul, 'tp', 'P', 'R', 'R')  # R (2, 8, 16); forward all_reduce; backward identity
+    proj_bias = torch.ops.aten.add.Tensor(proj_matmul_all_reduce, p_proj_bias)  # R (2, 8, 16)
+    proj_bias_chunk = redistribute(proj_bias, 'tp', 'R', 'S(2)', 'S(2)')  # S(2) (2, 8, 8); forward chunk(2); backward all_gather(2)
+    add = torch.ops.aten.add.Tensor(embedding, proj_bias_chunk)  # S(2) (2, 8, 8)
+    add_all_gather = redistribute(add, 'tp', 'S(2)', 'R', 'R')  # R (2, 8, 16); forward all_gather(2); backward chunk(2)
+    layer_norm = torch.ops.aten.layer_norm.default(add_all_gather, [16], p_norm_weight, p_norm_bias, 1e-05, False)  # R (2, 8, 16)
+    layer_norm_to_parallel = redistribute(layer_norm, 'tp', 'R', 'R', 'P')  # R (2, 8, 16); forward identity; backward all_reduce
     fc_matmul = torch.ops.aten.linear.default(layer_norm_to_parallel, p_fc_weight)  # S(2) (2, 8, 16)
     fc_bias = torch.ops.aten.add.Tensor(fc_matmul, p_fc_bias)  # S(2) (2, 8, 16)
     gelu = torch.ops.aten.gelu.default(fc_bias)  # S(2) (2, 8, 16)
     out_matmul = torch.ops.aten.linear.default(gelu, p_out_weight)  # P (2, 8, 16)
-    out_matmul_reduced = all_reduce(out_matmul, 'tp')  # R (2, 8, 16)
-    out_bias = torch.ops.aten.add.Tensor(out_matmul_reduced, p_out_bias)  # R (2, 8, 16)
-    out_bias_local = shard_local(out_bias, 2, 1, 'tp')  # S(2) (2, 8, 8)
-    add_1 = torch.ops.aten.add.Tensor(add, out_bias_local)  # S(2) (2, 8, 8)
-    add_1_gathered = all_gather(add_1, 2, 1, 'tp')  # R (2, 8, 16)
-    add_1_to_parallel = copy_to_parallel(add_1_gathered, 'tp')  # R (2, 8, 16)
-    linear_4 = torch.ops.aten.linear.default(add_1_to_parallel, p_head_weight)  # S(2) (2, 8, 16)
-    linear_4_gathered = all_gather(linear_4, 2, 1, 'tp')  # R (2, 8, 32)
-    return (linear_4_gathered,)
+    out_matmul_all_reduce = redistribute(out_matmul, 'tp', 'P', 'R', 'R')  # R (2, 8, 16); forward all_reduce; backward identity
+    out_bias = torch.ops.aten.add.Tensor(out_matmul_all_reduce, p_out_bias)  # R (2, 8, 16)
+    out_bias_chunk = redistribute(out_bias, 'tp', 'R', 'S(2)', 'S(2)')  # S(2) (2, 8, 8); forward chunk(2); backward all_gather(2)
+    add_1 = torch.ops.aten.add.Tensor(add, out_bias_chunk)  # S(2) (2, 8, 8)
+    add_1_all_gather = redistribute(add_1, 'tp', 'S(2)', 'R', 'P')  # R (2, 8, 16); forward all_gather(2); backward reduce_scatter(2)
+    linear_4 = torch.ops.aten.linear.default(add_1_all_gather, p_head_weight)  # S(2) (2, 8, 16)
+    linear_4_all_gather = redistribute(linear_4, 'tp', 'S(2)', 'R', 'R')  # R (2, 8, 32); forward all_gather(2); backward chunk(2)
+    return (linear_4_all_gather,)
 """
 
 
@@ -83,8 +81,15 @@ def _lines(graph_module) -> list[str]:
     return [line.strip() for line in graph_module.code.splitlines()]
 
 
-def _count(graph_module, name: str) -> int:
-    return sum(1 for n in graph_module.graph.nodes if getattr(n.target, "__name__", "") == name)
+def _count(graph_module, kind: str) -> int:
+    """Inserted reshards whose forward runs `kind` ("to_parallel": Megatron's f)."""
+    count = 0
+    for node in graph_module.graph.nodes:
+        entry = node.meta.get("reshard")
+        if entry is not None:
+            kinds = [step.kind for step in entry.forward] or ["to_parallel"]
+            count += kind in kinds
+    return count
 
 
 # --- shard_graph ----------------------------------------------------------------------------
@@ -115,13 +120,15 @@ def test_megatron_gpt2_lines(gpt2):
     _, _, traced = gpt2
     lines = _lines(shard_graph(traced, gpt2_megatron(traced, 2), 2))
     expected = [
-        "p_lm_head_weight_gathered = all_gather(p_lm_head_weight, 0, 1, 'tp')",  # tied embedding
-        "view_1_to_parallel = copy_to_parallel(view_1, 'tp');  view_1 = None",
+        # the tied embedding
+        "p_lm_head_weight_all_gather = redistribute(p_lm_head_weight, 'tp', 'S(0)', 'R', 'R')",
+        "view_1_to_parallel = redistribute(view_1, 'tp', 'R', 'R', 'P');  view_1 = None",
         "view_2 = torch.ops.aten.view.default(c_attn_bias, [2, 16, 96]);  c_attn_bias = None",
         "split = torch.ops.aten.split.Tensor(view_2, 32, 2);  view_2 = None",
-        "c_proj_matmul_reduced = all_reduce(c_proj_matmul, 'tp');  c_proj_matmul = None",
-        "linear_gathered = all_gather(linear, 2, 1, 'tp');  linear = None",
-        "return (linear_gathered,)",
+        "c_proj_matmul_all_reduce = redistribute(c_proj_matmul, 'tp', 'P', 'R', 'R');  "
+        "c_proj_matmul = None",
+        "linear_all_gather = redistribute(linear, 'tp', 'S(2)', 'R', 'R');  linear = None",
+        "return (linear_all_gather,)",
     ]
     for line in expected:
         assert line in lines, line
@@ -131,17 +138,19 @@ def test_one_collective_per_producer_and_placement():
     model, inputs = tiny_llama()
     traced = capture(model, inputs)
     gm = shard_graph(traced, megatron_placements(traced, 2, LLAMA_SEEDS), 2)
-    # q, k and v projections read one normalized input: one f, one gather for all three.
+    # q, k and v projections read one hidden-sharded normalized input: one all-gather for
+    # all three, whose backward reduce-scatters their summed partial gradients.
     copies = [n for n in gm.graph.nodes if n.name.startswith("mul_4_")]
-    assert [n.name for n in copies] == ["mul_4_gathered", "mul_4_to_parallel"]
-    assert len(copies[1].users) == 3
+    assert [n.name for n in copies] == ["mul_4_all_gather"]
+    assert [s.kind for s in copies[0].meta["reshard"].backward] == ["reduce_scatter"]
+    assert len(copies[0].users) == 3
 
 
 def test_column_and_row_parallel_insert_megatron_pair(gpt2):
     _, _, traced = gpt2
     gm = shard_graph(traced, gpt2_megatron(traced, 2), 2)
     assert _count(gm, "all_reduce") == 2  # attention and MLP outputs
-    assert _count(gm, "copy_to_parallel") == 3  # their inputs, and the LM head's
+    assert _count(gm, "to_parallel") == 3  # their inputs, and the LM head's
     for node in gm.graph.nodes:
         if node.target is operator.getitem:
             assert node.meta["placement"] == Shard(2)

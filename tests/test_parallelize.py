@@ -20,7 +20,7 @@ from test_pipeline_parity import free_comm_mesh, lm_loss
 import autopar
 from autopar.errors import AutoparError
 from autopar.launch import LaunchError, run_local
-from autopar.runtime.layout import dim_order, with_dim_order
+from autopar.ops.layout import dim_order, with_dim_order
 from autopar.runtime.pipeline import check_stage_ranks
 
 

@@ -197,8 +197,12 @@ CASES = [
 
 
 def _collectives(code: str) -> set[str]:
-    names = ("all_gather", "all_reduce", "reduce_scatter", "shard_local", "all_to_all")
-    return {name for name in names if f"{name}(" in code}
+    """The reshard calls in the generated code, by the placements they turn into."""
+    return {
+        line.split("redistribute(")[1].split(")")[0]
+        for line in code.splitlines()
+        if "redistribute(" in line
+    }
 
 
 def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> list[str]:

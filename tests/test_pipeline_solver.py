@@ -51,9 +51,7 @@ def test_large_vocabulary_head_moves_the_split():
     mesh = Mesh.preset("a100-80gb", nodes=1)
     strategies = graph_strategies(traced, 2)
     result = solve_intra_op(traced, strategies, mesh, 2, dtype_bytes=2)
-    pricing = price_tp(
-        traced, result.strategies, strategies.requires_grad, mesh, 2, training=True, dtype_bytes=2
-    )
+    pricing = price_tp(traced, result.strategies, mesh, 2, training=True, dtype_bytes=2)
     units = build_units(
         traced, pricing, unit_of_nodes(traced), scale=1.0, dtype_bytes=2, state_bytes_per_param=16
     )

@@ -193,10 +193,7 @@ def test_ilp_objective_is_what_the_plan_prices():
     traced = autopar.capture(model, inputs)
     strategies = graph_strategies(traced, 8)
     result = solve_intra_op(traced, strategies, A100_NODE, 8, dtype_bytes=2)
-    pricing = price_tp(
-        traced, result.strategies, strategies.requires_grad, A100_NODE, 8, training=True,
-        dtype_bytes=2,
-    )  # fmt: skip
+    pricing = price_tp(traced, result.strategies, A100_NODE, 8, training=True, dtype_bytes=2)
     collectives = sum(c.seconds for c in pricing.collectives)
     priced = pricing.total("compute_s") + pricing.total("optimizer_s") + collectives
     assert result.objective_s == pytest.approx(priced, rel=1e-9)
@@ -212,10 +209,7 @@ def test_activation_memory_per_block_matches_the_known_formula():
     traced = autopar.capture(model, inputs)
     strategies = graph_strategies(traced, 8)
     result = solve_intra_op(traced, strategies, A100_NODE, 8, dtype_bytes=2)
-    pricing = price_tp(
-        traced, result.strategies, strategies.requires_grad, A100_NODE, 8, training=True,
-        dtype_bytes=2,
-    )  # fmt: skip
+    pricing = price_tp(traced, result.strategies, A100_NODE, 8, training=True, dtype_bytes=2)
     block = sum(pricing.nodes[n].activation_bytes for n in traced.analysis.layers[0])
     s, b, h, a, tp = 1024, 1, 1024, 16, 8
     formula = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))

@@ -19,8 +19,7 @@ from autopar.capture import capture
 from autopar.codegen import shard_graph
 from autopar.codegen.stages import split_stages, stage_of_nodes
 from autopar.errors import AutoparError
-from autopar.runtime import collectives
-from autopar.runtime.collectives import Axis, bound_axes
+from autopar.ops import Axis, bound_axes, redistribute
 from autopar.solver.pipeline import unit_of_nodes
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
@@ -175,8 +174,7 @@ def test_stage_code_keeps_node_names():
 
 
 def _is_inserted(node) -> bool:
-    module = getattr(node.target, "__module__", "")
-    return node.op == "call_function" and module == collectives.__name__
+    return node.op == "call_function" and node.target is redistribute
 
 
 def _stages_holding(stages, name) -> list[int]:
@@ -217,7 +215,7 @@ def test_solver_plan_at_tp2_splits_into_its_stages():
     stage_of = stage_of_nodes(gm, [stage.nodes for stage in plan.stages])
     stages = split_stages(gm, stage_of, num_stages, traced.user_inputs)
     inserted = [n for n in gm.graph.nodes if _is_inserted(n)]
-    assert any(n.target is collectives.all_reduce for n in inserted)
+    assert any(step.kind == "all_reduce" for n in inserted for step in n.meta["reshard"].forward)
     state = {n for n in gm.graph.find_nodes(op="placeholder") if n.name not in traced.user_inputs}
     for node in inserted:
         holding = _stages_holding(stages, node.name)

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from autopar.errors import PlanError
+from autopar.ops.layout import join_chunks, take_chunk
 from autopar.placement import Partial, Placement, Replicate, Shard
-from autopar.runtime.layout import join_chunks, take_chunk
 
 
 def _check_storable(placement: Placement) -> None:

@@ -5,14 +5,13 @@ node, a `NodePlacement`: the placement of its output on the tp axis and the
 placement in which it sees each of its inputs. The pass copies the graph node by
 node (the traced graph is never mutated) and
 
-1. inserts a collective wherever a producer's placement differs from what a
-   consumer sees (table in docs/architecture.md), one per (producer, placement),
-   shared by all consumers and placed before the first of them;
-2. routes each replicated floating-point input of a node whose output is not
-   replicated through `copy_to_parallel` (Megatron's f), one per producer:
-   such a node's gradient for that input is one rank's summand;
-3. rewrites sizes baked into view / expand / split / ... (codegen/sizes.py);
-4. makes every returned value Replicate, so each rank gets the whole output.
+1. inserts a `redistribute` call wherever the reshard table (autopar/reshard.py)
+   has steps for an edge: the producer's placement, what the consumer sees, and
+   the placement of the gradient the consumer hands back (a replicated input of a
+   node doing its rank's part of the work gets a partial one: Megatron's f). One
+   call per (producer, placement seen, gradient), shared by all its consumers;
+2. rewrites sizes baked into view / expand / split / ... (codegen/sizes.py);
+3. makes every returned value Replicate, so each rank gets the whole output.
 
 Ops without tensor inputs (arange, zeros, full, ...) are computed whole and then
 sliced by the ordinary R -> S rule, so the graph is the same on every rank: the
@@ -31,11 +30,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from autopar import ops
 from autopar.capture import TracedModel
 from autopar.codegen.sizes import localize_sizes
 from autopar.errors import PlanError
-from autopar.placement import Partial, Placement, Replicate, Shard
-from autopar.runtime import collectives
+from autopar.placement import Placement, Replicate, Shard
+from autopar.reshard import input_gradient, reshard
 
 PlacementOrTuple = Placement | tuple[Placement, ...]
 
@@ -61,31 +61,19 @@ def shard_graph(
 ) -> fx.GraphModule:
     """The graph one rank of a `tp_size`-way tensor-parallel group runs (same on every rank).
 
-    Nodes missing from `placements` are replicated. Collectives are calls into
-    `autopar.runtime.collectives` over the mesh axis named `axis`.
+    Nodes missing from `placements` are replicated. Collectives are calls to
+    `autopar.ops.redistribute` over the mesh axis named `axis`.
     """
     source = traced.graph_module
-    graph = _GraphSharder(placements, tp_size, axis).run(source.graph)
+    graph = _GraphSharder(traced, placements, tp_size, axis).run(source.graph)
     return fx.GraphModule(source, graph)
 
 
-_COLLECTIVE_NAMES = {
-    collectives.all_gather: "gathered",
-    collectives.all_reduce: "reduced",
-    collectives.reduce_scatter: "scattered",
-    collectives.shard_local: "local",
-    collectives.all_to_all: "resharded",
-    collectives.copy_to_parallel: "to_parallel",
-}
-
-
 def _register_readable_names() -> None:
-    """Let fx print `all_reduce(x, 'tp')` rather than `autopar_runtime_collectives_all_reduce`."""
+    """Let fx print `redistribute(x, 'tp', ...)` rather than `autopar_ops_..._redistribute`."""
     register = getattr(fx.graph, "_register_custom_builtin", None)
-    if register is None:
-        return
-    for fn in _COLLECTIVE_NAMES:
-        register(fn.__name__, f"from autopar.runtime.collectives import {fn.__name__}", fn)
+    if register is not None:
+        register("redistribute", "from autopar.ops import redistribute", ops.redistribute)
 
 
 _register_readable_names()
@@ -123,11 +111,6 @@ def _is_replicated(placement: PlacementOrTuple) -> bool:
     return isinstance(placement, Replicate)
 
 
-def _carries_grad(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return not _is_tensor(val) or val.dtype.is_floating_point or val.dtype.is_complex
-
-
 def _is_element_of_tuple(node: fx.Node) -> bool:
     """A getitem that picks one output of a multi-output node (split, ...)."""
     if node.target is not operator.getitem:
@@ -150,15 +133,15 @@ def _local_shape(val, placement: PlacementOrTuple, num_shards: int):
 class _GraphSharder:
     """One pass over the source graph, building the rank-local graph node by node."""
 
-    def __init__(self, placements: Mapping[str, NodePlacement], num_shards: int, axis: str):
+    def __init__(self, traced, placements: Mapping[str, NodePlacement], num_shards: int, axis):
+        self.analysis = traced.analysis
         self.placements = placements
         self.num_shards = num_shards
         self.axis = axis
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}  # source node -> new node, as produced
         self.produced: dict[fx.Node, PlacementOrTuple] = {}  # source node -> actual placement
-        self.converted: dict[tuple[fx.Node, Placement], fx.Node] = {}
-        self.parallel_copies: dict[fx.Node, fx.Node] = {}  # new R node -> its f
+        self.converted: dict[tuple, fx.Node] = {}  # (source node, seen, gradient) -> reshard
 
     def run(self, source: fx.Graph) -> fx.Graph:
         for node in source.nodes:
@@ -215,69 +198,56 @@ class _GraphSharder:
             where = f"node {node.name}"
             self._copy(node, _normalize(element, node.meta.get("val"), where, self.num_shards))
             return
-        entry = self._entry(node)
-        parallel = not _is_replicated(entry.output)
-        args = {}
-        for source_input, seen in zip(node.all_input_nodes, entry.inputs, strict=True):
-            value = self._value_as(source_input, seen)
-            if parallel and isinstance(seen, Replicate) and _carries_grad(source_input):
-                value = self._copy_to_parallel(value)
-            args[source_input] = value
         if not node.all_input_nodes:  # a factory: computed whole, sliced by its consumers
             self._copy(node, Replicate())
             return
+        entry = self._entry(node)
+        replicated = _is_replicated(entry.output)
+        args = {
+            source: self._value_as(source, seen, input_gradient(seen, replicated))
+            for source, seen in zip(node.all_input_nodes, entry.inputs, strict=True)
+        }
         new = self._copy(node, entry.output, args)
         localize_sizes(new, entry.output, entry.inputs, self.num_shards)
 
     def _output(self, node: fx.Node) -> None:
-        values = {u: self._value_as(u, Replicate()) for u in node.all_input_nodes}
+        # every rank returns the whole output, and the loss on it hands back a whole gradient
+        values = {u: self._value_as(u, Replicate(), Replicate()) for u in node.all_input_nodes}
         self.graph.node_copy(node, lambda n: values[n])
 
-    def _value_as(self, node: fx.Node, want: Placement) -> fx.Node:
-        """`node`'s value in placement `want`, inserting (or reusing) a collective."""
+    def _value_as(self, node: fx.Node, want: Placement, grad: Placement) -> fx.Node:
+        """`node`'s value as `want` with its gradient coming back as `grad`: the table's
+        entry, inserted once per (node, want, grad) and shared by every consumer."""
         have = self.produced[node]
-        if have == want or isinstance(have, tuple):
+        if isinstance(have, tuple):
             return self.env[node]
-        key = (node, want)
+        grad = grad if self.analysis.nodes[node.name].requires_grad else None
+        key = (node, want, grad)
         if key not in self.converted:
-            self.converted[key] = self._convert(node, have, want)
+            new = reshard_node(self.graph, self.env[node], self.axis, have, want, grad)
+            if new is not self.env[node]:
+                self._annotate(new, want)
+            self.converted[key] = new
         return self.converted[key]
 
-    def _convert(self, node: fx.Node, have: Placement, want: Placement) -> fx.Node:
-        src, axis = self.env[node], self.axis
-        if isinstance(want, Replicate) and isinstance(have, Shard):
-            return self._insert(collectives.all_gather, (src, have.dim, have.groups, axis), want)
-        if isinstance(want, Replicate) and isinstance(have, Partial):
-            return self._insert(collectives.all_reduce, (src, axis), want)
-        if isinstance(want, Shard) and isinstance(have, Partial):
-            args = (src, want.dim, want.groups, axis)
-            return self._insert(collectives.reduce_scatter, args, want)
-        if isinstance(want, Shard) and isinstance(have, Replicate):
-            return self._insert(collectives.shard_local, (src, want.dim, want.groups, axis), want)
-        if isinstance(want, Shard) and isinstance(have, Shard):
-            if have.groups == want.groups == 1 and have.dim != want.dim:
-                args = (src, have.dim, want.dim, axis)
-                return self._insert(collectives.all_to_all, args, want)
-            whole = self._value_as(node, Replicate())
-            return self._insert(collectives.shard_local, (whole, want.dim, want.groups, axis), want)
+
+def reshard_node(graph: fx.Graph, value: fx.Node, axis: str, have, want, grad) -> fx.Node:
+    """A `redistribute` call turning `value` from `have` into `want` on `axis`, its gradient
+    coming back as `grad` (None: no gradient), appended to `graph`; `value` itself when the
+    table's entry is empty. PlanError when the table has no entry."""
+    entry = reshard(have, want, grad)
+    if entry is None:
         raise PlanError(
-            f"no collective turns {node.name} from {have} into {want} (needed by a consumer); "
-            "the plan's placements on this edge are inconsistent"
+            f"no collective turns {value.name} from {have} into {want} (gradient {grad}), "
+            "as a consumer needs; the plan's placements on this edge are inconsistent"
         )
-
-    def _copy_to_parallel(self, value: fx.Node) -> fx.Node:
-        if value not in self.parallel_copies:
-            args = (value, self.axis)
-            self.parallel_copies[value] = self._insert(
-                collectives.copy_to_parallel, args, value.meta["placement"]
-            )
-        return self.parallel_copies[value]
-
-    def _insert(self, fn, args: tuple, placement: Placement) -> fx.Node:
-        source = args[0]
-        base = source.args[0].name if source.target in _COLLECTIVE_NAMES else source.name
-        name = f"{base}_{_COLLECTIVE_NAMES[fn]}"
-        new = self.graph.create_node("call_function", fn, args, name=name)
-        new.meta["val"] = source.meta.get("val")
-        self._annotate(new, placement)
-        return new
+    if entry.is_identity:
+        return value
+    kinds = [step.kind for step in entry.forward] or ["to_parallel"]
+    grad_text = None if grad is None else str(grad)
+    args = (value, axis, str(have), str(want), grad_text)
+    name = f"{value.name}_{'_'.join(kinds)}"
+    new = graph.create_node("call_function", ops.redistribute, args, name=name)
+    new.meta["val"] = value.meta.get("val")
+    new.meta["reshard"] = entry
+    return new

@@ -1,6 +1,7 @@
 """Readable source of a sharded graph: fx's code with each line's placement and local shape.
 
-mm_default_3 = torch.ops.aten.mm.default(view_10, p_..._weight)  # P (16, 16)
+c_proj_matmul = torch.ops.aten.mm.default(view_10, p_..._weight)  # P (16, 16)
+c_proj_matmul_all_reduce = redistribute(c_proj_matmul, 'tp', 'P', 'R', 'R')  # R (16, 16); forward all_reduce; backward identity
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ def _describe(node: fx.Node) -> str | None:
     if placement is None:
         return None
     text = str(placement) if not isinstance(placement, tuple) else ", ".join(map(str, placement))
-    return f"{text} {shape}" if shape is not None else text
+    text = f"{text} {shape}" if shape is not None else text
+    reshard = node.meta.get("reshard")
+    return f"{text}; {reshard}" if reshard is not None else text
 
 
 def annotated_code(graph_module: fx.GraphModule, header: str = "") -> str:

@@ -33,7 +33,10 @@ number of ring steps). A group of one rank costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from autopar.errors import AutoparError
+from autopar.reshard import Reshard
 
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
@@ -94,3 +97,9 @@ def _unknown_kind(kind: str) -> AutoparError:
     return AutoparError(
         f"unknown collective kind {kind!r}; valid kinds: {', '.join(COLLECTIVE_KINDS)}"
     )
+
+
+def reshard_seconds(entry: Reshard, nbytes: float, price: Callable[[str, float], float]) -> float:
+    """Seconds of one reshard table entry on a value of `nbytes` (full size), forward and
+    backward; `price(kind, nbytes)` is the collective time on the axis's group."""
+    return sum(price(step.kind, nbytes) for _, step in entry.collectives())

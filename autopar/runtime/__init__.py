@@ -1,24 +1,12 @@
-"""Running generated code: collectives, axis bindings, ParallelModule and DistributedModule.
+"""Running generated code: ParallelModule and DistributedModule on the mesh's process groups.
 
 `ParallelModule` is one tensor-parallel rank's part of a model; `DistributedModule`
 (what `autopar.parallelize` returns) runs a whole plan: dp replicas, tp shards and
 pipeline stages (runtime/pipeline.py) on the process groups of runtime/groups.py.
+The collectives the generated code calls live in `autopar.ops`.
 """
 
-from autopar.runtime import collectives
-from autopar.runtime.collectives import bind_axis, bound_axes
+from autopar.runtime.module import ParallelModule
+from autopar.runtime.parallel import DistributedModule
 
-__all__ = ["DistributedModule", "ParallelModule", "bind_axis", "bound_axes", "collectives"]
-
-
-def __getattr__(name: str):
-    # These import codegen, which imports runtime.collectives: load them lazily.
-    if name == "ParallelModule":
-        from autopar.runtime.module import ParallelModule
-
-        return ParallelModule
-    if name == "DistributedModule":
-        from autopar.runtime.parallel import DistributedModule
-
-        return DistributedModule
-    raise AttributeError(name)
+__all__ = ["DistributedModule", "ParallelModule"]

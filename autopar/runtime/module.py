@@ -21,8 +21,8 @@ from torch.utils import _pytree as pytree
 from autopar.capture import TracedModel
 from autopar.codegen import NodePlacement, annotated_code, gather_full, shard_graph, shard_tensor
 from autopar.errors import AutoparError
+from autopar.ops import Axis, bound_axes
 from autopar.placement import Replicate
-from autopar.runtime.collectives import Axis, bound_axes
 from autopar.runtime.state import Slot, build_slots, state_slots
 
 _USER_OUTPUTS = (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT)
@@ -71,8 +71,7 @@ class ParallelModule(nn.Module):
         """This rank's generated Python source, annotated with placements and local shapes."""
         header = (
             f"rank {self.tp_rank} of {self.tp_size} on mesh axis {self.axis!r}\n"
-            "from autopar.runtime.collectives import all_gather, all_reduce, all_to_all, "
-            "copy_to_parallel, reduce_scatter, shard_local"
+            "from autopar.ops import redistribute"
         )
         return annotated_code(self.graph_module, header)
 

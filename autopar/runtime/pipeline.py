@@ -43,10 +43,10 @@ from autopar.capture import TracedModel
 from autopar.codegen import annotated_code, gather_full, shard_graph, shard_tensor
 from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
 from autopar.errors import AutoparError, PlanError
+from autopar.ops import Axis, bound_axes
+from autopar.ops.layout import dim_order, with_dim_order
 from autopar.placement import Placement, Replicate
-from autopar.runtime.collectives import Axis, bound_axes
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
-from autopar.runtime.layout import dim_order, with_dim_order
 from autopar.runtime.module import check_state_dict, placeholder_feeds
 from autopar.runtime.state import Slot, build_slots, tensor_placements, tensors_by_id
 

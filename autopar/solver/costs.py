@@ -1,22 +1,14 @@
-"""What a strategy and a change of placement cost on the tensor-parallel axis.
+"""What a strategy costs on the tensor-parallel axis: compute and optimizer time.
 
 Kept apart from the ILP so that a plan can explain itself: the same functions price
-the solver's objective and the collectives listed in a plan's summary.
-
-Training prices forward and backward together. A change of placement on an edge
-follows the table in docs/architecture.md; its backward is the mirror collective
-when the tensor carries a gradient. Megatron's `f` (identity forward, all-reduce
-backward) is priced separately, once per producer, in the solver.
+the solver's objective and the plan's summary. Changes of placement are priced from
+the reshard table (autopar/reshard.py, cost/comm.py's `reshard_seconds`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from autopar.cost.memory import training_memory
-from autopar.placement import Partial, Placement, Replicate, Shard
 
-FORWARD, BACKWARD = "forward", "backward"
 BACKWARD_FLOP_FACTOR = (
     2.0  # backward ~ 2x forward FLOPs (Kaplan et al. 2020, Narayanan et al. 2021)
 )
@@ -31,45 +23,6 @@ BROADCAST_SUM_BACKWARD_FACTOR = 0.5
 # write fp32 master weight, momentum and variance (24 B), read the 16-bit gradient and
 # write the 16-bit weight (4 B), plus slack for the gradient zeroing (4 B).
 OPTIMIZER_BYTES_PER_PARAM = 32
-
-
-@dataclass(frozen=True)
-class CommOp:
-    """One collective on the tp axis: its kind, when it runs, and the full tensor size."""
-
-    kind: str
-    phase: str
-    nbytes: int
-
-
-def reshard_ops(src: Placement, dst: Placement, nbytes: int, carries_grad: bool):
-    """Collectives turning `src` into `dst` (forward and, with a gradient, backward).
-
-    Returns None when no collective can do it (nothing becomes Partial).
-    """
-    if src == dst:
-        return ()
-    backward = carries_grad
-    if isinstance(dst, Partial):
-        return None
-    if isinstance(src, Replicate):  # dst is a Shard: slice locally, gather the gradient
-        return (CommOp("all_gather", BACKWARD, nbytes),) if backward else ()
-    if isinstance(src, Partial):
-        if isinstance(dst, Replicate):
-            return (CommOp("all_reduce", FORWARD, nbytes),)
-        ops = (CommOp("reduce_scatter", FORWARD, nbytes),)
-        return ops + ((CommOp("all_gather", BACKWARD, nbytes),) if backward else ())
-    if isinstance(dst, Replicate):
-        return (CommOp("all_gather", FORWARD, nbytes),)
-    assert isinstance(src, Shard) and isinstance(dst, Shard)
-    if src.dim == dst.dim or src.groups != 1 or dst.groups != 1:
-        return None  # regrouping one dim is not generated
-    ops = (CommOp("all_to_all", FORWARD, nbytes),)
-    return ops + ((CommOp("all_to_all", BACKWARD, nbytes),) if backward else ())
-
-
-def comm_seconds(ops, mesh, tp: int) -> float:
-    return sum(mesh.tp_collective_time(op.kind, op.nbytes, tp) for op in ops)
 
 
 def compute_seconds(

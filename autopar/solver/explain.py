@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 from autopar.placement import Replicate, Shard
 from autopar.plan import Collective
+from autopar.reshard import reshard
 from autopar.solver import costs
-from autopar.solver.intra_op import _nbytes, allocates, needs_grad_sync, node_compute_seconds
+from autopar.solver.intra_op import _nbytes, allocates, node_compute_seconds
+from autopar.strategies import Strategy
 
 
 @dataclass
@@ -39,58 +41,48 @@ def _layer(traced, name: str):
     return getattr(info, "layer", None)
 
 
-def _edge_collectives(traced, chosen, requires_grad, mesh, tp, training, dtype_bytes):
-    found = []
+def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
+    """Every collective of the reshard table's entries on the plan's edges, each entry once
+    per (producer, placement seen, gradient), as codegen shares it among consumers."""
+    found, seen = [], set()
     for consumer in traced.graph_module.graph.nodes:
         if consumer.op not in ("call_function", "output"):
             continue
+        strategy = _consumer_strategy(consumer, chosen)
         for slot, producer in enumerate(consumer.all_input_nodes):
-            src = chosen[producer.name].output
-            dst = Replicate() if consumer.op == "output" else chosen[consumer.name].inputs[slot]
+            carries_grad = training and traced.analysis.nodes[producer.name].requires_grad
+            dst = strategy.inputs[slot]
+            grad = strategy.input_grad(slot) if carries_grad else None
+            entry = reshard(chosen[producer.name].output, dst, grad)
+            assert entry is not None, (producer.name, consumer.name, dst, grad)
+            if (producer.name, dst, grad) in seen:
+                continue
+            seen.add((producer.name, dst, grad))
             nbytes = _nbytes(producer, dtype_bytes)
-            carries_grad = training and requires_grad.get(producer.name, False)
-            ops = costs.reshard_ops(src, dst, nbytes, carries_grad)
-            assert ops is not None, (producer.name, consumer.name, src, dst)
-            found += [_collective(op, producer, consumer, mesh, tp, traced) for op in ops]
-    return _dedup(found)
-
-
-def _collective(op, producer, consumer, mesh, tp, traced) -> Collective:
-    seconds = mesh.tp_collective_time(op.kind, op.nbytes, tp)
-    layer = _layer(traced, producer.name)  # a block owns the collectives of what it produces
-    return Collective(op.kind, op.phase, producer.name, consumer.name, op.nbytes, seconds, layer)
-
-
-def _dedup(collectives: list[Collective]) -> list[Collective]:
-    """Codegen shares one collective among consumers that want the same placement."""
-    seen, unique = set(), []
-    for c in collectives:
-        key = (c.kind, c.phase, c.producer)
-        if key not in seen:
-            seen.add(key)
-            unique.append(c)
-    return unique
-
-
-def _grad_sync_collectives(traced, chosen, requires_grad, mesh, tp, training, dtype_bytes):
-    if not training:
-        return []
-    found = []
-    for node in traced.graph_module.graph.nodes:
-        if not requires_grad.get(node.name):
-            continue
-        consumers = [u for u in node.users if u.op == "call_function"]
-        if any(needs_grad_sync(chosen[u.name], u.all_input_nodes.index(node)) for u in consumers):
-            op = costs.CommOp("all_reduce", costs.BACKWARD, _nbytes(node, dtype_bytes))
-            found.append(_collective(op, node, consumers[0], mesh, tp, traced))
+            found += [
+                _collective(phase, step.kind, nbytes, producer, consumer, mesh, tp, traced)
+                for phase, step in entry.collectives()
+            ]
     return found
 
 
-def _node_price(traced, node, strategy, requires_grad, mesh, tp, training, dtype_bytes):
+def _consumer_strategy(consumer, chosen) -> Strategy:
+    if consumer.op == "output":  # every rank returns the whole output
+        return Strategy(Replicate(), tuple(Replicate() for _ in consumer.all_input_nodes))
+    return chosen[consumer.name]
+
+
+def _collective(phase, kind, nbytes, producer, consumer, mesh, tp, traced) -> Collective:
+    seconds = mesh.tp_collective_time(kind, nbytes, tp)
+    layer = _layer(traced, producer.name)  # a block owns the collectives of what it produces
+    return Collective(kind, phase, producer.name, consumer.name, nbytes, seconds, layer)
+
+
+def _node_price(traced, node, strategy, mesh, tp, training, dtype_bytes):
     if node.op == "call_function":
         compute = node_compute_seconds(traced, node, strategy, mesh, tp, training, dtype_bytes)
         kept = 0.0
-        if training and requires_grad.get(node.name) and allocates(traced, node):
+        if training and traced.analysis.nodes[node.name].requires_grad and allocates(traced, node):
             kept = _nbytes(node, dtype_bytes) / (tp if isinstance(strategy.output, Shard) else 1)
         return NodePrice(compute_s=compute, activation_bytes=kept)
     if node.name in traced.param_fqns and node.users:
@@ -103,16 +95,11 @@ def _node_price(traced, node, strategy, requires_grad, mesh, tp, training, dtype
     return NodePrice()
 
 
-def price_tp(traced, chosen, requires_grad, mesh, tp, *, training, dtype_bytes) -> TpPricing:
+def price_tp(traced, chosen, mesh, tp, *, training, dtype_bytes) -> TpPricing:
     nodes = {
-        node.name: _node_price(
-            traced, node, chosen[node.name], requires_grad, mesh, tp, training, dtype_bytes
-        )
+        node.name: _node_price(traced, node, chosen[node.name], mesh, tp, training, dtype_bytes)
         for node in traced.graph_module.graph.nodes
         if node.name in chosen
     }
-    collectives = _edge_collectives(traced, chosen, requires_grad, mesh, tp, training, dtype_bytes)
-    collectives += _grad_sync_collectives(
-        traced, chosen, requires_grad, mesh, tp, training, dtype_bytes
-    )
+    collectives = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes)
     return TpPricing(nodes, collectives)

@@ -10,13 +10,12 @@ slot) gathers the graph edges from a key-k_u node into input `slot` of a key-k_v
 
 Variables.  x[k,s] in {0,1}: key k runs strategy s.
             e[a,i,j] >= 0: edge class a joins producer strategy i to consumer strategy j.
-            r[k,i,q] in [0,1]: producer key k, running i, pays one reshard to placement q
-                               (codegen shares it among all consumers that see q).
-            y[k] in [0,1]: Megatron's f (identity forward, all-reduce backward) on k's output.
+            r[k,i,q] in [0,1]: producer key k, running i, pays one reshard to q = (placement
+                               seen, placement its gradient comes back in); codegen
+                               shares it among all consumers that see q.
 
     minimize   sum_k m_k sum_s x[k,s] (compute[k,s] + optimizer[k,s])        _add_node_costs
              + sum_k m_k sum_iq r[k,i,q] reshard(output_i -> q)              _add_edge_costs
-             + sum_k m_k y[k] allreduce(bytes_k)                             _add_grad_sync
     subject to
       one_strategy_k:   sum_s x[k,s] = 1                                     _add_variables
       src_a_i:          sum_j e[a,i,j] = x[k_u,i]                            _pair_triggers
@@ -24,11 +23,11 @@ Variables.  x[k,s] in {0,1}: key k runs strategy s.
                         (a pair with no valid reshard has no e: the sums forbid it)
       r_k_i_q_n:        r[k,i,q] >= e[a,i,j] for each class a from k and consumer
                         strategy j that sees q (x itself when one end is fixed) _at_least_one
-      f_k_a_j:          y[k] >= x[k_v,j] when strategy j sees k replicated
-                        yet produces a sharded or partial output              _add_grad_sync
       memory:           sum_k m_k sum_s x[k,s] mem[k,s] <= budget           _add_memory
 
-Costs are seconds of one training step (forward and backward) from solver/costs.py.
+Costs are seconds of one training step (forward and backward) from solver/costs.py;
+reshard(output_i -> q) is the reshard table's entry (autopar/reshard.py), Megatron's f
+(a replicated input whose gradient comes back partial) included.
 """
 
 from __future__ import annotations
@@ -45,8 +44,10 @@ import pulp
 import torch
 import torch.fx as fx
 
+from autopar.cost import comm
 from autopar.errors import PlanError, SolverTimeLimit
 from autopar.placement import Replicate, Shard
+from autopar.reshard import reshard
 from autopar.solver import costs
 from autopar.strategies import GraphStrategies, Strategy
 
@@ -207,15 +208,19 @@ def _consumer_candidates(p: _Problem, consumer: fx.Node) -> list[Strategy]:
 
 
 def _edge_cost_table(p: _Problem, producer: fx.Node, consumer: fx.Node, slot: int) -> dict:
-    """(i, j) -> seconds for every valid producer strategy i and consumer strategy j."""
+    """(i, j) -> (reshard key, seconds) for every valid producer strategy i and consumer
+    strategy j; the key (placement seen, gradient handed back) is what codegen shares."""
     nbytes = _nbytes(producer, p.dtype_bytes)
-    carries_grad = p.training and p.strategies.requires_grad.get(producer.name, False)
+    carries_grad = p.training and p.traced.analysis.nodes[producer.name].requires_grad
+    price = functools.partial(p.mesh.tp_collective_time, group_size=p.tp)
     table = {}
     for i, src in enumerate(p.strategies.candidates[producer.name]):
         for j, dst in enumerate(_consumer_candidates(p, consumer)):
-            ops = costs.reshard_ops(src.output, dst.inputs[slot], nbytes, carries_grad)
-            if ops is not None:
-                table[i, j] = costs.comm_seconds(ops, p.mesh, p.tp)
+            grad = dst.input_grad(slot) if carries_grad else None
+            entry = reshard(src.output, dst.inputs[slot], grad)
+            if entry is not None:
+                seconds = comm.reshard_seconds(entry, nbytes, price)
+                table[i, j] = (f"{dst.inputs[slot]}~{grad}", seconds)
     return table
 
 
@@ -229,11 +234,11 @@ def _add_edge_costs(p: _Problem) -> list:
         if dst_key in p.folded and p.key_of[consumer.all_input_nodes[0].name] == src_key:
             continue  # a follower sees exactly what its producer makes: no reshard
         table = _edge_cost_table(p, producer, consumer, slot)
-        seen = [s.inputs[slot] for s in _consumer_candidates(p, consumer)]
         for (i, j), trigger in _edge_triggers(p, (src_key, dst_key, slot), consumer, table).items():
-            if table[i, j]:
-                shared[src_key, i, str(seen[j])].append(trigger)
-                seconds[src_key, i, str(seen[j])] = table[i, j]
+            seen, cost = table[i, j]
+            if cost:
+                shared[src_key, i, seen].append(trigger)
+                seconds[src_key, i, seen] = cost
     terms = []
     for (src_key, i, placement), triggers in shared.items():
         paid = _at_least_one(p, triggers, _safe(f"r_{src_key}_{i}_{placement}"))
@@ -308,38 +313,6 @@ def _pair_triggers(p, src_vars, dst_vars, table, name) -> dict:
     return e
 
 
-def needs_grad_sync(strategy: Strategy, slot: int) -> bool:
-    """A replicated input of a node doing split work gets only a summand of its gradient."""
-    return isinstance(strategy.inputs[slot], Replicate) and not isinstance(
-        strategy.output, Replicate
-    )
-
-
-def _add_grad_sync(p: _Problem) -> list:
-    if not p.training:
-        return []
-    triggers = defaultdict(list)  # producer key -> consumer choices that need f
-    producers = {}
-    for (src_key, dst_key, slot), edges in _edge_classes(p).items():
-        producer, consumer = edges[0]
-        if consumer.op == "output" or not p.strategies.requires_grad.get(producer.name):
-            continue
-        producers[src_key] = producer
-        for j, strategy in enumerate(p.strategies.candidates[consumer.name]):
-            if needs_grad_sync(strategy, slot):
-                triggers[src_key].append((dst_key, j))
-    terms = []
-    for src_key, choices in triggers.items():
-        y = p.prob.add_variable(f"f_{_safe(src_key)}", lowBound=0, upBound=1)
-        for n, (dst_key, j) in enumerate(choices):
-            p.prob += y >= _choice(p, dst_key, j), f"f_{_safe(src_key)}_{n}"
-        seconds = p.mesh.tp_collective_time(
-            "all_reduce", _nbytes(producers[src_key], p.dtype_bytes), p.tp
-        )
-        terms.append(p.multiplicity[src_key] * seconds * y)
-    return terms
-
-
 def allocates(traced, node: fx.Node) -> bool:
     """Does the node's output take new memory? Views and aliases write nothing
     (analyze.py knows them by their FakeTensors sharing the input's storage)."""
@@ -350,7 +323,7 @@ def _memory_bytes(p: _Problem, node: fx.Node, strategy: Strategy, activation_cop
     fraction = _local_fraction(strategy.output, p.tp)
     if node.name in p.traced.param_fqns and node.users:
         return node.meta["val"].numel() * fraction * p.state_bytes_per_param
-    is_activation = node.op == "call_function" and p.strategies.requires_grad.get(node.name)
+    is_activation = node.op == "call_function" and p.traced.analysis.nodes[node.name].requires_grad
     if p.training and is_activation and allocates(p.traced, node):
         return _nbytes(node, p.dtype_bytes) * fraction * activation_copies
     return 0.0
@@ -451,7 +424,7 @@ def solve_intra_op(
         multiplicity, prob, {},
     )  # fmt: skip
     _add_variables(p, representatives)
-    objective = _add_node_costs(p, representatives) + _add_edge_costs(p) + _add_grad_sync(p)
+    objective = _add_node_costs(p, representatives) + _add_edge_costs(p)
     prob += pulp.lpSum(objective)
     budget = memory_budget_bytes if memory_budget_bytes is not None else mesh.device.memory_bytes
     _add_memory(p, representatives, budget, activation_copies)

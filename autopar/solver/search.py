@@ -168,8 +168,7 @@ def _solve_tp(
         memory_budget_bytes=budget, time_limit_s=time_limit_s, state_bytes_per_param=state_bytes,
     )  # fmt: skip
     pricing = price_tp(
-        traced, result.strategies, strategies.requires_grad, mesh, tp,
-        training=training, dtype_bytes=dtype_bytes,
+        traced, result.strategies, mesh, tp, training=training, dtype_bytes=dtype_bytes,
     )  # fmt: skip
     return _TpSolution(tp, result, strategies, pricing)
 

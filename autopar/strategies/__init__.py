@@ -43,7 +43,6 @@ __all__ = ["GraphStrategies", "Strategy", "graph_strategies", "RULES"]
 class GraphStrategies:
     candidates: dict[str, list[Strategy]]  # node name -> strategies, replicated first
     unsupported: list[str]  # call_function nodes with no rule, run replicated
-    requires_grad: dict[str, bool]  # does the node's output carry a gradient in training
 
 
 def output_shape(node: fx.Node, index: int | None = None) -> tuple[int, ...] | None:
@@ -130,15 +129,13 @@ def _parameter_strategies(param: fx.Node, candidates: dict) -> list[Strategy]:
 def graph_strategies(traced, tp: int) -> GraphStrategies:
     graph = traced.graph_module.graph
     hints = _group_hints(graph)
-    candidates, unsupported, tokens, grads = {}, [], {}, {}
+    candidates, unsupported, tokens = {}, [], {}
     for node in graph.nodes:
         if node.op == "placeholder":
             shape = output_shape(node) or ()
             tokens[node.name] = tuple(node.name in traced.user_inputs for _ in shape)
-            grads[node.name] = node.name in traced.param_fqns and _is_float(node)
             candidates[node.name] = [Strategy(R, ())]
         elif node.op == "call_function":
-            grads[node.name] = _is_float(node) and any(grads[a.name] for a in node.all_input_nodes)
             spec, shapes = _spec(node, tokens)
             tokens[node.name] = shapes.out_tokens if shapes else ()
             if spec is None or not _is_float(node):
@@ -151,4 +148,4 @@ def graph_strategies(traced, tp: int) -> GraphStrategies:
     for name in traced.param_fqns:
         param = next(n for n in graph.nodes if n.name == name)
         candidates[name] = _parameter_strategies(param, candidates)
-    return GraphStrategies(candidates, unsupported, grads)
+    return GraphStrategies(candidates, unsupported)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.placement import Partial, Placement, Replicate, Shard
+from autopar.reshard import input_gradient
 
 R, P = Replicate(), Partial()
 
@@ -30,6 +31,10 @@ class Strategy:
         return not isinstance(self.output, Replicate) or any(
             not isinstance(p, Replicate) for p in self.inputs
         )
+
+    def input_grad(self, slot: int) -> Placement:
+        """The placement in which this strategy hands back input `slot`'s gradient."""
+        return input_gradient(self.inputs[slot], isinstance(self.output, Replicate))
 
     def __str__(self) -> str:
         return f"{self.output} <- ({', '.join(str(p) for p in self.inputs)})"
