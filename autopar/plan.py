@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from autopar.cost.pricing import Collective
 from autopar.errors import PlanError
 from autopar.fileio import write_atomic
 from autopar.placement import parse_placement
@@ -40,19 +41,6 @@ class Stage:
     time_s: float  # predicted forward+backward time of one microbatch
     memory_bytes: float
     pp_rank: int = 0  # the pipeline rank running it (stages wrap around under interleaving)
-
-
-@dataclass
-class Collective:
-    """One collective the generated code runs, for the summary and for explanation."""
-
-    kind: str  # all_reduce, all_gather, reduce_scatter, all_to_all
-    phase: str  # forward or backward
-    producer: str
-    consumer: str
-    nbytes: int
-    seconds: float
-    layer: int | None
 
 
 @dataclass

@@ -6,8 +6,8 @@ from autopar.cost import (
     COLLECTIVE_KINDS,
     collective_time,
     compute_time,
-    training_compute_time,
     training_memory,
+    training_time,
 )
 from autopar.errors import AutoparError
 from autopar.mesh import DeviceSpec
@@ -74,7 +74,8 @@ def test_roofline_picks_the_slower_side():
 
 
 def test_training_is_three_forwards():
-    assert training_compute_time(1e12, 1e9, DEVICE) == pytest.approx(3 * 0.02)
+    assert training_time(1e12, 1e9, DEVICE) == pytest.approx(3 * 0.02)
+    assert training_time(1e9, 1e10, DEVICE) == pytest.approx(2 * 0.01)  # bytes: 1 + 1
 
 
 def test_negative_counts_rejected():

@@ -8,10 +8,10 @@ from conftest import tiny_gpt2
 
 from autopar.api import plan as make_plan
 from autopar.capture import capture
+from autopar.cost.pricing import price_sharding
 from autopar.errors import AutoparError
 from autopar.mesh import Mesh
 from autopar.models import build_model
-from autopar.solver.explain import price_tp
 from autopar.solver.intra_op import solve_intra_op
 from autopar.solver.pipeline import build_units, in_flight, unit_of_nodes
 from autopar.solver.stages import Unit, best_split, best_split_brute_force, equal_layer_split
@@ -51,7 +51,7 @@ def test_large_vocabulary_head_moves_the_split():
     mesh = Mesh.preset("a100-80gb", nodes=1)
     strategies = graph_strategies(traced, 2)
     result = solve_intra_op(traced, strategies, mesh, 2, dtype_bytes=2)
-    pricing = price_tp(traced, result.strategies, mesh, 2, training=True, dtype_bytes=2)
+    pricing = price_sharding(traced, result.strategies, mesh, 2, training=True, dtype_bytes=2)
     units = build_units(
         traced, pricing, unit_of_nodes(traced), scale=1.0, dtype_bytes=2, state_bytes_per_param=16
     )

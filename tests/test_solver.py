@@ -146,9 +146,9 @@ def test_malformed_plan_files_raise(tmp_path):
 
 
 def test_cbc_and_highs_agree(gpt2_tp8, monkeypatch):
-    from autopar.solver import intra_op
+    from autopar.solver import ilp
 
-    monkeypatch.setattr(intra_op, "_highs_available", lambda: False)
+    monkeypatch.setattr(ilp, "_highs_available", lambda: False)
     model, inputs = build_model("gpt2-medium", n_layer=12, seq=1024)
     with_cbc = make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16)
     # both optimal: same predicted step, same block layout (ties elsewhere may break either way)
@@ -185,7 +185,7 @@ def test_folding_view_chains_shrinks_the_ilp_at_almost_no_cost(gpt2_tp8, monkeyp
 
 def test_ilp_objective_is_what_the_plan_prices():
     """The ILP charges each collective the generated code runs exactly once."""
-    from autopar.solver.explain import price_tp
+    from autopar.cost.pricing import price_sharding
     from autopar.solver.intra_op import solve_intra_op
     from autopar.strategies import graph_strategies
 
@@ -193,7 +193,7 @@ def test_ilp_objective_is_what_the_plan_prices():
     traced = autopar.capture(model, inputs)
     strategies = graph_strategies(traced, 8)
     result = solve_intra_op(traced, strategies, A100_NODE, 8, dtype_bytes=2)
-    pricing = price_tp(traced, result.strategies, A100_NODE, 8, training=True, dtype_bytes=2)
+    pricing = price_sharding(traced, result.strategies, A100_NODE, 8, training=True, dtype_bytes=2)
     collectives = sum(c.seconds for c in pricing.collectives)
     priced = pricing.total("compute_s") + pricing.total("optimizer_s") + collectives
     assert result.objective_s == pytest.approx(priced, rel=1e-9)
@@ -201,7 +201,7 @@ def test_ilp_objective_is_what_the_plan_prices():
 
 def test_activation_memory_per_block_matches_the_known_formula():
     """Korthikanti et al. 2023: a block at tp keeps s*b*h*(10 + 24/tp + 5*a*s/(h*tp)) bytes."""
-    from autopar.solver.explain import price_tp
+    from autopar.cost.pricing import price_sharding
     from autopar.solver.intra_op import solve_intra_op
     from autopar.strategies import graph_strategies
 
@@ -209,7 +209,7 @@ def test_activation_memory_per_block_matches_the_known_formula():
     traced = autopar.capture(model, inputs)
     strategies = graph_strategies(traced, 8)
     result = solve_intra_op(traced, strategies, A100_NODE, 8, dtype_bytes=2)
-    pricing = price_tp(traced, result.strategies, A100_NODE, 8, training=True, dtype_bytes=2)
+    pricing = price_sharding(traced, result.strategies, A100_NODE, 8, training=True, dtype_bytes=2)
     block = sum(pricing.nodes[n].activation_bytes for n in traced.analysis.layers[0])
     s, b, h, a, tp = 1024, 1, 1024, 16, 8
     formula = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))

@@ -1,4 +1,4 @@
-"""Roofline time of one operator on one device.
+"""Roofline time of one operator on one device, forward and backward; the optimizer step.
 
 An operator is bounded either by arithmetic or by memory traffic, whichever is
 slower (Williams, Waterman and Patterson, "Roofline", CACM 2009):
@@ -9,26 +9,42 @@ slower (Williams, Waterman and Patterson, "Roofline", CACM 2009):
 sustains (see `DeviceSpec`); elementwise and normalization operators land on the
 memory side of the roofline, so the efficiency hardly matters for them.
 Communication and pipeline bubbles are priced elsewhere (`cost.comm`,
-`solver.stages`), never folded into this number.
+`solver.stages`), never folded into this number. Every stage that needs the time
+of a node (the ILP, the pricing of a plan, the timeline) reads `node_seconds`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+import torch.fx as fx
+
 from autopar.errors import AutoparError
 
 if TYPE_CHECKING:
+    from autopar.analyze import NodeInfo
     from autopar.mesh import DeviceSpec
 
-# The backward pass of a matmul computes two products the size of the forward
-# one (gradient w.r.t. the input and w.r.t. the weight), hence training costs
-# about 3x the forward FLOPs: the 6N FLOPs per token of Kaplan et al. 2020
-# ("Scaling Laws for Neural Language Models", sec. 2.1) against 2N forward, also
-# used by Narayanan et al. 2021 (Megatron-LM, SC'21, appendix). It reads the
-# saved activations and the weights and writes two gradients, so we scale the
-# bytes moved by the same factor.
-BACKWARD_FACTOR = 2.0
+# The backward pass of a matmul computes two products the size of the forward one
+# (gradient w.r.t. the input and w.r.t. the weight), hence training costs about 3x the
+# forward FLOPs: the 6N FLOPs per token of Kaplan et al. 2020 ("Scaling Laws for
+# Neural Language Models", sec. 2.1) against 2N forward, also used by Narayanan et
+# al. 2021 (Megatron-LM, SC'21, appendix).
+BACKWARD_FLOP_FACTOR = 2.0
+# A memory-bound op's backward reads the output gradient and writes the input gradient:
+# about the forward's traffic again. An add or sub hands its gradient on untouched
+# (autograd runs no kernel) except to a broadcast operand, whose gradient is a sum
+# that reads the output gradient once: about half the forward's traffic.
+BACKWARD_BYTES_FACTOR = 1.0
+PASS_THROUGH_BACKWARD_FACTOR = 0.0
+BROADCAST_SUM_BACKWARD_FACTOR = 0.5
+# Mixed-precision Adam touches ~32 bytes of memory per parameter per step: read and
+# write fp32 master weight, momentum and variance (24 B), read the 16-bit gradient and
+# write the 16-bit weight (4 B), plus slack for the gradient zeroing (4 B).
+OPTIMIZER_BYTES_PER_PARAM = 32
+
+_PASS_THROUGH = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
 
 
 def compute_time(flops: float, nbytes: float, device: DeviceSpec) -> float:
@@ -42,11 +58,44 @@ def compute_time(flops: float, nbytes: float, device: DeviceSpec) -> float:
     return max(arithmetic, memory)
 
 
-def training_compute_time(forward_flops: float, forward_nbytes: float, device: DeviceSpec) -> float:
-    """Seconds for an operator's forward plus backward pass: 1 + BACKWARD_FACTOR times forward.
+def training_time(
+    flops: float, nbytes: float, device: DeviceSpec, backward_bytes_factor=BACKWARD_BYTES_FACTOR
+) -> float:
+    """Forward plus backward: 1 + BACKWARD_FLOP_FACTOR times the FLOPs, 1 +
+    `backward_bytes_factor` times the bytes, on one roofline."""
+    return compute_time(
+        (1 + BACKWARD_FLOP_FACTOR) * flops, (1 + backward_bytes_factor) * nbytes, device
+    )
 
-    Summing the forward and backward rooflines equals one roofline of the summed
-    counts, because both scale by the same factor.
-    """
-    scale = 1.0 + BACKWARD_FACTOR
-    return compute_time(scale * forward_flops, scale * forward_nbytes, device)
+
+def traffic_bytes(info: NodeInfo, dtype_bytes: int | None) -> float:
+    """Bytes a node moves, at the training dtype when one is given."""
+    nbytes = info.bytes_read + info.bytes_written
+    if dtype_bytes and info.dtype is not None and info.dtype.is_floating_point:
+        return nbytes * dtype_bytes / info.dtype.itemsize
+    return nbytes
+
+
+def _backward_bytes_factor(node: fx.Node) -> float:
+    if node.target not in _PASS_THROUGH:
+        return BACKWARD_BYTES_FACTOR
+    out_shape = node.meta["val"].shape
+    broadcast = any(arg.meta["val"].shape != out_shape for arg in node.all_input_nodes)
+    return BROADCAST_SUM_BACKWARD_FACTOR if broadcast else PASS_THROUGH_BACKWARD_FACTOR
+
+
+def node_seconds(
+    node: fx.Node, info: NodeInfo, share: int, device: DeviceSpec, *, training: bool,
+    dtype_bytes: int | None,
+) -> float:  # fmt: skip
+    """Roofline time of a call_function node on a rank doing 1/`share` of its work,
+    forward plus backward when training."""
+    flops, nbytes = info.flops / share, traffic_bytes(info, dtype_bytes) / share
+    if not training:
+        return compute_time(flops, nbytes, device)
+    return training_time(flops, nbytes, device, _backward_bytes_factor(node))
+
+
+def optimizer_seconds(local_numel: float, device: DeviceSpec) -> float:
+    """The optimizer step's memory traffic for `local_numel` parameters on one rank."""
+    return local_numel * OPTIMIZER_BYTES_PER_PARAM / device.memory_bandwidth

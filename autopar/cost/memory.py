@@ -21,8 +21,15 @@ that transient is left out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
 
 from autopar.errors import AutoparError
+
+if TYPE_CHECKING:
+    from autopar.analyze import NodeInfo
 
 # Optimizer states per parameter, each kept at fp32 under mixed precision.
 # torch.optim.Adam / AdamW: exp_avg and exp_avg_sq; plain SGD (momentum=0): none.
@@ -113,3 +120,29 @@ def _check(
             f"recompute_fraction={recompute_fraction}: the share of activations kept "
             "must be in (0, 1]"
         )
+
+
+def tensor_bytes(node: fx.Node, dtype_bytes: int | None) -> int:
+    """Size of a node's (first) tensor output, floating point at the training dtype."""
+    val = node.meta.get("val")
+    val = val[0] if isinstance(val, list | tuple) else val
+    if not isinstance(val, torch.Tensor):
+        return 0
+    width = dtype_bytes if dtype_bytes and val.dtype.is_floating_point else val.element_size()
+    return val.numel() * width
+
+
+def saved_for_backward(node: fx.Node, info: NodeInfo, training: bool, dtype_bytes) -> int:
+    """Bytes of the whole output a training step keeps for backward: a new (not a view or
+    alias) value that a gradient flows through. analyze.py knows views by their storage."""
+    if not (training and node.op == "call_function" and info.requires_grad):
+        return 0
+    return tensor_bytes(node, dtype_bytes) if info.bytes_written > 0 else 0
+
+
+def state_bytes_per_param(training: bool, dtype_bytes: int, optimizer: str) -> float:
+    """Memory one parameter holds: its weight and, in training, its gradient and optimizer
+    state (mixed-precision Adam: the 16 bytes of the ZeRO paper)."""
+    if not training:
+        return dtype_bytes
+    return training_memory(1, 0, dtype_bytes=dtype_bytes, optimizer=optimizer).total

@@ -14,41 +14,38 @@ Variables.  x[k,s] in {0,1}: key k runs strategy s.
                                seen, placement its gradient comes back in); codegen
                                shares it among all consumers that see q.
 
-    minimize   sum_k m_k sum_s x[k,s] (compute[k,s] + optimizer[k,s])        _add_node_costs
-             + sum_k m_k sum_iq r[k,i,q] reshard(output_i -> q)              _add_edge_costs
+    minimize   sum_k m_k sum_s x[k,s] (compute[k,s] + optimizer[k,s])        _node_terms
+             + sum_k m_k sum_iq r[k,i,q] reshard(output_i -> q)              _edge_terms
+             + extra                                                        ShardingProblem.solve
     subject to
       one_strategy_k:   sum_s x[k,s] = 1                                     _add_variables
-      src_a_i:          sum_j e[a,i,j] = x[k_u,i]                            _pair_triggers
+      src_a_i:          sum_j e[a,i,j] = x[k_u,i]                            ilp.pair_triggers
       dst_a_j:          sum_i e[a,i,j] = x[k_v,j]
                         (a pair with no valid reshard has no e: the sums forbid it)
       r_k_i_q_n:        r[k,i,q] >= e[a,i,j] for each class a from k and consumer
-                        strategy j that sees q (x itself when one end is fixed) _at_least_one
-      memory:           sum_k m_k sum_s x[k,s] mem[k,s] <= budget           _add_memory
+                        strategy j that sees q (x itself when one end is fixed) ilp.at_least_one
+      memory_*:         rows over the per-node memory expressions     ShardingProblem.solve
 
-Costs are seconds of one training step (forward and backward) from solver/costs.py;
-reshard(output_i -> q) is the reshard table's entry (autopar/reshard.py), Megatron's f
-(a replicated input whose gradient comes back partial) included.
+compute, optimizer and memory come from the cost API (cost/pricing.py `node_price`),
+reshard(output_i -> q) from the reshard table (`edge_reshard`, Megatron's f included),
+all in seconds of one training step on the traced batch. The caller adds the costs that
+depend on the layout (`extra`: the data-parallel gradient sync, priced per parameter
+byte) and the memory rows of its pipeline stages, and may solve one problem many times.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import sys
-import time
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import pulp
-import torch
 import torch.fx as fx
 
 from autopar.cost import comm
-from autopar.errors import PlanError, SolverTimeLimit
-from autopar.placement import Replicate, Shard
-from autopar.reshard import reshard
-from autopar.solver import costs
+from autopar.cost.memory import tensor_bytes
+from autopar.cost.pricing import consumer_strategy, edge_reshard, node_price
+from autopar.solver import ilp
 from autopar.strategies import GraphStrategies, Strategy
 
 
@@ -63,57 +60,18 @@ class IntraOpResult:
 
 
 @dataclass
-class _Problem:
+class _Context:
     traced: object
     strategies: GraphStrategies
     mesh: object
     tp: int
     training: bool
     dtype_bytes: int | None
-    state_bytes_per_param: float
     key_of: dict[str, str]
     multiplicity: Counter
     prob: pulp.LpProblem
-    x: dict  # key -> list of variables or None (single candidate)
+    x: dict = field(default_factory=dict)  # key -> list of variables, or None (one candidate)
     folded: set = field(default_factory=set)  # keys that reuse their producer's variables
-
-
-def _nbytes(node: fx.Node, dtype_bytes: int | None) -> int:
-    val = node.meta.get("val")
-    val = val[0] if isinstance(val, (list, tuple)) else val
-    if not isinstance(val, torch.Tensor):
-        return 0
-    width = dtype_bytes if dtype_bytes and val.dtype.is_floating_point else val.element_size()
-    return val.numel() * width
-
-
-def traffic_bytes(info, dtype_bytes: int | None) -> float:
-    """Bytes a node moves, at the training dtype when one is given."""
-    nbytes = info.bytes_read + info.bytes_written
-    if dtype_bytes and info.dtype is not None and info.dtype.is_floating_point:
-        return nbytes * dtype_bytes / info.dtype.itemsize
-    return nbytes
-
-
-def _backward_bytes_factor(node: fx.Node) -> float:
-    if node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor):
-        return costs.BACKWARD_BYTES_FACTOR
-    out_shape = node.meta["val"].shape
-    broadcast = any(arg.meta["val"].shape != out_shape for arg in node.all_input_nodes)
-    return costs.BROADCAST_SUM_BACKWARD_FACTOR if broadcast else costs.PASS_THROUGH_BACKWARD_FACTOR
-
-
-def node_compute_seconds(traced, node, strategy, mesh, tp, training, dtype_bytes) -> float:
-    """Roofline time of a call_function node under `strategy`, forward plus backward."""
-    info = traced.analysis.nodes[node.name]
-    return costs.compute_seconds(
-        info.flops, traffic_bytes(info, dtype_bytes), strategy.splits_work, mesh, tp, training,
-        _backward_bytes_factor(node),
-    )  # fmt: skip
-
-
-def _local_fraction(strategy_output, tp: int) -> float:
-    return 1.0 / tp if isinstance(strategy_output, Shard) else 1.0
 
 
 def _keys(traced) -> tuple[dict[str, str], Counter]:
@@ -125,274 +83,6 @@ def _keys(traced) -> tuple[dict[str, str], Counter]:
     return key_of, Counter(key_of.values())
 
 
-def _choice(p: _Problem, key: str, index: int):
-    """x[key, index] as a PuLP expression (a constant 1 for a single-candidate key)."""
-    variables = p.x[key]
-    return 1 if variables is None else variables[index]
-
-
-def _follow_map(p: _Problem, node: fx.Node) -> list[int] | None:
-    """For a one-input node whose strategies match its producer's one to one (views and
-    unary elementwise ops), strategy j -> the producer strategy it follows; else None."""
-    if node.op != "call_function" or len(node.all_input_nodes) != 1:
-        return None
-    producer = node.all_input_nodes[0]
-    if producer.op != "call_function" or p.x.get(p.key_of[producer.name]) is None:
-        return None
-    produced = [s.output for s in p.strategies.candidates[producer.name]]
-    seen = [s.inputs[0] for s in p.strategies.candidates[node.name]]
-    if len(set(produced)) != len(produced) or sorted(map(str, produced)) != sorted(map(str, seen)):
-        return None
-    return [produced.index(placement) for placement in seen]
-
-
-def _add_variables(p: _Problem, representatives: dict[str, fx.Node]) -> None:
-    """One binary per (key, strategy), except that a follower reuses its producer's
-    binaries: the fold of view and elementwise chains into their producers."""
-    for key, node in representatives.items():
-        candidates = p.strategies.candidates[node.name]
-        if len(candidates) == 1:
-            p.x[key] = None
-            continue
-        follows = _follow_map(p, node)
-        if follows is not None:
-            producer_vars = p.x[p.key_of[node.all_input_nodes[0].name]]
-            p.x[key] = [producer_vars[i] for i in follows]
-            p.folded.add(key)
-            continue
-        safe = _safe(key)
-        p.x[key] = [
-            p.prob.add_variable(f"x_{safe}_{i}", cat="Binary") for i in range(len(candidates))
-        ]
-        p.prob += pulp.lpSum(p.x[key]) == 1, f"one_strategy_{safe}"
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text)
-
-
-def _node_cost(p: _Problem, node: fx.Node, strategy: Strategy) -> float:
-    if node.op == "placeholder":
-        if not (p.training and node.name in p.traced.param_fqns and node.users):
-            return 0.0  # an unused placeholder is a tied duplicate: its twin pays
-        numel = node.meta["val"].numel() * _local_fraction(strategy.output, p.tp)
-        return costs.optimizer_seconds(int(numel), p.mesh)
-    return node_compute_seconds(p.traced, node, strategy, p.mesh, p.tp, p.training, p.dtype_bytes)
-
-
-def _add_node_costs(p: _Problem, representatives: dict[str, fx.Node]) -> list:
-    terms = []
-    for key, node in representatives.items():
-        for i, strategy in enumerate(p.strategies.candidates[node.name]):
-            cost = _node_cost(p, node, strategy)
-            if cost:
-                terms.append(p.multiplicity[key] * cost * _choice(p, key, i))
-    return terms
-
-
-def _edge_classes(p: _Problem) -> dict[tuple[str, str, int], list[tuple[fx.Node, fx.Node]]]:
-    classes = defaultdict(list)
-    for consumer in p.traced.graph_module.graph.nodes:
-        if consumer.op not in ("call_function", "output"):
-            continue
-        for slot, producer in enumerate(consumer.all_input_nodes):
-            key = (p.key_of[producer.name], p.key_of[consumer.name], slot)
-            classes[key].append((producer, consumer))
-    return classes
-
-
-def _consumer_candidates(p: _Problem, consumer: fx.Node) -> list[Strategy]:
-    if consumer.op == "output":  # every rank returns the full output
-        return [Strategy(Replicate(), tuple(Replicate() for _ in consumer.all_input_nodes))]
-    return p.strategies.candidates[consumer.name]
-
-
-def _edge_cost_table(p: _Problem, producer: fx.Node, consumer: fx.Node, slot: int) -> dict:
-    """(i, j) -> (reshard key, seconds) for every valid producer strategy i and consumer
-    strategy j; the key (placement seen, gradient handed back) is what codegen shares."""
-    nbytes = _nbytes(producer, p.dtype_bytes)
-    carries_grad = p.training and p.traced.analysis.nodes[producer.name].requires_grad
-    price = functools.partial(p.mesh.tp_collective_time, group_size=p.tp)
-    table = {}
-    for i, src in enumerate(p.strategies.candidates[producer.name]):
-        for j, dst in enumerate(_consumer_candidates(p, consumer)):
-            grad = dst.input_grad(slot) if carries_grad else None
-            entry = reshard(src.output, dst.inputs[slot], grad)
-            if entry is not None:
-                seconds = comm.reshard_seconds(entry, nbytes, price)
-                table[i, j] = (f"{dst.inputs[slot]}~{grad}", seconds)
-    return table
-
-
-def _add_edge_costs(p: _Problem) -> list:
-    """Reshard costs, one per producer and target placement: codegen inserts a single
-    collective for all the consumers that want the same placement of one value."""
-    shared = defaultdict(list)  # (producer key, producer strategy, placement seen) -> triggers
-    seconds = {}
-    for (src_key, dst_key, slot), edges in _edge_classes(p).items():
-        producer, consumer = edges[0]
-        if dst_key in p.folded and p.key_of[consumer.all_input_nodes[0].name] == src_key:
-            continue  # a follower sees exactly what its producer makes: no reshard
-        table = _edge_cost_table(p, producer, consumer, slot)
-        for (i, j), trigger in _edge_triggers(p, (src_key, dst_key, slot), consumer, table).items():
-            seen, cost = table[i, j]
-            if cost:
-                shared[src_key, i, seen].append(trigger)
-                seconds[src_key, i, seen] = cost
-    terms = []
-    for (src_key, i, placement), triggers in shared.items():
-        paid = _at_least_one(p, triggers, _safe(f"r_{src_key}_{i}_{placement}"))
-        terms.append(p.multiplicity[src_key] * seconds[src_key, i, placement] * paid)
-    return terms
-
-
-def _at_least_one(p: _Problem, triggers: list, name: str):
-    """An expression that is 1 when any trigger is (a new [0, 1] variable if several)."""
-    if len(triggers) == 1:
-        return triggers[0]
-    paid = p.prob.add_variable(name, lowBound=0, upBound=1)
-    for n, trigger in enumerate(triggers):
-        p.prob += paid >= trigger, f"{name}_{n}"
-    return paid
-
-
-def _edge_triggers(p, edge_class, consumer, table) -> dict:
-    """(i, j) -> an expression that is 1 when the edge's ends run strategies i and j;
-    pairs with no valid reshard are forbidden."""
-    src_key, dst_key, slot = edge_class
-    name = _safe(f"{src_key}__{dst_key}__{slot}")
-    src_vars = p.x[src_key]
-    dst_vars = p.x.get(dst_key) if consumer.op != "output" else None
-    if src_key == dst_key:
-        return _diagonal_triggers(p, src_vars or [1], table, name)
-    if src_vars is None and dst_vars is None:
-        if (0, 0) not in table:
-            raise PlanError(f"internal: no reshard on fixed edge {name}")
-        return {(0, 0): 1}
-    if src_vars is None or dst_vars is None:
-        return _one_sided_triggers(p, src_vars, dst_vars, table, name)
-    return _pair_triggers(p, src_vars, dst_vars, table, name)
-
-
-def _diagonal_triggers(p, variables, table, name) -> dict:
-    """Both ends share a key (corresponding nodes of consecutive blocks): same choice."""
-    triggers = {}
-    for i, var in enumerate(variables):
-        if (i, i) not in table:
-            p.prob += var == 0, f"no_reshard_{name}_{i}"
-        else:
-            triggers[i, i] = var
-    return triggers
-
-
-def _one_sided_triggers(p, src_vars, dst_vars, table, name) -> dict:
-    """One end has a single candidate: the edge is linear in the other end's choice."""
-    free_vars, fixed_is_src = (dst_vars, True) if src_vars is None else (src_vars, False)
-    triggers = {}
-    for k, var in enumerate(free_vars):
-        pair = (0, k) if fixed_is_src else (k, 0)
-        if pair not in table:
-            p.prob += var == 0, f"no_reshard_{name}_{k}"
-        else:
-            triggers[pair] = var
-    return triggers
-
-
-def _pair_triggers(p, src_vars, dst_vars, table, name) -> dict:
-    e = {pair: p.prob.add_variable(f"e_{name}_{pair[0]}_{pair[1]}", lowBound=0) for pair in table}
-    for i, var in enumerate(src_vars):
-        p.prob += (
-            pulp.lpSum(e[i, j] for j in range(len(dst_vars)) if (i, j) in e) == var,
-            (f"src_{name}_{i}"),
-        )
-    for j, var in enumerate(dst_vars):
-        p.prob += (
-            pulp.lpSum(e[i, j] for i in range(len(src_vars)) if (i, j) in e) == var,
-            (f"dst_{name}_{j}"),
-        )
-    return e
-
-
-def allocates(traced, node: fx.Node) -> bool:
-    """Does the node's output take new memory? Views and aliases write nothing
-    (analyze.py knows them by their FakeTensors sharing the input's storage)."""
-    return traced.analysis.nodes[node.name].bytes_written > 0
-
-
-def _memory_bytes(p: _Problem, node: fx.Node, strategy: Strategy, activation_copies: float):
-    fraction = _local_fraction(strategy.output, p.tp)
-    if node.name in p.traced.param_fqns and node.users:
-        return node.meta["val"].numel() * fraction * p.state_bytes_per_param
-    is_activation = node.op == "call_function" and p.traced.analysis.nodes[node.name].requires_grad
-    if p.training and is_activation and allocates(p.traced, node):
-        return _nbytes(node, p.dtype_bytes) * fraction * activation_copies
-    return 0.0
-
-
-def _add_memory(p, representatives, budget_bytes: float, activation_copies: float) -> None:
-    terms = []
-    for key, node in representatives.items():
-        for i, strategy in enumerate(p.strategies.candidates[node.name]):
-            mem = _memory_bytes(p, node, strategy, activation_copies)
-            if mem:
-                terms.append(p.multiplicity[key] * mem * _choice(p, key, i))
-    p.prob += pulp.lpSum(terms) <= budget_bytes, "memory"
-
-
-@functools.cache
-def _highs_available() -> bool:
-    """HiGHS prints a banner on its first instance; take it here, with stdout muted."""
-    if not pulp.HiGHS().available():
-        return False
-    import highspy
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            highspy.Highs()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-    return True
-
-
-def _solver(time_limit_s: float | None):
-    """HiGHS when highspy is installed (faster), else PuLP's bundled CBC."""
-    if _highs_available():
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s)
-    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC but still ships it
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
-
-
-def _chosen(p: _Problem, node: fx.Node) -> Strategy:
-    candidates = p.strategies.candidates[node.name]
-    variables = p.x[p.key_of[node.name]]
-    if variables is None:
-        return candidates[0]
-    return candidates[max(range(len(variables)), key=lambda i: variables[i].value() or 0)]
-
-
-def _check_status(p: _Problem, budget_bytes: float) -> str:
-    solution = pulp.LpSolution[p.prob.sol_status]
-    if solution == "Optimal Solution Found":
-        return "optimal"
-    if solution == "Solution Found":
-        return "feasible, not proven optimal (time limit)"
-    if solution == "No Solution Found" and pulp.LpStatus[p.prob.status] == "Not Solved":
-        raise SolverTimeLimit(
-            f"the sharding ILP at tp={p.tp} found no solution within its time limit; "
-            "raise time_limit_s (or leave it unset)"
-        )
-    raise PlanError(
-        f"no tensor-parallel sharding at tp={p.tp} fits in {budget_bytes / 2**30:.1f} GiB per "
-        f"device (solver status: {pulp.LpStatus[p.prob.status]}); use more devices, a larger "
-        "pipeline degree, more microbatches or a smaller batch"
-    )
-
-
 def _representatives(traced, key_of: dict[str, str]) -> dict[str, fx.Node]:
     """The first node of each key, in graph order (its producers come first)."""
     representatives = {}
@@ -402,42 +92,206 @@ def _representatives(traced, key_of: dict[str, str]) -> dict[str, fx.Node]:
     return representatives
 
 
-def solve_intra_op(
-    traced,
-    strategies: GraphStrategies,
-    mesh,
-    tp: int,
-    *,
-    training: bool = True,
-    dtype_bytes: int | None = None,
-    memory_budget_bytes: float | None = None,
-    activation_copies: float = 1.0,
-    state_bytes_per_param: float = 16.0,
-    time_limit_s: float | None = None,
-) -> IntraOpResult:
-    """Choose one strategy per node minimizing predicted step time under the memory bound."""
-    key_of, multiplicity = _keys(traced)
-    representatives = _representatives(traced, key_of)
-    prob = pulp.LpProblem("intra_op_sharding", pulp.LpMinimize)
-    p = _Problem(
-        traced, strategies, mesh, tp, training, dtype_bytes, state_bytes_per_param, key_of,
-        multiplicity, prob, {},
-    )  # fmt: skip
-    _add_variables(p, representatives)
-    objective = _add_node_costs(p, representatives) + _add_edge_costs(p)
-    prob += pulp.lpSum(objective)
-    budget = memory_budget_bytes if memory_budget_bytes is not None else mesh.device.memory_bytes
-    _add_memory(p, representatives, budget, activation_copies)
-    start = time.perf_counter()
-    prob.solve(_solver(time_limit_s))
-    elapsed = time.perf_counter() - start
-    status = _check_status(p, budget)
-    chosen = {
-        node.name: _chosen(p, node)
-        for node in traced.graph_module.graph.nodes
-        if node.op in ("placeholder", "call_function")
+def _choice(c: _Context, key: str, index: int):
+    """x[key, index] as a PuLP expression (a constant 1 for a single-candidate key)."""
+    variables = c.x[key]
+    return 1 if variables is None else variables[index]
+
+
+def _follow_map(c: _Context, node: fx.Node) -> list[int] | None:
+    """For a one-input node whose strategies match its producer's one to one (views and
+    unary elementwise ops), strategy j -> the producer strategy it follows; else None."""
+    if node.op != "call_function" or len(node.all_input_nodes) != 1:
+        return None
+    producer = node.all_input_nodes[0]
+    if producer.op != "call_function" or c.x.get(c.key_of[producer.name]) is None:
+        return None
+    produced = [s.output for s in c.strategies.candidates[producer.name]]
+    seen = [s.inputs[0] for s in c.strategies.candidates[node.name]]
+    if len(set(produced)) != len(produced) or sorted(map(str, produced)) != sorted(map(str, seen)):
+        return None
+    return [produced.index(placement) for placement in seen]
+
+
+def _add_variables(c: _Context, representatives: dict[str, fx.Node]) -> None:
+    """One binary per (key, strategy), except that a follower reuses its producer's
+    binaries: the fold of view and elementwise chains into their producers."""
+    for key, node in representatives.items():
+        candidates = c.strategies.candidates[node.name]
+        if len(candidates) == 1:
+            c.x[key] = None
+            continue
+        follows = _follow_map(c, node)
+        if follows is not None:
+            producer_vars = c.x[c.key_of[node.all_input_nodes[0].name]]
+            c.x[key] = [producer_vars[i] for i in follows]
+            c.folded.add(key)
+            continue
+        name = ilp.safe(key)
+        c.x[key] = [
+            c.prob.add_variable(f"x_{name}_{i}", cat="Binary") for i in range(len(candidates))
+        ]
+        c.prob += pulp.lpSum(c.x[key]) == 1, f"one_strategy_{name}"
+
+
+def _prices(c: _Context, representatives: dict[str, fx.Node]) -> dict:
+    """(key, strategy index) -> NodePrice, for every candidate of every key."""
+    return {
+        (key, i): node_price(
+            c.traced,
+            node,
+            strategy,
+            c.mesh,
+            c.tp,
+            training=c.training,
+            dtype_bytes=c.dtype_bytes,
+        )  # fmt: skip
+        for key, node in representatives.items()
+        for i, strategy in enumerate(c.strategies.candidates[node.name])
     }
-    return IntraOpResult(
-        chosen, status, pulp.value(prob.objective) or 0.0, elapsed,
-        prob.numVariables(), prob.numConstraints(),
+
+
+def _weighted(c: _Context, prices: dict, value) -> pulp.LpAffineExpression:
+    """sum_k m_k sum_s value(price[k,s]) x[k,s] over every key."""
+    terms = []
+    for (key, i), price in prices.items():
+        amount = value(price)
+        if amount:
+            terms.append(c.multiplicity[key] * amount * _choice(c, key, i))
+    return pulp.lpSum(terms)
+
+
+def _edge_classes(c: _Context) -> dict[tuple[str, str, int], list[tuple[fx.Node, fx.Node]]]:
+    classes = defaultdict(list)
+    for consumer in c.traced.graph_module.graph.nodes:
+        if consumer.op not in ("call_function", "output"):
+            continue
+        for slot, producer in enumerate(consumer.all_input_nodes):
+            key = (c.key_of[producer.name], c.key_of[consumer.name], slot)
+            classes[key].append((producer, consumer))
+    return classes
+
+
+def _consumer_candidates(c: _Context, consumer: fx.Node) -> list[Strategy]:
+    if consumer.op == "output":
+        return [consumer_strategy(consumer, {})]
+    return c.strategies.candidates[consumer.name]
+
+
+def _edge_table(c: _Context, producer: fx.Node, consumer: fx.Node, slot: int) -> dict:
+    """(i, j) -> (sharing key, seconds) for every valid producer strategy i and consumer
+    strategy j."""
+    nbytes = tensor_bytes(producer, c.dtype_bytes)
+    price = functools.partial(c.mesh.tp_collective_time, group_size=c.tp)
+    table = {}
+    for i, src in enumerate(c.strategies.candidates[producer.name]):
+        for j, dst in enumerate(_consumer_candidates(c, consumer)):
+            priced = edge_reshard(c.traced, producer, src.output, dst, slot, c.training)
+            if priced is not None:
+                key, entry = priced
+                table[i, j] = (key, comm.reshard_seconds(entry, nbytes, price))
+    return table
+
+
+def _edge_triggers(c: _Context, edge_class, consumer: fx.Node, table) -> dict:
+    """(i, j) -> an expression that is 1 when the edge's ends run strategies i and j;
+    pairs with no valid reshard are forbidden."""
+    src_key, dst_key, slot = edge_class
+    name = ilp.safe(f"{src_key}__{dst_key}__{slot}")
+    src_vars = c.x[src_key]
+    dst_vars = c.x.get(dst_key) if consumer.op != "output" else None
+    if src_key == dst_key:
+        return ilp.diagonal_triggers(c.prob, src_vars or [1], table, name)
+    if src_vars is None and dst_vars is None:
+        assert (0, 0) in table, f"no reshard on the fixed edge {name}"
+        return {(0, 0): 1}
+    if src_vars is None or dst_vars is None:
+        return ilp.one_sided_triggers(c.prob, src_vars, dst_vars, table, name)
+    return ilp.pair_triggers(c.prob, src_vars, dst_vars, table, name)
+
+
+def _edge_terms(c: _Context) -> pulp.LpAffineExpression:
+    """Reshard costs, one per producer, strategy and sharing key: codegen inserts a single
+    reshard for all the consumers that see the same placement and hand back the same
+    gradient."""
+    shared = defaultdict(list)  # (producer key, producer strategy, sharing key) -> triggers
+    seconds = {}
+    for (src_key, dst_key, slot), edges in _edge_classes(c).items():
+        producer, consumer = edges[0]
+        if dst_key in c.folded and c.key_of[consumer.all_input_nodes[0].name] == src_key:
+            continue  # a follower sees exactly what its producer makes: no reshard
+        table = _edge_table(c, producer, consumer, slot)
+        for (i, j), trigger in _edge_triggers(c, (src_key, dst_key, slot), consumer, table).items():
+            key, cost = table[i, j]
+            if cost:
+                shared[src_key, i, key].append(trigger)
+                seconds[src_key, i, key] = cost
+    terms = []
+    for (src_key, i, key), triggers in shared.items():
+        paid = ilp.at_least_one(c.prob, triggers, ilp.safe(f"r_{src_key}_{i}_{key}"))
+        terms.append(c.multiplicity[src_key] * seconds[src_key, i, key] * paid)
+    return pulp.lpSum(terms)
+
+
+def _chosen(c: _Context, node: fx.Node) -> Strategy:
+    candidates = c.strategies.candidates[node.name]
+    variables = c.x[c.key_of[node.name]]
+    if variables is None:
+        return candidates[0]
+    return candidates[max(range(len(variables)), key=lambda i: variables[i].value() or 0)]
+
+
+class ShardingProblem:
+    """The ILP of one traced graph at one tp degree, built once and solved as often as the
+    layout search needs (with its own extra costs and memory rows each time)."""
+
+    def __init__(self, traced, strategies, mesh, tp, *, training=True, dtype_bytes=None,
+                 state_bytes_per_param=16.0):  # fmt: skip
+        key_of, multiplicity = _keys(traced)
+        prob = pulp.LpProblem("intra_op_sharding", pulp.LpMinimize)
+        c = _Context(
+            traced, strategies, mesh, tp, training, dtype_bytes, key_of, multiplicity, prob
+        )
+        representatives = _representatives(traced, key_of)
+        _add_variables(c, representatives)
+        prices = _prices(c, representatives)
+        self.base_s = _weighted(c, prices, lambda p: p.compute_s + p.optimizer_s) + _edge_terms(c)
+        self.param_bytes = _weighted(c, prices, lambda p: p.param_bytes)
+        self.memory_bytes = _weighted(
+            c, prices, lambda p: p.param_numel * state_bytes_per_param + p.activation_bytes
+        )
+        self._context = c
+
+    def solve(self, *, extra=0, memory_rows=(), time_limit_s=None, what="") -> IntraOpResult:
+        """Minimize base + `extra` subject to `memory_rows` ((name, expression, budget))."""
+        c = self._context
+        for name in [n for n in c.prob.constraints if n.startswith("memory")]:
+            del c.prob.constraints[name]
+        for name, expression, budget in memory_rows:
+            c.prob += expression <= budget, f"memory_{ilp.safe(name)}"
+        c.prob.setObjective(self.base_s + extra)
+        status, elapsed = ilp.solve(c.prob, time_limit_s, f"at tp={c.tp}{what}")
+        chosen = {
+            node.name: _chosen(c, node)
+            for node in c.traced.graph_module.graph.nodes
+            if node.op in ("placeholder", "call_function")
+        }
+        return IntraOpResult(
+            chosen, status, pulp.value(c.prob.objective) or 0.0, elapsed,
+            c.prob.numVariables(), c.prob.numConstraints(),
+        )  # fmt: skip
+
+
+def solve_intra_op(traced, strategies, mesh, tp, *, training=True, dtype_bytes=None,
+                   memory_budget_bytes=None, state_bytes_per_param=16.0,
+                   time_limit_s=None) -> IntraOpResult:  # fmt: skip
+    """One strategy per node minimizing predicted step time, the whole model's memory
+    (one microbatch kept) under `memory_budget_bytes` (default: the device's)."""
+    problem = ShardingProblem(
+        traced, strategies, mesh, tp, training=training, dtype_bytes=dtype_bytes,
+        state_bytes_per_param=state_bytes_per_param,
     )  # fmt: skip
+    budget = mesh.device.memory_bytes if memory_budget_bytes is None else memory_budget_bytes
+    rows = [("model", problem.memory_bytes, budget)]
+    what = f" in {budget / 2**30:.1f} GiB per device"
+    return problem.solve(memory_rows=rows, time_limit_s=time_limit_s, what=what)

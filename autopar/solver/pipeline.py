@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from autopar.solver.intra_op import _nbytes
+from autopar.cost.memory import tensor_bytes
 from autopar.solver.stages import StageSplit, Unit, best_split
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
@@ -75,7 +75,7 @@ def _crossing_bytes(traced, unit_of, num_units, dtype_bytes) -> list[float]:
             continue
         last_reader = max((unit_of.get(u.name, num_units - 1) for u in node.users), default=0)
         for cut in range(unit_of[node.name], min(last_reader, num_units - 1)):
-            crossing[cut] += _nbytes(node, dtype_bytes)
+            crossing[cut] += tensor_bytes(node, dtype_bytes)
     return crossing
 
 

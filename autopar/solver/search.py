@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from autopar.cost.compute import BACKWARD_FLOP_FACTOR
+from autopar.cost.memory import state_bytes_per_param
+from autopar.cost.pricing import price_sharding
 from autopar.errors import AutoparError, PlanError, SolverTimeLimit
 from autopar.plan import Cost, Plan, Stage
-from autopar.solver import costs
-from autopar.solver.explain import price_tp
 from autopar.solver.intra_op import solve_intra_op
 from autopar.solver.pipeline import SCHEDULES, build_units, evaluate, unit_of_nodes
 from autopar.strategies import graph_strategies
@@ -167,7 +168,7 @@ def _solve_tp(
         traced, strategies, mesh, tp, training=training, dtype_bytes=dtype_bytes,
         memory_budget_bytes=budget, time_limit_s=time_limit_s, state_bytes_per_param=state_bytes,
     )  # fmt: skip
-    pricing = price_tp(
+    pricing = price_sharding(
         traced, result.strategies, mesh, tp, training=training, dtype_bytes=dtype_bytes,
     )  # fmt: skip
     return _TpSolution(tp, result, strategies, pricing)
@@ -268,7 +269,7 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     candidates = layouts(traced, mesh, pins)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
     unit_of = unit_of_nodes(traced)
-    state_bytes = costs.state_bytes_per_param(training, dtype_bytes, optimizer)
+    state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
     context = (training, dtype_bytes, batch, unit_of, state_bytes)
     solve = _TpSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
                       max_pp=max(c.pp for c in candidates))  # fmt: skip
@@ -347,7 +348,7 @@ def _to_plan(traced, mesh, solution, best, training, dtype_bytes) -> Plan:
     comm_per_mb = sum(c.seconds for c in solution.pricing.collectives) * (
         best.microbatch_size / traced_batch(traced)
     )
-    factor = 1 + costs.BACKWARD_FLOP_FACTOR if training else 1
+    factor = 1 + BACKWARD_FLOP_FACTOR if training else 1
     tokens_scale = best.microbatch_size * choice.num_microbatches / traced_batch(traced)
     flops = factor * traced.analysis.total_flops * tokens_scale * layout.dp
     pipeline_work = choice.step_s - choice.bubble_s

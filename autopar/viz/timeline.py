@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autopar.cost.compute import BACKWARD_FACTOR
+from autopar.cost.compute import BACKWARD_FLOP_FACTOR
 from autopar.errors import AutoparError
 from autopar.viz.graph import _new_figure
 
-FORWARD_SHARE = 1 / (1 + BACKWARD_FACTOR)
+FORWARD_SHARE = 1 / (1 + BACKWARD_FLOP_FACTOR)
 COLORS = {"F": "#4c72b0", "B": "#dd8452"}
 
 

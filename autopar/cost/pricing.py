@@ -1,0 +1,135 @@
+"""The cost API: what one node's strategy costs, and what a whole chosen sharding costs.
+
+`node_price` and `edge_reshard` are the only definitions of a node's compute, memory
+and optimizer cost and of an edge's reshard: the intra-op ILP builds its objective and
+memory rows from them for every candidate, `price_sharding` applies them to the one
+chosen strategy per node so that a plan explains itself, and the stage DP and the
+summary read that pricing. Compute, communication and memory stay apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from autopar.cost.compute import node_seconds, optimizer_seconds
+from autopar.cost.memory import saved_for_backward, tensor_bytes
+from autopar.placement import Replicate, Shard
+from autopar.reshard import Reshard, reshard
+from autopar.strategies import Strategy
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective the generated code runs, for the summary and for explanation."""
+
+    kind: str  # all_reduce, all_gather, reduce_scatter, all_to_all
+    phase: str  # forward or backward
+    producer: str
+    consumer: str
+    nbytes: int  # the full tensor
+    seconds: float
+    layer: int | None
+
+
+@dataclass
+class NodePrice:
+    """One node's share of a training step on one rank, under one strategy."""
+
+    compute_s: float = 0.0  # forward + backward
+    activation_bytes: float = 0.0  # kept for backward, this rank
+    param_numel: float = 0.0  # this rank's elements of a parameter placeholder
+    param_bytes: float = 0.0  # the same at the training dtype
+    optimizer_s: float = 0.0
+
+
+@dataclass
+class ShardingPrice:
+    """A chosen sharding priced node by node, with every collective it runs."""
+
+    nodes: dict[str, NodePrice]
+    collectives: list[Collective]
+
+    def total(self, field: str) -> float:
+        return sum(getattr(price, field) for price in self.nodes.values())
+
+
+def local_fraction(placement, tp: int) -> float:
+    return 1.0 / tp if isinstance(placement, Shard) else 1.0
+
+
+def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training, dtype_bytes):
+    """Compute, kept activations and parameter state of `node` under `strategy`."""
+    info = traced.analysis.nodes[node.name]
+    fraction = local_fraction(strategy.output, tp)
+    if node.op == "call_function":
+        share = tp if strategy.splits_work else 1
+        compute = node_seconds(
+            node, info, share, mesh.device, training=training, dtype_bytes=dtype_bytes
+        )
+        kept = saved_for_backward(node, info, training, dtype_bytes) * fraction
+        return NodePrice(compute_s=compute, activation_bytes=kept)
+    if node.name in traced.param_fqns and node.users:  # an unused twin: its tie pays
+        numel = node.meta["val"].numel() * fraction
+        optimizer = optimizer_seconds(numel, mesh.device) if training else 0.0
+        nbytes = tensor_bytes(node, dtype_bytes) * fraction
+        return NodePrice(param_numel=numel, param_bytes=nbytes, optimizer_s=optimizer)
+    return NodePrice()
+
+
+def consumer_strategy(consumer: fx.Node, chosen) -> Strategy:
+    """`chosen[consumer]`; the graph's output sees every value whole (every rank returns it)."""
+    if consumer.op == "output":
+        return Strategy(Replicate(), tuple(Replicate() for _ in consumer.all_input_nodes))
+    return chosen[consumer.name]
+
+
+def edge_reshard(traced, producer: fx.Node, made, seen: Strategy, slot: int, training: bool):
+    """(sharing key, table entry) for `producer`'s output made as `made`, read through input
+    `slot` of a consumer running `seen`; None when the table has no entry. Codegen runs one
+    reshard per producer and key, shared by every consumer with that key."""
+    carries_grad = training and traced.analysis.nodes[producer.name].requires_grad
+    grad = seen.input_grad(slot) if carries_grad else None
+    entry = reshard(made, seen.inputs[slot], grad)
+    return None if entry is None else (f"{seen.inputs[slot]}~{grad}", entry)
+
+
+def reshard_collectives(entry: Reshard, nbytes, producer, consumer, mesh, tp, traced):
+    layer = traced.analysis.nodes[producer.name].layer  # a block owns what it produces
+    return [
+        Collective(step.kind, phase, producer.name, consumer.name, nbytes,
+                   mesh.tp_collective_time(step.kind, nbytes, tp), layer)
+        for phase, step in entry.collectives()
+    ]  # fmt: skip
+
+
+def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes) -> list[Collective]:
+    found, shared = [], set()
+    for consumer in traced.graph_module.graph.nodes:
+        if consumer.op not in ("call_function", "output"):
+            continue
+        seen = consumer_strategy(consumer, chosen)
+        for slot, producer in enumerate(consumer.all_input_nodes):
+            made = chosen[producer.name].output
+            priced = edge_reshard(traced, producer, made, seen, slot, training)
+            assert priced is not None, (producer.name, consumer.name, str(seen))
+            key, entry = priced
+            if (producer.name, key) not in shared:
+                shared.add((producer.name, key))
+                nbytes = tensor_bytes(producer, dtype_bytes)
+                found += reshard_collectives(entry, nbytes, producer, consumer, mesh, tp, traced)
+    return found
+
+
+def price_sharding(traced, chosen, mesh, tp, *, training, dtype_bytes) -> ShardingPrice:
+    """Every node of `chosen` (node name -> Strategy) priced, and the collectives it runs."""
+    nodes = {
+        node.name: node_price(
+            traced, node, chosen[node.name], mesh, tp, training=training, dtype_bytes=dtype_bytes
+        )
+        for node in traced.graph_module.graph.nodes
+        if node.name in chosen
+    }
+    collectives = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes)
+    return ShardingPrice(nodes, collectives)
