@@ -77,6 +77,7 @@ class GraphAnalysis:
     edges: list[tuple[str, str]]  # (producer, consumer) between analyzed nodes
     layers: list[list[str]]  # node names of each repeated block, in graph order
     block_classes: list[int]  # block_classes[layer] = id of its structural class
+    layer_names: list[str]  # module path of each block: "transformer.h.3"
 
     @property
     def total_flops(self) -> int:
@@ -227,7 +228,7 @@ def _assign_state(graph: fx.Graph, blocks: dict[fx.Node, BlockKey], state: Colle
             blocks[node] = owners.pop()
 
 
-def _layers(graph: fx.Graph, state: Collection[str]) -> list[list[fx.Node]]:
+def _layers(graph: fx.Graph, state: Collection[str]) -> dict[BlockKey, list[fx.Node]]:
     """Nodes of each repeated block, blocks ordered by their first computation."""
     blocks = _block_keys(n for n in graph.nodes if n.op == "call_function")
     first = {}
@@ -239,7 +240,7 @@ def _layers(graph: fx.Graph, state: Collection[str]) -> list[list[fx.Node]]:
     for node in graph.nodes:
         if node in blocks:
             members[blocks[node]].append(node)
-    return list(members.values())
+    return members
 
 
 # ----------------------------------------------------------------------------- structure
@@ -381,7 +382,8 @@ def analyze(
     `NodeInfo.params`, and both join the layer of the one block that reads them.
     """
     graph = graph_module.graph
-    layers = _layers(graph, {*param_names, *buffer_names})
+    blocks = _layers(graph, {*param_names, *buffer_names})
+    layers = list(blocks.values())
     classes = _block_classes(layers)
     where = {n: (i, (classes[i], j)) for i, block in enumerate(layers) for j, n in enumerate(block)}
     params = frozenset(param_names)
@@ -389,4 +391,5 @@ def analyze(
     grads = _requires_grad(analyzed, params)
     nodes = {n.name: _node_info(n, params, grads, *where.get(n, (None, None))) for n in analyzed}
     edges = [(n.name, u.name) for n in analyzed for u in n.users if u.name in nodes]
-    return GraphAnalysis(nodes, edges, [[n.name for n in b] for b in layers], classes)
+    names = [f"{prefix}.{index}" for prefix, index in blocks]
+    return GraphAnalysis(nodes, edges, [[n.name for n in b] for b in layers], classes, names)

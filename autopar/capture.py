@@ -2,10 +2,9 @@
 
 The graph keeps parameters and buffers lifted to placeholders (the
 `ExportedProgram.graph_module` form), so that later steps can hand every rank its
-own parameter shards as inputs. Two rewrites make the graph easier to shard:
-matmuls that carry a bias (`linear(x, w, b)`, `addmm(b, x, w)`) become a matmul
-followed by an `add`, so that a row-parallel matmul can reduce before the bias is
-added; and `_assert_tensor_metadata` bookkeeping nodes are dropped.
+own parameter shards as inputs. `autopar.normalize` then rewrites a copy of it to be
+easier to shard and to read (biases split from matmuls, Conv1D's flatten-matmul-
+unflatten run batched, nodes named after their module).
 
 The graph is analyzed once here (`autopar.analyze`), so every later step reads the
 same FLOPs, bytes and layer ids. A model `torch.export` cannot trace raises
@@ -32,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from autopar.analyze import GraphAnalysis, analyze, fingerprint
 from autopar.errors import AutoparError, TraceError
+from autopar.normalize import normalize
 
 aten = torch.ops.aten
 
@@ -114,57 +114,6 @@ def _placeholder_maps(ep: ExportedProgram) -> tuple[dict[str, str], dict[str, st
         elif spec.kind == InputKind.USER_INPUT:
             user_inputs.append(name)
     return params, buffers, user_inputs
-
-
-def _module_leaf(node: fx.Node) -> str:
-    """The innermost module's own name ('c_attn' for transformer.h.0.attn.c_attn), for
-    node names a reader recognizes; the node's name when it has no module."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    leaf = path.rsplit(".", 1)[-1]
-    return leaf if leaf.isidentifier() else node.name
-
-
-def _split_bias(graph: fx.Graph) -> None:
-    """linear(x, w, b) -> add(linear(x, w), b); addmm(b, x, w) -> add(mm(x, w), b).
-
-    The new nodes are named after the module (`c_attn_matmul`, `c_attn_bias`)."""
-    for node in list(graph.nodes):
-        if node.target == aten.linear.default and len(node.args) == 3 and node.args[2] is not None:
-            x, weight, bias = node.args
-            matmul_target, matmul_args = aten.linear.default, (x, weight)
-        elif node.target == aten.addmm.default and not node.kwargs:
-            bias, x, weight = node.args
-            matmul_target, matmul_args = aten.mm.default, (x, weight)
-        else:
-            continue
-        leaf = _module_leaf(node)
-        with graph.inserting_before(node):
-            matmul = graph.create_node(
-                "call_function", matmul_target, matmul_args, name=f"{leaf}_matmul"
-            )
-            matmul.meta = dict(node.meta)
-            add = graph.create_node(
-                "call_function", aten.add.Tensor, (matmul, bias), name=f"{leaf}_bias"
-            )
-            add.meta = dict(node.meta)
-        node.replace_all_uses_with(add)
-        graph.erase_node(node)
-
-
-def _drop_bookkeeping(graph: fx.Graph) -> None:
-    for node in list(graph.nodes):
-        if node.target == aten._assert_tensor_metadata.default and not node.users:
-            graph.erase_node(node)
-
-
-def normalize(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """Apply the sharding-friendly rewrites in place and recompile."""
-    _split_bias(graph_module.graph)
-    _drop_bookkeeping(graph_module.graph)
-    graph_module.graph.lint()
-    graph_module.recompile()
-    return graph_module
 
 
 def _state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -280,4 +229,15 @@ def capture(model: torch.nn.Module, example_inputs, example_kwargs=None) -> Trac
     traced = TracedModel(ep, graph_module, params, buffers, user_inputs)
     traced.tied_params = _tied_params(model, params)
     traced.analysis = analyze(graph_module, param_names=params, buffer_names=buffers)
+    _mark_blocks(graph_module, traced.analysis)
     return traced
+
+
+def _mark_blocks(graph_module: fx.GraphModule, analysis: GraphAnalysis) -> None:
+    """meta["autopar_block"] = the block's module path, for generated code's block comments
+    (fx copies meta with every node, so sharded and stage graphs keep it)."""
+    nodes = {node.name: node for node in graph_module.graph.nodes}
+    for names, block in zip(analysis.layers, analysis.layer_names, strict=True):
+        for name in names:
+            if nodes[name].op == "call_function":
+                nodes[name].meta["autopar_block"] = block

@@ -31,19 +31,19 @@ R, P = Replicate(), Partial()
 
 TINY_TRANSFORMER_TP2 = """\
 def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_bias, p_norm_weight, p_norm_bias, p_fc_weight, p_fc_bias, p_out_weight, p_out_bias, p_head_weight, ids):
-    embedding = torch.ops.aten.embedding.default(p_emb_weight, ids)  # S(2) (2, 8, 8)
-    embedding_all_gather = redistribute(embedding, 'tp', 'S(2)', 'R', 'P')  # R (2, 8, 16); forward all_gather(2); backward reduce_scatter(2)
-    qkv_matmul = torch.ops.aten.linear.default(embedding_all_gather, p_qkv_weight)  # S(2,g3) (2, 8, 24)
+    emb_embedding = torch.ops.aten.embedding.default(p_emb_weight, ids)  # S(2) (2, 8, 8)
+    emb_embedding_all_gather = redistribute(emb_embedding, 'tp', 'S(2)', 'R', 'P')  # R (2, 8, 16); forward all_gather(2); backward reduce_scatter(2)
+    qkv_matmul = torch.ops.aten.linear.default(emb_embedding_all_gather, p_qkv_weight)  # S(2,g3) (2, 8, 24)
     qkv_bias = torch.ops.aten.add.Tensor(qkv_matmul, p_qkv_bias)  # S(2,g3) (2, 8, 24)
     split = torch.ops.aten.split.Tensor(qkv_bias, 8, 2)  # S(2), S(2), S(2) ((2, 8, 8), (2, 8, 8), (2, 8, 8))
-    getitem = split[0]  # S(2) (2, 8, 8)
-    getitem_1 = split[1]  # S(2) (2, 8, 8)
-    getitem_2 = split[2]  # S(2) (2, 8, 8)
-    view = torch.ops.aten.view.default(getitem, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
+    split_0 = split[0]  # S(2) (2, 8, 8)
+    split_1 = split[1]  # S(2) (2, 8, 8)
+    split_2 = split[2]  # S(2) (2, 8, 8)
+    view = torch.ops.aten.view.default(split_0, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
     transpose = torch.ops.aten.transpose.int(view, 1, 2)  # S(1) (2, 2, 8, 4)
-    view_1 = torch.ops.aten.view.default(getitem_1, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
+    view_1 = torch.ops.aten.view.default(split_1, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
     transpose_1 = torch.ops.aten.transpose.int(view_1, 1, 2)  # S(1) (2, 2, 8, 4)
-    view_2 = torch.ops.aten.view.default(getitem_2, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
+    view_2 = torch.ops.aten.view.default(split_2, [2, 8, 2, 4])  # S(2) (2, 8, 2, 4)
     transpose_2 = torch.ops.aten.transpose.int(view_2, 1, 2)  # S(1) (2, 2, 8, 4)
     scaled_dot_product_attention = torch.ops.aten.scaled_dot_product_attention.default(transpose, transpose_1, transpose_2, None, 0.0, True)  # S(1) (2, 2, 8, 4)
     transpose_3 = torch.ops.aten.transpose.int(scaled_dot_product_attention, 1, 2)  # S(2) (2, 8, 2, 4)
@@ -52,11 +52,11 @@ def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_
     proj_matmul_all_reduce = redistribute(proj_matmul, 'tp', 'P', 'R', 'R')  # R (2, 8, 16); forward all_reduce; backward identity
     proj_bias = torch.ops.aten.add.Tensor(proj_matmul_all_reduce, p_proj_bias)  # R (2, 8, 16)
     proj_bias_chunk = redistribute(proj_bias, 'tp', 'R', 'S(2)', 'S(2)')  # S(2) (2, 8, 8); forward chunk(2); backward all_gather(2)
-    add = torch.ops.aten.add.Tensor(embedding, proj_bias_chunk)  # S(2) (2, 8, 8)
+    add = torch.ops.aten.add.Tensor(emb_embedding, proj_bias_chunk)  # S(2) (2, 8, 8)
     add_all_gather = redistribute(add, 'tp', 'S(2)', 'R', 'R')  # R (2, 8, 16); forward all_gather(2); backward chunk(2)
-    layer_norm = torch.ops.aten.layer_norm.default(add_all_gather, [16], p_norm_weight, p_norm_bias, 1e-05, False)  # R (2, 8, 16)
-    layer_norm_to_parallel = redistribute(layer_norm, 'tp', 'R', 'R', 'P')  # R (2, 8, 16); forward identity; backward all_reduce
-    fc_matmul = torch.ops.aten.linear.default(layer_norm_to_parallel, p_fc_weight)  # S(2) (2, 8, 16)
+    norm_layer_norm = torch.ops.aten.layer_norm.default(add_all_gather, [16], p_norm_weight, p_norm_bias, 1e-05, False)  # R (2, 8, 16)
+    norm_layer_norm_to_parallel = redistribute(norm_layer_norm, 'tp', 'R', 'R', 'P')  # R (2, 8, 16); forward identity; backward all_reduce
+    fc_matmul = torch.ops.aten.linear.default(norm_layer_norm_to_parallel, p_fc_weight)  # S(2) (2, 8, 16)
     fc_bias = torch.ops.aten.add.Tensor(fc_matmul, p_fc_bias)  # S(2) (2, 8, 16)
     gelu = torch.ops.aten.gelu.default(fc_bias)  # S(2) (2, 8, 16)
     out_matmul = torch.ops.aten.linear.default(gelu, p_out_weight)  # P (2, 8, 16)
@@ -65,9 +65,9 @@ def forward(self, p_emb_weight, p_qkv_weight, p_qkv_bias, p_proj_weight, p_proj_
     out_bias_chunk = redistribute(out_bias, 'tp', 'R', 'S(2)', 'S(2)')  # S(2) (2, 8, 8); forward chunk(2); backward all_gather(2)
     add_1 = torch.ops.aten.add.Tensor(add, out_bias_chunk)  # S(2) (2, 8, 8)
     add_1_all_gather = redistribute(add_1, 'tp', 'S(2)', 'R', 'P')  # R (2, 8, 16); forward all_gather(2); backward reduce_scatter(2)
-    linear_4 = torch.ops.aten.linear.default(add_1_all_gather, p_head_weight)  # S(2) (2, 8, 16)
-    linear_4_all_gather = redistribute(linear_4, 'tp', 'S(2)', 'R', 'R')  # R (2, 8, 32); forward all_gather(2); backward chunk(2)
-    return (linear_4_all_gather,)
+    head_linear = torch.ops.aten.linear.default(add_1_all_gather, p_head_weight)  # S(2) (2, 8, 16)
+    head_linear_all_gather = redistribute(head_linear, 'tp', 'S(2)', 'R', 'R')  # R (2, 8, 32); forward all_gather(2); backward chunk(2)
+    return (head_linear_all_gather,)
 """
 
 
@@ -122,13 +122,16 @@ def test_megatron_gpt2_lines(gpt2):
     expected = [
         # the tied embedding
         "p_lm_head_weight_all_gather = redistribute(p_lm_head_weight, 'tp', 'S(0)', 'R', 'R')",
-        "view_1_to_parallel = redistribute(view_1, 'tp', 'R', 'R', 'P');  view_1 = None",
-        "view_2 = torch.ops.aten.view.default(c_attn_bias, [2, 16, 96]);  c_attn_bias = None",
-        "split = torch.ops.aten.split.Tensor(view_2, 32, 2);  view_2 = None",
-        "c_proj_matmul_all_reduce = redistribute(c_proj_matmul, 'tp', 'P', 'R', 'R');  "
-        "c_proj_matmul = None",
-        "linear_all_gather = redistribute(linear, 'tp', 'S(2)', 'R', 'R');  linear = None",
-        "return (linear_all_gather,)",
+        "transformer_h0_ln_1_layer_norm_to_parallel = redistribute("
+        "transformer_h0_ln_1_layer_norm, 'tp', 'R', 'R', 'P');  transformer_h0_ln_1_layer_norm = None",
+        "transformer_h0_attn_split = torch.ops.aten.split.Tensor("
+        "transformer_h0_attn_c_attn_bias, 32, 2);  transformer_h0_attn_c_attn_bias = None",
+        "transformer_h0_attn_c_proj_matmul_all_reduce = redistribute("
+        "transformer_h0_attn_c_proj_matmul, 'tp', 'P', 'R', 'R');  "
+        "transformer_h0_attn_c_proj_matmul = None",
+        "lm_head_linear_all_gather = redistribute(lm_head_linear, 'tp', 'S(2)', 'R', 'R');  "
+        "lm_head_linear = None",
+        "return (lm_head_linear_all_gather,)",
     ]
     for line in expected:
         assert line in lines, line
@@ -140,8 +143,9 @@ def test_one_collective_per_producer_and_placement():
     gm = shard_graph(traced, megatron_placements(traced, 2, LLAMA_SEEDS), 2)
     # q, k and v projections read one hidden-sharded normalized input: one all-gather for
     # all three, whose backward reduce-scatters their summed partial gradients.
-    copies = [n for n in gm.graph.nodes if n.name.startswith("mul_4_")]
-    assert [n.name for n in copies] == ["mul_4_all_gather"]
+    norm = "model_layers0_input_layernorm_mul_1"
+    copies = [n for n in gm.graph.nodes if n.name.startswith(f"{norm}_")]
+    assert [n.name for n in copies] == [f"{norm}_all_gather"]
     assert [s.kind for s in copies[0].meta["reshard"].backward] == ["reduce_scatter"]
     assert len(copies[0].users) == 3
 

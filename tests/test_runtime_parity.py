@@ -133,11 +133,13 @@ def _pointwise(node, have, num_shards, sequence_parallel=False):
 
 
 def _mm(node, have, num_shards):
+    """x (..., K) @ w (K, N): mm, or the batched matmul capture makes of Conv1D's."""
     x, w = have
+    last = len(_shape(node)) - 1
     if isinstance(w, Shard) and w.dim == 1:
-        return Shard(1, w.groups), [R, w]
+        return Shard(last, w.groups), [R, w]
     if isinstance(w, Shard) and w.dim == 0:
-        return P, [Shard(1, w.groups), w]
+        return P, [Shard(last, w.groups), w]
     return _replicated(node, have)
 
 
@@ -203,6 +205,7 @@ def _layer_norm(node, have, num_shards):
 
 _RULES = {
     aten.mm.default: _mm,
+    aten.matmul.default: _mm,
     aten.linear.default: _linear,
     aten.embedding.default: _embedding,
     aten.scaled_dot_product_attention.default: _attention,

@@ -156,7 +156,7 @@ def test_tied_embedding_is_state_of_first_and_last_stage():
 
 def test_state_derived_values_are_recomputed_not_sent():
     traced, stages = _gpt2_stages()
-    mask = "expand_2"  # the causal mask, built from arange alone
+    mask = "transformer_expand_2"  # the causal mask, built from arange alone
     assert all(mask not in s.received for s in stages)
     assert _stages_holding(stages, mask) == [1, 2]  # the two blocks' stages
 
@@ -164,9 +164,12 @@ def test_state_derived_values_are_recomputed_not_sent():
 def test_stage_code_keeps_node_names():
     _, stages = _gpt2_stages()
     code = stages[1].graph_module.code
-    assert "def forward(self, dropout, p_transformer_h_0_ln_1_weight," in code
-    assert "layer_norm = torch.ops.aten.layer_norm.default(dropout, [64]" in code
-    assert "return (add_7,)" in code
+    assert "def forward(self, transformer_drop_dropout, p_transformer_h_0_ln_1_weight," in code
+    assert (
+        "transformer_h0_ln_1_layer_norm = torch.ops.aten.layer_norm.default("
+        "transformer_drop_dropout, [64]" in code
+    )
+    assert "return (transformer_h0_add_1,)" in code
     assert type(stages[1].graph_module).__name__ == "Stage1"
 
 
@@ -323,16 +326,16 @@ def test_getitems_stay_with_their_multi_output_node():
     model, inputs = SplitHeads(), (torch.randn(3, 8),)
     traced = capture(model, inputs)
     gm = traced.graph_module
-    plan = [["proj_matmul", "proj_bias", "split"], ["getitem", "getitem_1", "mul"]]
+    plan = [["proj_matmul", "proj_bias", "split"], ["split_0", "split_1", "mul"]]
     plan[1] += ["out_matmul", "out_bias"]
     stage_of = stage_of_nodes(gm, plan)
-    assert stage_of["getitem"] == stage_of["getitem_1"] == 0
+    assert stage_of["split_0"] == stage_of["split_1"] == 0
     stages = split_stages(gm, stage_of, 2, traced.user_inputs)
-    assert stages[1].received == ["getitem", "getitem_1"]  # tensors, never the tuple
+    assert stages[1].received == ["split_0", "split_1"]  # tensors, never the tuple
     assert_chain_matches(gm, stages, _values(traced, model, inputs), traced.param_fqns)
     unmoved = {name: k for k, names in enumerate(plan) for name in names}
     stages = split_stages(gm, unmoved, 2, traced.user_inputs)
-    assert stages[1].received == ["getitem", "getitem_1"]
+    assert stages[1].received == ["split_0", "split_1"]
 
 
 class DynamicReshape(nn.Module):

@@ -28,17 +28,18 @@ def test_matmul_offers_column_row_and_replicated():
     model, inputs = tiny_gpt2()
     traced = capture(model, inputs)
     strategies = graph_strategies(traced, 2)
-    mm = _by_target(traced, torch.ops.aten.mm.default)[1]  # attention output projection
+    # attention output projection, (batch, seq, hidden) @ (hidden, hidden): Conv1D batched
+    mm = _by_target(traced, torch.ops.aten.matmul.default)[1]
     texts = {str(s) for s in strategies.candidates[mm.name]}
-    assert {"R <- (R, R)", "S(1) <- (R, S(1))", "P <- (S(1), S(0))"} <= texts
+    assert {"R <- (R, R)", "S(2) <- (R, S(1))", "P <- (S(2), S(0))"} <= texts
 
 
 def test_fused_qkv_gets_a_block_interleaved_shard():
     model, inputs = tiny_gpt2()
     traced = capture(model, inputs)
     strategies = graph_strategies(traced, 2)
-    qkv = _by_target(traced, torch.ops.aten.mm.default)[0]
-    assert any(s.output == Shard(1, 3) for s in strategies.candidates[qkv.name])
+    qkv = _by_target(traced, torch.ops.aten.matmul.default)[0]
+    assert any(s.output == Shard(2, 3) for s in strategies.candidates[qkv.name])
 
 
 def test_token_dims_are_never_sharded():

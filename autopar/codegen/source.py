@@ -24,16 +24,25 @@ def _describe(node: fx.Node) -> str | None:
     return f"{text}; {reshard}" if reshard is not None else text
 
 
+def _computes(node: fx.Node | None) -> bool:
+    """A node of the model's own (an inserted reshard belongs to the block around it)."""
+    return node is not None and node.op == "call_function" and "reshard" not in node.meta
+
+
 def annotated_code(graph_module: fx.GraphModule, header: str = "") -> str:
-    """`graph_module.code` with `# <placement> <local shape>` after each assignment.
+    """`graph_module.code` with `# <placement> <local shape>` after each assignment and a
+    comment line where each transformer block begins (`# transformer.h.3`).
 
     The `x = None` statements fx adds to free dead values early are left out.
     """
     nodes = {node.name: node for node in graph_module.graph.nodes}
-    lines = []
+    lines, block = [], None
     for line in graph_module.code.splitlines():
         match = _ASSIGNMENT.match(line)
         node = nodes.get(match.group(1)) if match else None
+        if _computes(node) and node.meta.get("autopar_block") != block:
+            block = node.meta.get("autopar_block")
+            lines.append(f"    # {block or 'after the blocks'}")
         comment = _describe(node) if node is not None else None
         line = _RELEASES.sub("", line).rstrip()
         lines.append(f"{line}  # {comment}" if comment else line)

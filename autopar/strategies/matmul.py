@@ -37,9 +37,19 @@ def linear_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     )
 
 
+def _weight_matmul(rank: int) -> OpSpec:
+    # x (..., K) @ w (K, N) -> (..., N): the batched form of mm
+    batch_links = tuple(DimLink(d, (d, None)) for d in range(rank - 1))
+    return OpSpec(
+        links=(*batch_links, DimLink(rank - 1, (None, 1))), contractions=((rank - 1, 0),)
+    )
+
+
 def bmm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
-    # a (..., M, K) @ b (..., K, N) -> (..., M, N), batch dims equal
+    # a (..., M, K) @ b (..., K, N) -> (..., M, N), batch dims equal; or b a (K, N) weight
     a, b = shapes.inputs if len(shapes.inputs) == 2 else (None, None)
+    if a is not None and len(b) == 2 and len(a) >= 2:
+        return _weight_matmul(len(shapes.out))
     if a is None or len(a) != len(b) or a[:-2] != b[:-2]:
         return OpSpec()
     rank = len(shapes.out)
