@@ -9,7 +9,8 @@ from autopar.capture import TracedModel, capture
 from autopar.cost.memory import OPTIMIZER_STATES
 from autopar.errors import AutoparError
 from autopar.plan import Plan
-from autopar.solver.search import Pins, search, traced_batch
+from autopar.solver.assemble import traced_batch
+from autopar.solver.search import Pins, search
 
 
 def _dtype_bytes(dtype) -> int | None:
@@ -35,6 +36,7 @@ def plan(
     microbatches=None,
     microbatch_size=None,
     schedule=None,
+    sequence_parallel=None,
     time_limit_s=None,
     example_kwargs=None,
     progress=None,
@@ -51,7 +53,12 @@ def plan(
         traced = model
     else:
         traced = capture(model, example_inputs, example_kwargs)
-    pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule)
+    if sequence_parallel not in (None, True, False):
+        raise AutoparError(
+            f"sequence_parallel={sequence_parallel!r} must be True, False or None (let the "
+            "search choose)"
+        )
+    pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel)
     return search(
         traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
         optimizer=optimizer,
@@ -118,19 +125,18 @@ def _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs) -> Plan:
 
 def _traced_at(model, traced, example_inputs, example_kwargs, plan) -> tuple[TracedModel, Plan]:
     """The model traced at the plan's microbatch size (graphs have static shapes), and the
-    plan in that graph's node names (export drops ops that do nothing at the new size)."""
+    plan applied to that graph by its stable node names (runtime/retrace.py)."""
     if traced_batch(traced) == plan.microbatch_size:
         return traced, plan
-    from autopar.runtime.retrace import align, plan_for
+    from autopar.runtime.retrace import plan_for
 
     args = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     args, kwargs = pytree.tree_map(
         lambda x: _with_rows(x, plan.microbatch_size), (tuple(args), dict(example_kwargs or {}))
     )
     again = capture(model, args, kwargs or None)
-    old_graph = traced.graph_module.graph
     try:
-        alignment = align(old_graph, again.graph_module.graph)
+        return again, plan_for(plan, again.graph_module.graph)
     except AutoparError as error:
         raise AutoparError(
             f"{error}; traced at the microbatch size {plan.microbatch_size} instead of the "
@@ -138,7 +144,6 @@ def _traced_at(model, traced, example_inputs, example_kwargs, plan) -> tuple[Tra
             f"example inputs of {plan.microbatch_size} rows (and global_batch_size), or pin "
             f"microbatch_size={traced_batch(traced)}"
         ) from error
-    return again, plan_for(plan, old_graph, alignment)
 
 
 def _with_rows(x, rows: int):

@@ -98,8 +98,8 @@ def demo_layer_table(traced) -> str:
 
 def demo_collective_table(plan) -> str:
     """Predicted cost of the plan's collectives, by kind and phase."""
+    from autopar.plan.summary import human_bytes, human_seconds
     from autopar.viz.report import collective_totals
-    from autopar.viz.text import human_bytes, human_seconds
 
     lines = [f"tensor-parallel collectives, whole model, one pass of the example batch "
              f"(tp={plan.tp}; each of the {plan.pp} pipeline stage(s) runs its blocks' share)"]  # fmt: skip
@@ -120,7 +120,7 @@ def demo_collective_table(plan) -> str:
 
 
 def demo_compare_table(plans: dict) -> str:
-    from autopar.viz.text import human_bytes, human_seconds
+    from autopar.plan.summary import human_bytes, human_seconds
 
     lines = [f"  {'mesh':8s} {'dp':>3s} {'tp':>3s} {'pp':>3s} {'step':>10s} {'comm':>10s} "
              f"{'memory':>11s} {'TFLOP/s':>8s}"]  # fmt: skip

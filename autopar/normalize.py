@@ -10,10 +10,15 @@ is left as export made it) in which
    batch and sequence dims stay apart and the sequence dim can be sharded (sequence
    parallelism) up to the matmul's input;
 3. `_assert_tensor_metadata` bookkeeping nodes are gone;
-4. every computed node is named after the module that made it and its op, numbered
-   within that module: `transformer_h3_attn_c_attn_matmul`, `..._view_2`. Names are the
-   stable ids of a plan: the same model traced at another batch size gives the same
-   names to the same computations. Placeholder names (from parameter FQNs) are kept.
+4. identical view-like ops of one value (two `expand(x, [4, -1])`) are one node;
+5. every computed node is named after the module that made it and its op, numbered
+   within that module: `transformer_h3_attn_c_attn_matmul`, `..._transpose_2`. Names
+   are the stable ids of a plan: the same model traced at another batch size gives the
+   same names to the same computations. The view-like ops export leaves out where they
+   do nothing at the traced shape (`MAY_VANISH`: at batch 1, `expand(mask, [1, -1, T,
+   T])` of a `(1, 1, T, T)` mask) are named after the value they view instead
+   (`transformer_and_1_expand`), so that their coming and going renumbers nothing
+   else. Placeholder names (from parameter FQNs) are kept.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ import torch
 import torch.fx as fx
 
 aten = torch.ops.aten
-_MATMULS = (aten.mm.default, aten.linear.default, aten.matmul.default, aten.bmm.default)
+# ops that torch.export leaves out where they do nothing at the traced shape
+MAY_VANISH = {
+    aten.expand.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.alias.default, aten.clone.default, aten.contiguous.default, aten.squeeze.dim,
+    aten.slice.Tensor,
+}  # fmt: skip
+MAY_VANISH_NAMES = {str(op) for op in MAY_VANISH}
 
 
 def module_path(node: fx.Node) -> str:
@@ -94,6 +105,20 @@ def _batched_matmuls(graph: fx.Graph) -> None:
         erased.add(unflatten)
 
 
+def _merge_identical_views(graph: fx.Graph) -> None:
+    """One node for view-like ops that read the same value with the same arguments."""
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in MAY_VANISH:
+            continue
+        key = (node.target, repr(node.args), repr(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
 def _drop_bookkeeping(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.target == aten._assert_tensor_metadata.default and not node.users:
@@ -120,16 +145,31 @@ def _path_name(path: str) -> str:
     return "_".join(parts)
 
 
+def view_root(node: fx.Node) -> fx.Node:
+    """The value a chain of MAY_VANISH ops views (the node itself outside such a chain)."""
+    while node.op == "call_function" and node.target in MAY_VANISH and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
+
+
 def stable_names(graph: fx.Graph) -> dict[fx.Node, str]:
-    """Module path + op + ordinal within that module, for every computed node."""
+    """Module path (or viewed value) + op + ordinal, for every computed node."""
     names, counts = {}, Counter()
+
+    def name_of(node: fx.Node) -> str:
+        return names.get(node, node.name)
+
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            names[node] = f"{names.get(node.args[0], node.args[0].name)}_{node.args[1]}"
+            names[node] = f"{name_of(node.args[0])}_{node.args[1]}"
             continue
-        base = "_".join(p for p in (_path_name(module_path(node)), _op_name(node)) if p)
+        if node.target in MAY_VANISH and node.all_input_nodes:
+            owner = name_of(view_root(node))
+        else:
+            owner = _path_name(module_path(node))
+        base = "_".join(p for p in (owner, _op_name(node)) if p)
         names[node] = base if counts[base] == 0 else f"{base}_{counts[base]}"
         counts[base] += 1
     return names
@@ -149,6 +189,7 @@ def normalize(graph_module: fx.GraphModule) -> fx.GraphModule:
     copied = fx.GraphModule(graph_module, graph_module.graph.__deepcopy__())
     _split_bias(copied.graph)
     _batched_matmuls(copied.graph)
+    _merge_identical_views(copied.graph)
     _drop_bookkeeping(copied.graph)
     copied.graph.lint()
     result = _renamed(copied)

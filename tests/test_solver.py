@@ -16,7 +16,7 @@ A100_NODE = Mesh.preset("a100-80gb")
 
 def _block_params(plan, layer):
     return {
-        plan.param_fqns[p].split(f".{layer}.", 1)[1]: plan.strategies[p]["output"]
+        plan.param_fqns[p].split(f".{layer}.", 1)[1]: plan.strategies[p].output()
         for p in plan.param_fqns
         if plan.layer_of.get(p) == layer and p in plan.strategies
     }
@@ -89,15 +89,15 @@ def test_awkward_sizes_shard_what_divides():
     params = _block_params(plan, 0)
     assert "g3" not in params["attn.c_attn.weight"]  # heads cannot be split 4 ways
     assert params["mlp.c_fc.weight"].startswith("S")
-    sdpa = [e for e in plan.strategies.values() if "scaled_dot_product" in e["op"]]
-    assert all(e["output"] == "R" for e in sdpa)
+    sdpa = [e for e in plan.strategies.values() if "scaled_dot_product" in e.op]
+    assert all(e.output() == "R" for e in sdpa)
 
 
 def test_vocabulary_that_does_not_divide_is_not_split():
     model, inputs = tiny_gpt2(vocab_size=101)
     plan = make_plan(model, inputs, fast_links_mesh(2), tp=2)
     head = next(p for p, fqn in plan.param_fqns.items() if fqn == "lm_head.weight")
-    assert plan.strategies[head]["output"] in ("R", "S(1)")  # never rows of 101
+    assert plan.strategies[head].output() in ("R", "S(1)")  # never rows of 101
 
 
 def test_bad_pins_raise():
@@ -140,8 +140,11 @@ def test_malformed_plan_files_raise(tmp_path):
     path.write_text("{not json")
     with pytest.raises(PlanError, match="not a plan file"):
         Plan.load(path)
-    path.write_text('{"schema_version": 1, "dp": 1}')
+    path.write_text('{"schema_version": 2, "dp": 1}')
     with pytest.raises(PlanError, match="malformed"):
+        Plan.load(path)
+    path.write_text('{"schema_version": 1, "dp": 1, "strategies": {}}')  # before the IR
+    with pytest.raises(PlanError, match="version 1 is not supported.*plan the model again"):
         Plan.load(path)
 
 

@@ -156,7 +156,7 @@ def test_tied_embedding_is_state_of_first_and_last_stage():
 
 def test_state_derived_values_are_recomputed_not_sent():
     traced, stages = _gpt2_stages()
-    mask = "transformer_expand_2"  # the causal mask, built from arange alone
+    mask = "transformer_and_1_expand"  # the causal mask, built from arange alone
     assert all(mask not in s.received for s in stages)
     assert _stages_holding(stages, mask) == [1, 2]  # the two blocks' stages
 
@@ -218,7 +218,7 @@ def test_solver_plan_at_tp2_splits_into_its_stages():
     stage_of = stage_of_nodes(gm, [stage.nodes for stage in plan.stages])
     stages = split_stages(gm, stage_of, num_stages, traced.user_inputs)
     inserted = [n for n in gm.graph.nodes if _is_inserted(n)]
-    assert any(step.kind == "all_reduce" for n in inserted for step in n.meta["reshard"].forward)
+    assert any(n.meta["reshard"].collectives() for n in inserted)
     state = {n for n in gm.graph.find_nodes(op="placeholder") if n.name not in traced.user_inputs}
     for node in inserted:
         holding = _stages_holding(stages, node.name)

@@ -42,12 +42,23 @@ def test_fused_qkv_gets_a_block_interleaved_shard():
     assert any(s.output == Shard(2, 3) for s in strategies.candidates[qkv.name])
 
 
-def test_token_dims_are_never_sharded():
+def test_batch_dims_stay_on_dp_and_sequence_dims_follow_the_pin():
     model, inputs = tiny_gpt2()
     traced = capture(model, inputs)
+    ln = _by_target(traced, torch.ops.aten.layer_norm.default)[0].name  # (batch, seq, hidden)
+
+    def outputs(**options):
+        return [str(s.output) for s in graph_strategies(traced, 2, **options).candidates[ln]]
+
+    assert outputs() == ["R", "S(1)"]  # the sequence dim may split: sequence parallelism
+    assert outputs(sequence_parallel=False) == ["R"]
+    assert outputs(sequence_parallel=True) == ["S(1)"]
+    # the policy says which dims are batch: here both, so tp may split neither
+    assert outputs(input_roles=lambda name, shape, dtype: ("batch",) * len(shape)) == ["R"]
     strategies = graph_strategies(traced, 2)
-    ln = _by_target(traced, torch.ops.aten.layer_norm.default)[0]  # (batch, seq, hidden)
-    assert [str(s.output) for s in strategies.candidates[ln.name]] == ["R"]
+    assert strategies.roles[ln] == ("batch", "sequence", None)
+    assert strategies.dp[ln].output == Shard(0)  # each replica holds its own rows
+    assert strategies.dp["p_lm_head_weight"].output == Replicate()
 
 
 def test_grouped_query_attention_shards_kv_heads_only_when_they_divide():

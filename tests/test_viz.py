@@ -91,7 +91,6 @@ def test_small_helpers():
     assert graph.short_op("aten.mm.default") == "mm"
     assert graph.short_op("<built-in function getitem>") == "getitem"
     assert graph.placement_kind("S(1,g3)") == "S"
-    assert graph.placement_kind(["P", "P"]) == "P"
 
 
 # ----------------------------------------------------------------------------- pipeline timeline

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -34,22 +33,8 @@ from autopar import ops
 from autopar.capture import TracedModel
 from autopar.codegen.sizes import localize_sizes
 from autopar.errors import PlanError
-from autopar.placement import Placement, Replicate, Shard
+from autopar.placement import NodePlacement, Placement, PlacementOrTuple, Replicate, Shard
 from autopar.reshard import input_gradient, reshard
-
-PlacementOrTuple = Placement | tuple[Placement, ...]
-
-
-@dataclass(frozen=True)
-class NodePlacement:
-    """How one node's output is laid out on the tp axis, and how it sees its inputs.
-
-    `output` is a tuple for multi-output nodes such as `split` (their getitem
-    nodes follow it); `inputs` lines up with `node.all_input_nodes`.
-    """
-
-    output: PlacementOrTuple
-    inputs: tuple[Placement, ...] = ()
 
 
 def shard_graph(

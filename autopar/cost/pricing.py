@@ -31,6 +31,7 @@ class Collective:
     nbytes: int  # the full tensor
     seconds: float
     layer: int | None
+    axis: str = "tp"  # the mesh axis it runs over
 
 
 @dataclass

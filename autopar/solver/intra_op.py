@@ -265,20 +265,19 @@ class ShardingProblem:
     def solve(self, *, extra=0, memory_rows=(), time_limit_s=None, what="") -> IntraOpResult:
         """Minimize base + `extra` subject to `memory_rows` ((name, expression, budget))."""
         c = self._context
-        for name in [n for n in c.prob.constraints if n.startswith("memory")]:
-            del c.prob.constraints[name]
+        prob = c.prob.copy()  # the built problem stays as it is; this solve adds its own rows
         for name, expression, budget in memory_rows:
-            c.prob += expression <= budget, f"memory_{ilp.safe(name)}"
-        c.prob.setObjective(self.base_s + extra)
-        status, elapsed = ilp.solve(c.prob, time_limit_s, f"at tp={c.tp}{what}")
+            prob += expression <= budget, f"memory_{ilp.safe(name)}"
+        prob.setObjective(self.base_s + extra)
+        status, elapsed = ilp.solve(prob, time_limit_s, f"at tp={c.tp}{what}")
         chosen = {
             node.name: _chosen(c, node)
             for node in c.traced.graph_module.graph.nodes
             if node.op in ("placeholder", "call_function")
         }
         return IntraOpResult(
-            chosen, status, pulp.value(c.prob.objective) or 0.0, elapsed,
-            c.prob.numVariables(), c.prob.numConstraints(),
+            chosen, status, pulp.value(prob.objective) or 0.0, elapsed,
+            prob.numVariables(), prob.numConstraints(),
         )  # fmt: skip
 
 

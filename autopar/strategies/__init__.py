@@ -1,13 +1,19 @@
-"""Candidate shardings for every node of a traced graph on the tensor-parallel axis.
+"""Candidate shardings for every node of a traced graph, per mesh axis.
 
 `graph_strategies(traced, tp)` walks the graph once in order and, per node, asks the
 op family's rule (one table, `RULES`) for its `OpSpec`, then enumerates the
-strategies valid at degree `tp`. Two graph-wide facts shape the candidates:
+tensor-parallel strategies valid at degree `tp`. It also gives every node its one
+data-parallel placement (`GraphStrategies.dp`): the batch dim sharded, everything
+else (parameters, masks built from constants) replicated.
 
-* token dims (batch and sequence, traced forward from the user's inputs) are never
-  sharded on the tp axis: splitting tokens is the data-parallel axis' job;
-* block-interleaved shards `Shard(d, groups=k)` are offered only on the chain that
-  feeds an equal k-way `split` (a fused QKV projection), see `_group_hints`.
+Which dims are batch and which are sequence comes from a policy, a function of each
+user input (`input_roles`, default `default_input_roles`), and is traced forward
+through the rules' dim links. Batch dims are never sharded on tp (that is the
+data-parallel axis' job). Sequence dims may be (sequence parallelism) unless
+`sequence_parallel=False`; with `sequence_parallel=True` every normalization whose
+sequence dim can be split must split it. Block-interleaved shards `Shard(d, groups=k)`
+are offered only on the chain that feeds an equal k-way `split` (a fused QKV
+projection), see `_group_hints`.
 
 Ops without a rule, and ops whose output is not floating point (masks, ids), run
 replicated; the former are listed in `GraphStrategies.unsupported`.
@@ -17,12 +23,13 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from autopar.placement import Shard
+from autopar.placement import NodePlacement, Replicate, Shard
 from autopar.strategies import attention, elementwise, embedding, matmul, norm, view
 from autopar.strategies.base import NodeShapes, OpSpec, R, Strategy, enumerate_strategies
 
@@ -35,14 +42,31 @@ RULES = {
     **view.RULES,
 }
 STOP_GROUP_HINTS = set(matmul.RULES)
+BATCH, SEQUENCE = "batch", "sequence"
+NORMS = {torch.ops.aten.layer_norm.default, torch.ops.aten.mean.dim}  # RMSNorm's statistic
 
-__all__ = ["GraphStrategies", "Strategy", "graph_strategies", "RULES"]
+__all__ = ["GraphStrategies", "Strategy", "default_input_roles", "graph_strategies", "RULES"]
+
+InputRoles = Callable[[str, tuple[int, ...], torch.dtype], tuple[str | None, ...]]
+
+
+def default_input_roles(name: str, shape: tuple[int, ...], dtype: torch.dtype):
+    """Dim 0 of every user input is its batch; dim 1 of an integer input (token ids,
+    attention masks, positions) is its sequence. Other dims have no role."""
+    roles: list[str | None] = [None] * len(shape)
+    if roles:
+        roles[0] = BATCH
+    if len(roles) > 1 and not dtype.is_floating_point:
+        roles[1] = SEQUENCE
+    return tuple(roles)
 
 
 @dataclass
 class GraphStrategies:
-    candidates: dict[str, list[Strategy]]  # node name -> strategies, replicated first
+    candidates: dict[str, list[Strategy]]  # node name -> tp strategies, replicated first
     unsupported: list[str]  # call_function nodes with no rule, run replicated
+    dp: dict[str, NodePlacement]  # node name -> its one data-parallel placement
+    roles: dict[str, tuple[str | None, ...]]  # node name -> role of each output dim
 
 
 def output_shape(node: fx.Node, index: int | None = None) -> tuple[int, ...] | None:
@@ -52,11 +76,16 @@ def output_shape(node: fx.Node, index: int | None = None) -> tuple[int, ...] | N
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _is_float(node: fx.Node) -> bool:
+def _first_tensor(node: fx.Node):
     val = node.meta.get("val")
     if isinstance(val, (list, tuple)):
         val = val[0] if val else None
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = _first_tensor(node)
+    return val is not None and val.dtype.is_floating_point
 
 
 def _input_shapes(node: fx.Node):
@@ -67,25 +96,25 @@ def _input_shapes(node: fx.Node):
     return tuple(shapes)
 
 
-def _spec(node: fx.Node, tokens: dict) -> tuple[OpSpec | None, NodeShapes | None]:
+def _spec(node: fx.Node, roles: dict, kept: frozenset) -> tuple[OpSpec | None, NodeShapes | None]:
     rule = RULES.get(node.target)
     out, inputs = output_shape(node), _input_shapes(node)
     if rule is None or out is None or any(s is None for s in inputs):
         return None, None
-    out_tokens = tuple(False for _ in out)
-    shapes = NodeShapes(out, inputs, out_tokens)
-    spec = rule(node, shapes)
-    out_tokens = _token_dims(spec, node, tokens, len(out))
-    return spec, NodeShapes(out, inputs, out_tokens)
+    spec = rule(node, NodeShapes(out, inputs, (None,) * len(out)))
+    return spec, NodeShapes(out, inputs, _out_roles(spec, node, roles, len(out)), kept)
 
 
-def _token_dims(spec: OpSpec, node: fx.Node, tokens: dict, rank: int) -> tuple[bool, ...]:
-    flags = [False] * rank
+def _out_roles(spec: OpSpec, node: fx.Node, roles: dict, rank: int) -> tuple[str | None, ...]:
+    """Each output dim takes the role of the input dims it comes from (batch wins)."""
+    found: list[str | None] = [None] * rank
     for link in spec.links:
         for arg, dim in zip(node.all_input_nodes, link.in_dims, strict=True):
-            if dim is not None and tokens.get(arg.name, ())[dim : dim + 1] == (True,):
-                flags[link.out_dim] = True
-    return tuple(flags)
+            known = roles.get(arg.name, ())
+            role = known[dim] if dim is not None and dim < len(known) else None
+            if role is not None and found[link.out_dim] != BATCH:
+                found[link.out_dim] = role
+    return tuple(found)
 
 
 def _group_hints(graph: fx.Graph) -> dict[str, dict[int, set[int]]]:
@@ -104,7 +133,7 @@ def _group_hints(graph: fx.Graph) -> dict[str, dict[int, set[int]]]:
 def _hint_upstream(node: fx.Node, dim: int, groups: int, hints) -> None:
     while node.op == "call_function":
         hints[node.name][dim].add(groups)
-        spec, _ = _spec(node, {})
+        spec, _ = _spec(node, {}, frozenset())
         if node.target in STOP_GROUP_HINTS or spec is None:
             return
         link = next((lk for lk in spec.links if lk.out_dim == dim and lk.keeps_groups), None)
@@ -126,26 +155,72 @@ def _parameter_strategies(param: fx.Node, candidates: dict) -> list[Strategy]:
     return [Strategy(p, ()) for p in dict.fromkeys(wanted) if p == R or isinstance(p, Shard)]
 
 
-def graph_strategies(traced, tp: int) -> GraphStrategies:
+def _sequence_parallel(node: fx.Node, found: list[Strategy], roles) -> list[Strategy]:
+    """A normalization's strategies that split its sequence dim, if it has any."""
+    if node.target not in NORMS:
+        return found
+    split = [s for s in found if isinstance(s.output, Shard) and roles[s.output.dim] == SEQUENCE]
+    return split or found
+
+
+def _node_candidates(node, spec, shapes, tp, hints, sequence_parallel) -> list[Strategy]:
+    options = lambda d: (1, *sorted(hints[node.name][d]))  # noqa: E731
+    found = enumerate_strategies(spec, shapes, tp, options)
+    return _sequence_parallel(node, found, shapes.out_roles) if sequence_parallel else found
+
+
+def _dp_placement(node: fx.Node, roles: dict) -> NodePlacement:
+    """The batch dim sharded over dp, if the value has one; its inputs as they were made."""
+
+    def made(arg: fx.Node):
+        batch = [d for d, role in enumerate(roles.get(arg.name, ())) if role == BATCH]
+        return Shard(batch[0]) if batch else Replicate()
+
+    output = made(node)
+    if isinstance(node.meta.get("val"), list | tuple):
+        output = tuple(output for _ in node.meta["val"])
+    return NodePlacement(output, tuple(made(arg) for arg in node.all_input_nodes))
+
+
+def _placeholder_roles(node: fx.Node, traced, input_roles: InputRoles) -> tuple:
+    val = _first_tensor(node)
+    if val is None:
+        return ()
+    if node.name not in traced.user_inputs:
+        return (None,) * val.dim()
+    return tuple(input_roles(node.name, tuple(val.shape), val.dtype))
+
+
+def graph_strategies(
+    traced, tp: int, *, sequence_parallel: bool | None = None,
+    input_roles: InputRoles = default_input_roles,
+) -> GraphStrategies:  # fmt: skip
+    """Candidates on the tp axis and the one dp placement of every node (module docstring)."""
     graph = traced.graph_module.graph
     hints = _group_hints(graph)
-    candidates, unsupported, tokens = {}, [], {}
+    kept = frozenset({BATCH} if sequence_parallel is not False else {BATCH, SEQUENCE})
+    candidates, unsupported, roles = {}, [], {}
     for node in graph.nodes:
         if node.op == "placeholder":
-            shape = output_shape(node) or ()
-            tokens[node.name] = tuple(node.name in traced.user_inputs for _ in shape)
+            roles[node.name] = _placeholder_roles(node, traced, input_roles)
             candidates[node.name] = [Strategy(R, ())]
         elif node.op == "call_function":
-            spec, shapes = _spec(node, tokens)
-            tokens[node.name] = shapes.out_tokens if shapes else ()
+            spec, shapes = _spec(node, roles, kept)
+            roles[node.name] = shapes.out_roles if shapes else ()
             if spec is None or not _is_float(node):
                 if node.target not in RULES and _is_float(node):
                     unsupported.append(node.name)
                 candidates[node.name] = _replicated(node)
                 continue
-            options = lambda d, name=node.name: (1, *sorted(hints[name][d]))  # noqa: E731
-            candidates[node.name] = enumerate_strategies(spec, shapes, tp, options)
+            candidates[node.name] = _node_candidates(
+                node, spec, shapes, tp, hints, sequence_parallel
+            )
     for name in traced.param_fqns:
         param = next(n for n in graph.nodes if n.name == name)
         candidates[name] = _parameter_strategies(param, candidates)
-    return GraphStrategies(candidates, unsupported)
+    dp = {
+        node.name: _dp_placement(node, roles)
+        for node in graph.nodes
+        if node.op in ("placeholder", "call_function")
+    }
+    return GraphStrategies(candidates, unsupported, dp, roles)

@@ -47,7 +47,7 @@ class DimLink:
     `in_dims[i] is None` means input i does not have this dim (broadcast or absent)
     and stays replicated. `keeps_groups` says a block-interleaved shard may pass.
     A link that is not `shardable` only says where the dim comes from (an inner dim
-    of a reshaped group, a sequence dim attention needs whole): tokens follow it.
+    of a reshaped group, a sequence dim attention needs whole): dim roles follow it.
     """
 
     out_dim: int
@@ -70,7 +70,8 @@ class NodeShapes:
 
     out: tuple[int, ...]
     inputs: tuple[tuple[int, ...] | None, ...]
-    out_tokens: tuple[bool, ...]  # which output dims index tokens (batch or sequence)
+    out_roles: tuple[str | None, ...]  # per output dim: "batch", "sequence" or None
+    kept_roles: frozenset = frozenset({"batch"})  # roles whose dims tp may not shard
 
 
 def _divides(size: int, tp: int, groups: int) -> bool:
@@ -80,8 +81,8 @@ def _divides(size: int, tp: int, groups: int) -> bool:
 def _link_strategies(spec: OpSpec, shapes: NodeShapes, tp: int, group_options) -> list:
     found = []
     for link in spec.links:
-        if not link.shardable or shapes.out_tokens[link.out_dim]:
-            continue  # tokens belong to the data-parallel axis, not tp
+        if not link.shardable or shapes.out_roles[link.out_dim] in shapes.kept_roles:
+            continue  # batch dims belong to the data-parallel axis, not tp
         for groups in group_options(link.out_dim) if link.keeps_groups else (1,):
             sizes_ok = _divides(shapes.out[link.out_dim], tp, groups) and all(
                 d is None or _divides(shapes.inputs[i][d], tp, groups)
@@ -102,10 +103,10 @@ def _contraction_strategies(spec: OpSpec, shapes: NodeShapes, tp: int) -> list:
     return found
 
 
-def _fits(placement: Placement, shape: tuple[int, ...], tp: int, tokens=None) -> bool:
+def _fits(placement: Placement, shape: tuple[int, ...], tp: int, roles=None, kept=()) -> bool:
     if not isinstance(placement, Shard):
         return True
-    if tokens is not None and tokens[placement.dim]:
+    if roles is not None and roles[placement.dim] in kept:
         return False
     return _divides(shape[placement.dim], tp, placement.groups)
 
@@ -114,7 +115,7 @@ def _extra_strategies(spec: OpSpec, shapes: NodeShapes, tp: int) -> list:
     return [
         s
         for s in spec.extra
-        if _fits(s.output, shapes.out, tp, shapes.out_tokens)
+        if _fits(s.output, shapes.out, tp, shapes.out_roles, shapes.kept_roles)
         and all(_fits(p, shape, tp) for p, shape in zip(s.inputs, shapes.inputs, strict=True))
     ]
 
@@ -122,6 +123,8 @@ def _extra_strategies(spec: OpSpec, shapes: NodeShapes, tp: int) -> list:
 def enumerate_strategies(spec: OpSpec, shapes: NodeShapes, tp: int, group_options) -> list:
     """All strategies of `spec` valid at degree `tp`; the replicated one comes first."""
     replicated = Strategy(R, tuple(R for _ in shapes.inputs))
+    if tp == 1:
+        return [replicated]  # one rank per tp group: nothing to split
     found = [replicated]
     found += _link_strategies(spec, shapes, tp, group_options)
     found += _contraction_strategies(spec, shapes, tp)

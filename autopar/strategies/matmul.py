@@ -40,9 +40,7 @@ def linear_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
 def _weight_matmul(rank: int) -> OpSpec:
     # x (..., K) @ w (K, N) -> (..., N): the batched form of mm
     batch_links = tuple(DimLink(d, (d, None)) for d in range(rank - 1))
-    return OpSpec(
-        links=(*batch_links, DimLink(rank - 1, (None, 1))), contractions=((rank - 1, 0),)
-    )
+    return OpSpec(links=(*batch_links, DimLink(rank - 1, (None, 1))), contractions=((rank - 1, 0),))
 
 
 def bmm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:

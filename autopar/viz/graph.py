@@ -69,10 +69,8 @@ def short_op(op: str) -> str:
     return parts[1] if len(parts) >= 2 and parts[0] == "aten" else parts[-1]
 
 
-def placement_kind(placement) -> str:
-    """'S(1,g3)' -> 'S'; a multi-output node's list -> the kind of its first output."""
-    if isinstance(placement, list):
-        placement = placement[0] if placement else "R"
+def placement_kind(placement: str) -> str:
+    """'S(1,g3)' -> 'S'."""
     return placement[:1] if placement[:1] in PLACEMENT_COLORS else "R"
 
 
@@ -125,14 +123,14 @@ def _box_of_nodes(plan, layer: int) -> tuple[list[dict], dict[str, int]]:
     """Boxes for one block's operators; runs of small same-placement ops share a box."""
     boxes: list[dict] = []
     box_of: dict[str, int] = {}
-    for name, entry in plan.strategies.items():
+    for name, node in plan.strategies.items():
         if plan.layer_of.get(name) != layer or name in plan.param_fqns:
             continue
-        if entry["op"] in ("placeholder", "output"):
+        if node.op in ("placeholder", "output"):
             continue
-        op, kind = short_op(entry["op"]), placement_kind(entry["output"])
+        op, kind = short_op(node.op), placement_kind(node.output())
         if op in LAYOUT_OPS:
-            source = next((box_of[s] for s in entry["sources"] if s in box_of), None)
+            source = next((box_of[s] for s in node.sources if s in box_of), None)
             if source is not None:
                 box_of[name] = source
             continue
@@ -142,9 +140,9 @@ def _box_of_nodes(plan, layer: int) -> tuple[list[dict], dict[str, int]]:
             last["ops"].append(op)
         else:
             boxes.append({"ops": [op], "kind": kind, "landmark": op in LANDMARK_OPS,
-                          "placement": entry["output"], "params": [], "collectives": []})  # fmt: skip
+                          "placement": node.output(), "params": [], "collectives": []})  # fmt: skip
         box_of[name] = len(boxes) - 1
-        for source in entry["sources"]:
+        for source in node.sources:
             if source in plan.param_fqns:
                 boxes[-1]["params"].append(source)
     return boxes, box_of
@@ -154,15 +152,13 @@ def _box_label(box: dict) -> str:
     ops = list(dict.fromkeys(box["ops"]))
     text = ", ".join(ops[:4]) + (", ..." if len(ops) > 4 else "")
     count = f" ({len(box['ops'])} ops)" if len(box["ops"]) > 1 else ""
-    placement = box["placement"]
-    placement = "/".join(placement) if isinstance(placement, list) else placement
-    return f"{text}{count}  [{placement}]"
+    return f"{text}{count}  [{box['placement']}]"
 
 
 def _param_label(plan, placeholder: str) -> str:
     fqn = plan.param_fqns[placeholder]
     short = ".".join(fqn.split(".")[-2:])
-    return f"{short} {plan.strategies[placeholder]['output']}"
+    return f"{short} {plan.strategies[placeholder].output()}"
 
 
 def block_dataflow_figure(plan, layer: int | None = None):

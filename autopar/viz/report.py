@@ -19,8 +19,8 @@ from pathlib import Path
 
 from autopar.errors import AutoparError
 from autopar.fileio import write_atomic
+from autopar.plan.summary import human_bytes, human_seconds, parameter_role, plan_summary
 from autopar.viz import graph, timeline
-from autopar.viz.text import human_bytes, human_seconds, parameter_role, plan_summary
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -206,14 +206,14 @@ def _block_groups(plan) -> list[tuple[list[int], list[str]]]:
     groups: dict[tuple, tuple[list[int], list[str]]] = {}
     for layer in sorted(by_layer):
         params = by_layer[layer]
-        key = tuple(str(plan.strategies[p]["output"]) for p in params)
+        key = tuple(plan.strategies[p].output() for p in params)
         groups.setdefault(key, ([], params))[0].append(layer)
     return list(groups.values())
 
 
 def _param_rows(plan, placeholders) -> list[list]:
     return [
-        [plan.param_fqns[p], _tag(plan.strategies[p]["output"]), parameter_role(plan, p)]
+        [plan.param_fqns[p], _tag(plan.strategies[p].output()), parameter_role(plan, p)]
         for p in placeholders
     ]
 

@@ -1,7 +1,8 @@
 """Plain-text views of a Plan: the summary a person reads before trusting it.
 
 Repeated transformer blocks are shown once (block 0) with a note when the others
-are identical, so a 96-layer model reads as one block, not 5,000 lines.
+are identical, so a 96-layer model reads as one block, not 5,000 lines. A plan
+without tensor parallelism (tp=1) has no tensor-parallel section at all.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ def human_seconds(s: float) -> str:
     return f"{s * 1e6:.1f} us"
 
 
-def _use_role(plan, entry: dict, placeholder: str) -> str:
+def _use_role(plan, node, placeholder: str) -> str:
     """What one consumer does with a sharded parameter, in Megatron's words."""
-    if entry["op"] in MATMULS:
-        return "column-parallel" if entry["output"].startswith("S") else "row-parallel"
-    if entry["op"] == "aten.embedding.default":
+    if node.op in MATMULS:
+        return "column-parallel" if node.output().startswith("S") else "row-parallel"
+    if node.op == "aten.embedding.default":
         return "embedding, hidden dim sharded"
-    if entry["op"] == "aten.add.Tensor":
-        matmul = next((s for s in entry["sources"] if s != placeholder), None)
-        produced = plan.strategies.get(matmul, {}).get("output", "")
+    if node.op == "aten.add.Tensor":
+        matmul = next((s for s in node.sources if s != placeholder), None)
+        produced = plan.strategies[matmul].output() if matmul in plan.strategies else ""
         return "bias of a column-parallel matmul" if produced.startswith("S") else (
             "bias, added to a reduce-scattered output"
         )  # fmt: skip
@@ -45,14 +46,36 @@ def _use_role(plan, entry: dict, placeholder: str) -> str:
 
 def parameter_role(plan, placeholder: str) -> str:
     """Megatron's names for what a parameter's placement does (every use, for tied ones)."""
-    if plan.strategies[placeholder]["output"] == "R":
+    if plan.strategies[placeholder].output() == "R":
         return "replicated"
     roles = [
-        _use_role(plan, entry, placeholder)
-        for entry in plan.strategies.values()
-        if placeholder in entry["sources"]
+        _use_role(plan, node, placeholder)
+        for node in plan.strategies.values()
+        if placeholder in node.sources
     ]
     return " + ".join(dict.fromkeys(roles)) or "sharded"
+
+
+def _parallelism(plan) -> str:
+    cost = plan.cost
+    parts = [
+        f"data parallel over {plan.dp} replicas (gradient all-reduce "
+        f"{human_seconds(cost.dp_sync_s)})"
+        if plan.dp > 1
+        else "no data parallelism"
+    ]
+    if plan.tp == 1:
+        parts.append("no tensor parallelism (tp=1)")
+    elif plan.tp_splits_nothing:
+        parts.append(
+            f"tp={plan.tp} splits nothing: no op of this model divides {plan.tp} ways, so "
+            "every tp rank computes everything (pin a smaller tp, or tp=1)"
+        )
+    else:
+        sp = "on" if plan.sequence_parallel else "off"
+        parts.append(f"tensor parallel over {plan.tp} ranks, sequence parallelism {sp}")
+    parts.append(f"{plan.pp} pipeline stage{'s' if plan.pp > 1 else ''}")
+    return "parallelism: " + "; ".join(parts)
 
 
 def _header(plan) -> list[str]:
@@ -66,6 +89,7 @@ def _header(plan) -> list[str]:
         f"{human_seconds(cost.compute_s)}, communication {human_seconds(cost.comm_s)}, bubble "
         f"{human_seconds(cost.bubble_s)}; {human_bytes(cost.memory_per_device_bytes)} per "
         f"device; {cost.tflops_per_device:.1f} TFLOP/s per device",
+        _parallelism(plan),
     ]
     if solver:
         lines.append(
@@ -89,9 +113,12 @@ def _collective_lines(collectives, indent="    ") -> list[str]:
 
 
 def _block_lines(plan) -> list[str]:
+    if plan.tp == 1:
+        return []
     by_layer = defaultdict(list)
     for c in plan.collectives:
-        by_layer[c.layer].append(c)
+        if c.axis == "tp":
+            by_layer[c.layer].append(c)
     params = [p for p in plan.param_fqns if p in plan.strategies]
     layers = sorted({plan.layer_of[p] for p in params if p in plan.layer_of})
     lines = []
@@ -120,7 +147,8 @@ def _param_line(plan, placeholder: str) -> str:
     twin = plan.tied_params.get(placeholder)
     if twin is not None:
         return f"  {name:44s} {'':8s} tied to {plan.param_fqns[twin]}"
-    return f"  {name:44s} {plan.strategies[placeholder]['output']:8s} {parameter_role(plan, placeholder)}"
+    placement = plan.strategies[placeholder].output()
+    return f"  {name:44s} {placement:8s} {parameter_role(plan, placeholder)}"
 
 
 def _param_lines(plan, placeholders) -> list[str]:
@@ -128,7 +156,8 @@ def _param_lines(plan, placeholders) -> list[str]:
 
 
 def plan_summary(plan) -> str:
-    lines = _header(plan) + [""] + _block_lines(plan)
+    blocks = _block_lines(plan)
+    lines = _header(plan) + ([""] + blocks if blocks else [])
     if plan.unsupported_ops:
         lines += [
             "",

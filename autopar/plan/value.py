@@ -1,9 +1,10 @@
-"""The Plan: a plain, JSON-serializable value that says how to run a model on a mesh.
+"""The Plan: a typed value, saved as plain JSON, that says how to run a model on a mesh.
 
-It holds the parallel degrees, the schedule, one placement per node on the tensor
-parallel axis, the pipeline stages, the predicted costs and the collectives that
-make them up, and fingerprints of the model graph and the mesh so that a plan is
-never applied to a model or cluster it was not made for.
+It holds the parallel degrees, the schedule, for every node its placement on each
+mesh axis (`PlanNode`, keyed by the node's stable name: module path, op and ordinal,
+see autopar/normalize.py), the pipeline stages, the predicted costs and the
+collectives that make them up, and fingerprints of the model graph and the mesh so
+that a plan is never applied to a model or cluster it was not made for.
 """
 
 from __future__ import annotations
@@ -16,9 +17,37 @@ from pathlib import Path
 from autopar.cost.pricing import Collective
 from autopar.errors import PlanError
 from autopar.fileio import write_atomic
-from autopar.placement import parse_placement
+from autopar.placement import TP, NodePlacement
+from autopar.plan.summary import plan_summary
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class PlanNode:
+    """One graph node: its op, the nodes it reads, and its placement on each mesh axis
+    (an axis the plan does not split, such as tp at tp=1, is absent)."""
+
+    op: str
+    sources: list[str]
+    placements: dict[str, NodePlacement]
+
+    def output(self, axis: str = TP) -> str:
+        """The printed placement of the output on `axis` ("R" where the axis is absent)."""
+        placement = self.placements.get(axis)
+        if placement is None:
+            return "R"
+        output = placement.output
+        return str(output[0] if isinstance(output, tuple) else output)
+
+    def to_dict(self) -> dict:
+        placements = {axis: p.to_text() for axis, p in self.placements.items()}
+        return {"op": self.op, "sources": self.sources, "placements": placements}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PlanNode:
+        placements = {a: NodePlacement.from_text(p) for a, p in data["placements"].items()}
+        return cls(data["op"], list(data["sources"]), placements)
 
 
 @dataclass
@@ -51,7 +80,7 @@ class Plan:
     num_microbatches: int
     microbatch_size: int
     schedule: str
-    strategies: dict[str, dict]  # node -> {"op", "output": "S(1)", "inputs": ["R"], "sources"}
+    strategies: dict[str, PlanNode]  # stable node name -> its placements per axis
     stages: list[Stage]
     cost: Cost
     collectives: list[Collective]
@@ -64,10 +93,13 @@ class Plan:
     param_fqns: dict[str, str] = field(default_factory=dict)  # placeholder -> parameter FQN
     tied_params: dict[str, str] = field(default_factory=dict)  # unused twin -> placeholder used
     unit_times_s: dict[str, float] = field(default_factory=dict)  # per microbatch, fwd + bwd
+    sequence_parallel: bool = False  # normalizations split on the sequence dim over tp
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["strategies"] = {name: node.to_dict() for name, node in self.strategies.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
@@ -79,12 +111,12 @@ class Plan:
             )
         try:
             fields = dict(data)
+            fields["strategies"] = {n: PlanNode.from_dict(e) for n, e in data["strategies"].items()}
             fields["stages"] = [Stage(**s) for s in data["stages"]]
             fields["cost"] = Cost(**data["cost"])
             fields["collectives"] = [Collective(**c) for c in data["collectives"]]
             plan = cls(**fields)
-            plan.node_placements()  # every placement must parse
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PlanError(f"malformed plan: {error}; plan the model again") from error
         return plan
 
@@ -104,21 +136,18 @@ class Plan:
             raise PlanError(f"{path} is not a plan file (expected a JSON object)")
         return cls.from_dict(data)
 
-    def node_placements(self) -> dict:
-        """Placements for codegen, one NodePlacement per node."""
-        from autopar.codegen import NodePlacement
+    def node_placements(self, axis: str = TP) -> dict[str, NodePlacement]:
+        """Each node's placement on `axis`, for codegen (empty where the axis is absent)."""
+        return {
+            name: node.placements[axis]
+            for name, node in self.strategies.items()
+            if axis in node.placements
+        }
 
-        placements = {}
-        for name, entry in self.strategies.items():
-            output = entry["output"]
-            output = (
-                tuple(parse_placement(o) for o in output)
-                if isinstance(output, list)
-                else parse_placement(output)
-            )
-            inputs = tuple(parse_placement(i) for i in entry["inputs"])
-            placements[name] = NodePlacement(output, inputs)
-        return placements
+    @property
+    def tp_splits_nothing(self) -> bool:
+        """tp > 1, yet every node is replicated on it: each tp rank computes everything."""
+        return self.tp > 1 and all(p.is_replicated for p in self.node_placements(TP).values())
 
     def check_applies_to(self, model_fingerprint: str, mesh_fingerprint: str | None = None):
         if model_fingerprint != self.model_fingerprint:
@@ -134,6 +163,4 @@ class Plan:
             )
 
     def summary(self) -> str:
-        from autopar.viz.text import plan_summary
-
         return plan_summary(self)

@@ -1,0 +1,133 @@
+"""From the search's winning candidate to the Plan value.
+
+Every node gets one placement per mesh axis the plan splits (an axis of size one is
+left out, so a tp=1 plan carries no tensor-parallel placement at all); the collectives
+are the tp ones the pricing found plus the data-parallel gradient sync, both from the
+reshard table; costs are split into compute, communication and bubble.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from autopar.cost.compute import BACKWARD_FLOP_FACTOR
+from autopar.cost.pricing import Collective
+from autopar.placement import DP, TP, NodePlacement, Shard
+from autopar.plan import Cost, Plan, PlanNode, Stage
+from autopar.solver.pipeline import unit_of_nodes
+from autopar.solver.sharding import PARAMETER_SYNC
+from autopar.strategies import NORMS, SEQUENCE
+
+
+def traced_batch(traced) -> int:
+    """The batch size (dim 0 of the first user input) the model was traced with."""
+    for node in traced.graph_module.graph.nodes:
+        if node.name in traced.user_inputs:
+            shape = node.meta["val"].shape
+            return int(shape[0]) if len(shape) else 1
+    return 1
+
+
+def _tp_placement(node: fx.Node, strategy) -> NodePlacement:
+    output = strategy.output
+    if isinstance(node.meta.get("val"), list | tuple):
+        output = tuple(output for _ in node.meta["val"])
+    return NodePlacement(output, strategy.inputs)
+
+
+def plan_nodes(traced, sharding, layout) -> dict[str, PlanNode]:
+    """Each node's op, sources and placements on the axes of size > 1."""
+    table = {}
+    for node in traced.graph_module.graph.nodes:
+        strategy = sharding.result.strategies.get(node.name)
+        if strategy is None:
+            continue
+        placements = {}
+        if layout.dp > 1:
+            placements[DP] = sharding.strategies.dp[node.name]
+        if layout.tp > 1:
+            placements[TP] = _tp_placement(node, strategy)
+        op = str(node.target) if node.op == "call_function" else node.op
+        table[node.name] = PlanNode(op, [arg.name for arg in node.all_input_nodes], placements)
+    return table
+
+
+def uses_sequence_parallelism(traced, sharding) -> bool:
+    """Does some normalization run split on its sequence dim over tp?"""
+    roles = sharding.strategies.roles
+    for node in traced.graph_module.graph.nodes:
+        strategy = sharding.result.strategies.get(node.name)
+        if node.target in NORMS and strategy is not None and isinstance(strategy.output, Shard):
+            if roles[node.name][strategy.output.dim] == SEQUENCE:
+                return True
+    return False
+
+
+def _stages(traced, best, unit_of) -> list[Stage]:
+    split, stages = best.choice.split, []
+    for k, (i, j) in enumerate(split.bounds):
+        nodes = [n for n, u in unit_of.items() if i <= u < j and n in traced.analysis.nodes]
+        layers = [u - 1 for u in range(i, j) if 1 <= u <= len(traced.analysis.layers)]
+        stages.append(
+            Stage(k, layers, nodes, split.stage_times[k], split.stage_memory[k],
+                  best.choice.rank_of_stage[k])
+        )  # fmt: skip
+    return stages
+
+
+def _grad_sync(best) -> list[Collective]:
+    """The dp axis' gradient sync of the fullest pipeline rank, as the table runs it."""
+    if best.layout.dp == 1 or not best.grad_bytes:
+        return []
+    return [
+        Collective(step.kind, phase, "gradients", "optimizer", int(best.grad_bytes),
+                   best.dp_sync_s, None, DP)
+        for phase, step in PARAMETER_SYNC.collectives()
+    ]  # fmt: skip
+
+
+def _cost(traced, mesh, sharding, best, training) -> Cost:
+    layout, choice = best.layout, best.choice
+    scale = best.microbatch_size / traced_batch(traced)
+    comm_per_mb = sum(c.seconds for c in sharding.pricing.collectives) * scale
+    factor = 1 + BACKWARD_FLOP_FACTOR if training else 1
+    flops = factor * traced.analysis.total_flops * scale * choice.num_microbatches * layout.dp
+    pipeline_work = choice.step_s - choice.bubble_s
+    comm = min(pipeline_work, comm_per_mb * choice.num_microbatches / layout.pp) + best.dp_sync_s
+    return Cost(
+        step_time_s=best.step_s, compute_s=best.step_s - comm - choice.bubble_s, comm_s=comm,
+        bubble_s=choice.bubble_s, memory_per_device_bytes=choice.memory_bytes,
+        tflops_per_device=flops / best.step_s / mesh.world_size / 1e12,
+        optimizer_s=best.optimizer_s, dp_sync_s=best.dp_sync_s,
+    )  # fmt: skip
+
+
+def _unused_twins(traced) -> dict[str, str]:
+    """Tied parameters: the placeholder the graph never reads -> the one it reads."""
+    read = {n.name for n in traced.graph_module.graph.nodes if n.op == "placeholder" and n.users}
+    return {
+        (first if duplicate in read else duplicate): (duplicate if duplicate in read else first)
+        for duplicate, first in traced.tied_params.items()
+    }
+
+
+def to_plan(traced, mesh, sharding, best, training) -> Plan:
+    layout, choice, result = best.layout, best.choice, sharding.result
+    layer_of = {n: i.layer for n, i in traced.analysis.nodes.items() if i.layer is not None}
+    return Plan(
+        dp=layout.dp, tp=layout.tp, pp=layout.pp, num_microbatches=choice.num_microbatches,
+        microbatch_size=best.microbatch_size, schedule=choice.schedule,
+        strategies=plan_nodes(traced, sharding, layout),
+        stages=_stages(traced, best, unit_of_nodes(traced)),
+        cost=_cost(traced, mesh, sharding, best, training),
+        collectives=sharding.pricing.collectives + _grad_sync(best),
+        unsupported_ops=sharding.strategies.unsupported,
+        model_fingerprint=traced.fingerprint(),
+        mesh={**mesh.to_dict(), "description": mesh.describe()},
+        mesh_fingerprint=mesh.fingerprint(),
+        solver={"status": result.status, "solve_time_s": result.solve_time_s,
+                "num_variables": result.num_variables, "num_constraints": result.num_constraints},
+        layer_of=layer_of, param_fqns=dict(traced.param_fqns),
+        tied_params=_unused_twins(traced), unit_times_s={u.name: u.time_s for u in best.units},
+        sequence_parallel=layout.tp > 1 and uses_sequence_parallelism(traced, sharding),
+    )  # fmt: skip

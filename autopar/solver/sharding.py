@@ -1,0 +1,115 @@
+"""The intra-op choice for each (tp, dp) the layout search visits, solved as few times as it can.
+
+Per tp degree the candidate strategies and the ILP are built once (`ShardingProblem`).
+The data-parallel degree enters the ILP only through the gradient sync each parameter
+pays on the dp axis: the reshard table's entry for a replicated parameter whose
+gradient is partial over dp (an all-reduce), priced per byte of the parameter's local
+gradient, so that sharding a parameter over tp also cuts its dp traffic. Layouts whose
+dp groups price a byte the same share one solve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autopar.cost.comm import reshard_seconds
+from autopar.cost.pricing import ShardingPrice, price_sharding
+from autopar.errors import PlanError, SolverTimeLimit
+from autopar.placement import Partial, Replicate
+from autopar.reshard import reshard
+from autopar.solver.intra_op import IntraOpResult, ShardingProblem
+from autopar.strategies import GraphStrategies, graph_strategies
+
+# the dp axis' table entry for a parameter: replicated, its gradient a partial sum
+PARAMETER_SYNC = reshard(Replicate(), Replicate(), Partial())
+_PROBE_BYTES = 2**30
+
+
+def dp_group(layout) -> range:
+    """Global ranks of rank 0's data-parallel group: tp is the innermost mesh axis."""
+    return range(0, layout.dp * layout.tp, layout.tp)
+
+
+def grad_sync_seconds(mesh, layout, grad_bytes: float) -> float:
+    """One gradient sync of `grad_bytes` over the dp group, from the reshard table."""
+    if layout.dp == 1:
+        return 0.0
+    group = dp_group(layout)
+    return reshard_seconds(
+        PARAMETER_SYNC, grad_bytes, lambda kind, n: mesh.collective_time(kind, n, group)
+    )
+
+
+def grad_sync_per_byte(mesh, layout) -> float:
+    """The bandwidth part of the sync: seconds per byte of gradient (latency is paid once
+    per step, not per parameter)."""
+    full, empty = (grad_sync_seconds(mesh, layout, n) for n in (_PROBE_BYTES, 0))
+    return (full - empty) / _PROBE_BYTES
+
+
+@dataclass
+class Sharding:
+    """One intra-op solution: the strategies, the ILP's result and its pricing."""
+
+    tp: int
+    strategies: GraphStrategies
+    result: IntraOpResult
+    pricing: ShardingPrice
+
+
+@dataclass
+class ShardingSolver:
+    """Builds one ILP per tp degree and solves it per dp sync price; remembers failures."""
+
+    traced: object
+    mesh: object
+    training: bool
+    dtype_bytes: int
+    state_bytes: float
+    time_limit_s: float | None
+    memory_budget: float
+    sequence_parallel: bool | None = None
+    problems: dict = field(default_factory=dict)  # tp -> (GraphStrategies, ShardingProblem)
+    solutions: dict = field(default_factory=dict)  # (tp, sync price) -> Sharding or None
+    failures: list = field(default_factory=list)
+
+    def _problem(self, tp: int):
+        if tp not in self.problems:
+            strategies = graph_strategies(self.traced, tp, sequence_parallel=self.sequence_parallel)
+            problem = ShardingProblem(
+                self.traced, strategies, self.mesh, tp, training=self.training,
+                dtype_bytes=self.dtype_bytes, state_bytes_per_param=self.state_bytes,
+            )  # fmt: skip
+            self.problems[tp] = (strategies, problem)
+        return self.problems[tp]
+
+    def __call__(self, layout) -> Sharding | None:
+        per_byte = grad_sync_per_byte(self.mesh, layout) if self.training else 0.0
+        key = (layout.tp, round(per_byte, 24))
+        if key not in self.solutions:
+            self.solutions[key] = self._solve(layout.tp, per_byte)
+        return self.solutions[key]
+
+    def _solve(self, tp: int, per_byte: float) -> Sharding | None:
+        strategies, problem = self._problem(tp)
+        rows = [("model", problem.memory_bytes, self.memory_budget)]
+        what = f" in {self.memory_budget / 2**30:.1f} GiB per device"
+        try:
+            result = problem.solve(
+                extra=per_byte * problem.param_bytes, memory_rows=rows,
+                time_limit_s=self.time_limit_s, what=what,
+            )  # fmt: skip
+        except SolverTimeLimit:
+            raise
+        except PlanError as error:
+            self.failures.append(f"tp={tp}: {error}")
+            return None
+        pricing = price_sharding(
+            self.traced, result.strategies, self.mesh, tp, training=self.training,
+            dtype_bytes=self.dtype_bytes,
+        )  # fmt: skip
+        return Sharding(tp, strategies, result, pricing)
+
+    @property
+    def ilp_time_s(self) -> float:
+        return sum(s.result.solve_time_s for s in self.solutions.values() if s is not None)
