@@ -37,6 +37,7 @@ def plan(
     microbatch_size=None,
     schedule=None,
     sequence_parallel=None,
+    input_roles=None,
     time_limit_s=None,
     example_kwargs=None,
     progress=None,
@@ -46,6 +47,8 @@ def plan(
     Without `global_batch_size`, `example_inputs` is one data-parallel replica's batch
     (the global batch is that times dp); with it, the example only fixes the shapes
     and costs are scaled to each replica's share of the global batch.
+    `input_roles(name, shape, dtype)` says which dims of each user input are "batch"
+    and "sequence" (default: `autopar.strategies.default_input_roles`).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise AutoparError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZER_STATES)}")
@@ -63,7 +66,7 @@ def plan(
         traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
         optimizer=optimizer,
         time_limit_s=time_limit_s, batch=traced_batch(traced),
-        global_batch_size=global_batch_size, progress=progress,
+        global_batch_size=global_batch_size, progress=progress, input_roles=input_roles,
     )  # fmt: skip
 
 

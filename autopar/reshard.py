@@ -25,6 +25,13 @@ does only its rank's part of the work gets back one rank's summand (`P`), so
 `R -> R` with a `P` gradient is Megatron's f (identity forward, all-reduce backward)
 and `S -> R` with a `P` gradient is sequence parallelism's all-gather forward,
 reduce-scatter backward. `S(d, g)` is the block-interleaved shard (placement.py).
+
+One entry may wait: when the value is a parameter read by one node, Megatron's f on it
+is the sum of the parameter's gradient over the axis, which can run once per step,
+after every microbatch's backward and together with the other such parameters (as
+Megatron-LM does for the norm weights under sequence parallelism) instead of once
+per microbatch inside the graph (`defers_to_step`). Its price is then bandwidth only:
+the bucket pays one latency per step.
 """
 
 from __future__ import annotations
@@ -129,6 +136,17 @@ def reshard(src: Placement, dst: Placement, grad: Placement | None) -> Reshard |
         return Reshard(forward, ())
     backward = transition(grad, gradient_placement(src))
     return None if backward is None else Reshard(forward, backward)
+
+
+def defers_to_step(entry: Reshard, is_parameter: bool, num_readers: int) -> bool:
+    """Is this Megatron's f on a parameter that only one node reads? Then the parameter's
+    gradient is left partial in the graph and summed over the axis once per step."""
+    return (
+        is_parameter
+        and num_readers == 1
+        and not entry.forward
+        and [step.kind for step in entry.backward] == ["all_reduce"]
+    )
 
 
 @functools.lru_cache(maxsize=4096)

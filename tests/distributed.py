@@ -67,6 +67,7 @@ def parity_case(rank: int, world_size: int, factory, placements_fn, rtol: float 
     weights = _weights_like(expected)
     _loss(expected, weights).backward()
     _loss(actual, weights).backward()
+    pm.sum_partial_grads()
     errors = {"output": max(relative_error(a, e) for a, e in zip(actual, expected, strict=True))}
     reference = dict(model.named_parameters(remove_duplicate=False))
     for key, grad in pm.full_grads().items():

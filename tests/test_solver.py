@@ -44,10 +44,21 @@ def test_gpt2_gets_megatron_layout(gpt2_tp8):
     assert params["ln_1.weight"] == "R"
 
 
-def test_gpt2_block_communicates_no_more_than_megatron(gpt2_tp8):
-    activation = 1 * 1024 * 1024 * 2  # batch x seq x hidden x bf16
-    assert _block_collectives(gpt2_tp8, 3, "forward") == [("all_reduce", activation)] * 2
-    assert _block_collectives(gpt2_tp8, 3, "backward") == [("all_reduce", activation)] * 2
+SEQUENCE_PARALLEL = [("all_gather", 2**21)] * 2 + [("reduce_scatter", 2**21)] * 2
+ALL_REDUCES = [("all_reduce", 2**21)] * 2  # batch x seq x hidden x bf16 = 1 x 1024 x 1024 x 2
+
+
+def test_gpt2_block_communicates_as_megatron_with_sequence_parallelism(gpt2_tp8):
+    # Korthikanti et al. 2022: each all-reduce becomes an all-gather and a reduce-scatter
+    assert gpt2_tp8.sequence_parallel
+    assert _block_collectives(gpt2_tp8, 3, "forward") == SEQUENCE_PARALLEL
+    assert _block_collectives(gpt2_tp8, 3, "backward") == SEQUENCE_PARALLEL
+    model, inputs = build_model("gpt2-medium", n_layer=12, seq=1024)
+    plain = make_plan(model, inputs, A100_NODE, tp=8, dtype=torch.bfloat16, sequence_parallel=False)
+    assert not plain.sequence_parallel
+    assert _block_collectives(plain, 3, "forward") == ALL_REDUCES
+    assert _block_collectives(plain, 3, "backward") == ALL_REDUCES
+    assert _block_params(plain, 3) == _block_params(gpt2_tp8, 3)
 
 
 def test_llama_gets_megatron_layout():
@@ -61,9 +72,9 @@ def test_llama_gets_megatron_layout():
         assert params[f"{column}.weight"] == "S(0)", column  # nn.Linear (out, in)
     for row in ("self_attn.o_proj", "mlp.down_proj"):
         assert params[f"{row}.weight"] == "S(1)", row
-    activation = 1 * 1024 * 1024 * 2
-    assert _block_collectives(plan, 2, "forward") == [("all_reduce", activation)] * 2
-    assert _block_collectives(plan, 2, "backward") == [("all_reduce", activation)] * 2
+    assert plan.sequence_parallel
+    assert _block_collectives(plan, 2, "forward") == SEQUENCE_PARALLEL
+    assert _block_collectives(plan, 2, "backward") == SEQUENCE_PARALLEL
 
 
 def test_identical_blocks_are_solved_once(gpt2_tp8):
@@ -187,7 +198,8 @@ def test_folding_view_chains_shrinks_the_ilp_at_almost_no_cost(gpt2_tp8, monkeyp
 
 
 def test_ilp_objective_is_what_the_plan_prices():
-    """The ILP charges each collective the generated code runs exactly once."""
+    """The ILP charges each collective the generated code runs exactly once, and the
+    parameter gradients summed over tp once per step their bandwidth."""
     from autopar.cost.pricing import price_sharding
     from autopar.solver.intra_op import solve_intra_op
     from autopar.strategies import graph_strategies
@@ -198,7 +210,13 @@ def test_ilp_objective_is_what_the_plan_prices():
     result = solve_intra_op(traced, strategies, A100_NODE, 8, dtype_bytes=2)
     pricing = price_sharding(traced, result.strategies, A100_NODE, 8, training=True, dtype_bytes=2)
     collectives = sum(c.seconds for c in pricing.collectives)
-    priced = pricing.total("compute_s") + pricing.total("optimizer_s") + collectives
+    assert pricing.deferred_grad_bytes  # the norm weights under sequence parallelism
+    deferred = sum(
+        A100_NODE.tp_collective_time("all_reduce", n, 8)
+        - A100_NODE.tp_collective_time("all_reduce", 0, 8)
+        for n in pricing.deferred_grad_bytes.values()
+    )
+    priced = pricing.total("compute_s") + pricing.total("optimizer_s") + collectives + deferred
     assert result.objective_s == pytest.approx(priced, rel=1e-9)
 
 

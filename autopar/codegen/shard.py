@@ -34,7 +34,7 @@ from autopar.capture import TracedModel
 from autopar.codegen.sizes import localize_sizes
 from autopar.errors import PlanError
 from autopar.placement import NodePlacement, Placement, PlacementOrTuple, Replicate, Shard
-from autopar.reshard import input_gradient, reshard
+from autopar.reshard import defers_to_step, input_gradient, reshard
 
 
 def shard_graph(
@@ -47,11 +47,16 @@ def shard_graph(
     """The graph one rank of a `tp_size`-way tensor-parallel group runs (same on every rank).
 
     Nodes missing from `placements` are replicated. Collectives are calls to
-    `autopar.ops.redistribute` over the mesh axis named `axis`.
+    `autopar.ops.redistribute` over the mesh axis named `axis`. Megatron's f on a
+    parameter read by one node is left out (`reshard.defers_to_step`): the module's
+    `meta["partial_grads"]` lists those parameter placeholders, whose gradients are
+    partial sums over `axis` until the runtime sums them once per step.
     """
     source = traced.graph_module
-    graph = _GraphSharder(traced, placements, tp_size, axis).run(source.graph)
-    return fx.GraphModule(source, graph)
+    sharder = _GraphSharder(traced, placements, tp_size, axis)
+    module = fx.GraphModule(source, sharder.run(source.graph))
+    module.meta["partial_grads"] = sharder.partial_grads
+    return module
 
 
 def _register_readable_names() -> None:
@@ -127,6 +132,8 @@ class _GraphSharder:
         self.env: dict[fx.Node, fx.Node] = {}  # source node -> new node, as produced
         self.produced: dict[fx.Node, PlacementOrTuple] = {}  # source node -> actual placement
         self.converted: dict[tuple, fx.Node] = {}  # (source node, seen, gradient) -> reshard
+        self.param_names = set(traced.param_fqns)
+        self.partial_grads: list[str] = []  # parameters whose gradient sum waits for the step
 
     def run(self, source: fx.Graph) -> fx.Graph:
         for node in source.nodes:
@@ -208,12 +215,21 @@ class _GraphSharder:
             return self.env[node]
         grad = grad if self.analysis.nodes[node.name].requires_grad else None
         key = (node, want, grad)
+        if key not in self.converted and self._defers(node, have, want, grad):
+            self.partial_grads.append(node.name)
+            self.converted[key] = self.env[node]
         if key not in self.converted:
             new = reshard_node(self.graph, self.env[node], self.axis, have, want, grad)
             if new is not self.env[node]:
                 self._annotate(new, want)
             self.converted[key] = new
         return self.converted[key]
+
+    def _defers(self, node: fx.Node, have, want, grad) -> bool:
+        entry = reshard(have, want, grad)
+        return entry is not None and defers_to_step(
+            entry, node.name in self.param_names, len(node.users)
+        )
 
 
 def reshard_node(graph: fx.Graph, value: fx.Node, axis: str, have, want, grad) -> fx.Node:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
 from autopar.cost.memory import saved_for_backward, tensor_bytes
 from autopar.placement import Replicate, Shard
-from autopar.reshard import Reshard, reshard
+from autopar.reshard import Reshard, defers_to_step, reshard
 from autopar.strategies import Strategy
 
 
@@ -45,12 +46,31 @@ class NodePrice:
     optimizer_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class EdgeReshard:
+    """The table entry one edge runs, the key codegen shares it by, and whether it waits
+    for the end of the step (a parameter's gradient sum: `reshard.defers_to_step`)."""
+
+    key: str
+    entry: Reshard
+    deferred: bool
+
+    def seconds(self, nbytes: float, price) -> float:
+        """Forward and backward time; a deferred sum pays bandwidth only, its bucket the
+        latency once per step (`price(kind, nbytes)` is the collective time)."""
+        if self.deferred:
+            return reshard_seconds(self.entry, nbytes, lambda k, n: price(k, n) - price(k, 0))
+        return reshard_seconds(self.entry, nbytes, price)
+
+
 @dataclass
 class ShardingPrice:
-    """A chosen sharding priced node by node, with every collective it runs."""
+    """A chosen sharding priced node by node, with every collective it runs in the graph
+    and the parameter gradients it sums over tp once per step."""
 
     nodes: dict[str, NodePrice]
     collectives: list[Collective]
+    deferred_grad_bytes: dict[str, float]  # parameter placeholder -> its gradient's bytes
 
     def total(self, field: str) -> float:
         return sum(getattr(price, field) for price in self.nodes.values())
@@ -87,13 +107,17 @@ def consumer_strategy(consumer: fx.Node, chosen) -> Strategy:
 
 
 def edge_reshard(traced, producer: fx.Node, made, seen: Strategy, slot: int, training: bool):
-    """(sharing key, table entry) for `producer`'s output made as `made`, read through input
-    `slot` of a consumer running `seen`; None when the table has no entry. Codegen runs one
+    """The `EdgeReshard` for `producer`'s output made as `made`, read through input `slot`
+    of a consumer running `seen`; None when the table has no entry. Codegen runs one
     reshard per producer and key, shared by every consumer with that key."""
     carries_grad = training and traced.analysis.nodes[producer.name].requires_grad
     grad = seen.input_grad(slot) if carries_grad else None
     entry = reshard(made, seen.inputs[slot], grad)
-    return None if entry is None else (f"{seen.inputs[slot]}~{grad}", entry)
+    if entry is None:
+        return None
+    is_parameter = producer.name in traced.param_fqns
+    deferred = defers_to_step(entry, is_parameter, len(producer.users))
+    return EdgeReshard(f"{seen.inputs[slot]}~{grad}", entry, deferred)
 
 
 def reshard_collectives(entry: Reshard, nbytes, producer, consumer, mesh, tp, traced):
@@ -105,22 +129,28 @@ def reshard_collectives(entry: Reshard, nbytes, producer, consumer, mesh, tp, tr
     ]  # fmt: skip
 
 
-def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes) -> list[Collective]:
-    found, shared = [], set()
+def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
+    """The collectives the graph runs, and the parameter gradients summed once per step."""
+    found, shared, deferred = [], set(), {}
     for consumer in traced.graph_module.graph.nodes:
         if consumer.op not in ("call_function", "output"):
             continue
         seen = consumer_strategy(consumer, chosen)
         for slot, producer in enumerate(consumer.all_input_nodes):
             made = chosen[producer.name].output
-            priced = edge_reshard(traced, producer, made, seen, slot, training)
-            assert priced is not None, (producer.name, consumer.name, str(seen))
-            key, entry = priced
-            if (producer.name, key) not in shared:
-                shared.add((producer.name, key))
-                nbytes = tensor_bytes(producer, dtype_bytes)
-                found += reshard_collectives(entry, nbytes, producer, consumer, mesh, tp, traced)
-    return found
+            edge = edge_reshard(traced, producer, made, seen, slot, training)
+            assert edge is not None, (producer.name, consumer.name, str(seen))
+            if (producer.name, edge.key) in shared:
+                continue
+            shared.add((producer.name, edge.key))
+            nbytes = tensor_bytes(producer, dtype_bytes)
+            if edge.deferred:
+                deferred[producer.name] = nbytes
+            else:
+                found += reshard_collectives(
+                    edge.entry, nbytes, producer, consumer, mesh, tp, traced
+                )
+    return found, deferred
 
 
 def price_sharding(traced, chosen, mesh, tp, *, training, dtype_bytes) -> ShardingPrice:
@@ -132,5 +162,5 @@ def price_sharding(traced, chosen, mesh, tp, *, training, dtype_bytes) -> Shardi
         for node in traced.graph_module.graph.nodes
         if node.name in chosen
     }
-    collectives = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes)
-    return ShardingPrice(nodes, collectives)
+    collectives, deferred = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes)
+    return ShardingPrice(nodes, collectives, deferred)

@@ -60,6 +60,7 @@ class Cost:
     tflops_per_device: float
     optimizer_s: float = 0.0  # part of compute_s
     dp_sync_s: float = 0.0  # the data-parallel gradient all-reduce, part of comm_s
+    tp_sync_s: float = 0.0  # parameter gradients summed over tp once per step, part of comm_s
 
 
 @dataclass

@@ -23,7 +23,13 @@ from autopar.codegen import NodePlacement, annotated_code, gather_full, shard_gr
 from autopar.errors import AutoparError
 from autopar.ops import Axis, bound_axes
 from autopar.placement import Replicate
-from autopar.runtime.state import Slot, build_slots, state_slots
+from autopar.runtime.state import (
+    Slot,
+    build_slots,
+    partial_grad_slots,
+    state_slots,
+    sum_grads,
+)
 
 _USER_OUTPUTS = (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT)
 
@@ -59,6 +65,7 @@ class ParallelModule(nn.Module):
         self.shards = nn.Module()
         slots = build_slots(traced, self.graph_module, model, self.shards, tp_rank, tp_size, device)
         self._state_slots = state_slots(model, slots)
+        self._partial_grads = partial_grad_slots(traced, self.graph_module, model, slots)
         placeholders = self.graph_module.graph.find_nodes(op="placeholder")
         self._feeds = placeholder_feeds(traced, placeholders, model, slots, self, device)
         signature = traced.exported_program.graph_signature
@@ -102,6 +109,11 @@ class ParallelModule(nn.Module):
             else:
                 raise AutoparError(f"graph output of kind {kind.name} is not supported")
         return user
+
+    def sum_partial_grads(self) -> None:
+        """Sum over tp the gradients the graph leaves partial (parameters whose Megatron f
+        waits for the step); call once after the backward passes of a step."""
+        sum_grads(self._partial_grads, self.tp_group)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model's `state_dict()`: same keys (tied aliases too), full values."""

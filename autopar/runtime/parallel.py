@@ -91,6 +91,7 @@ class DistributedModule(nn.Module):
         flat, target = self._replica_batch(flat, target)
         self.zero_grad(set_to_none=True)
         local = self._guarded("train_step", self._forward_backward, flat, target, loss_fn)
+        self._guarded("train_step", self.part.sum_partial_grads)
         self._guarded("train_step", self._average_grads)
         return self._guarded("train_step", self._mean_loss, local)
 

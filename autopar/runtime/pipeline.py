@@ -48,7 +48,14 @@ from autopar.ops.layout import dim_order, with_dim_order
 from autopar.placement import Placement, Replicate
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
 from autopar.runtime.module import check_state_dict, placeholder_feeds
-from autopar.runtime.state import Slot, build_slots, tensor_placements, tensors_by_id
+from autopar.runtime.state import (
+    Slot,
+    build_slots,
+    partial_grad_slots,
+    sum_grads,
+    tensor_placements,
+    tensors_by_id,
+)
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -185,6 +192,7 @@ class PipelineModule(nn.Module):
             groups.device, keep=mine,
         )  # fmt: skip
         self._state_keys = _state_keys(model)
+        self._partial_grads = partial_grad_slots(traced, graph_module, model, self._slots)
         axis = Axis("tp", groups.tp_group, groups.tp, groups.tp_rank)
         local = [stage for stage in stages if self._rank_of_stage[stage.index] == groups.pp_rank]
         self.stage_modules = [self._stage_module(traced, model, s, axis) for s in local]
@@ -259,6 +267,10 @@ class PipelineModule(nn.Module):
         )  # fmt: skip
         self._sum_tied_grads()
         return torch.stack(losses).sum().detach() if losses else None
+
+    def sum_partial_grads(self) -> None:
+        """Sum over tp the gradients this rank's stages leave partial (see ParallelModule)."""
+        sum_grads(self._partial_grads, self.groups.tp_group)
 
     def _sum_tied_grads(self) -> None:
         tied = [h for h in self._held.values() if h.is_parameter and len(h.holders) > 1]

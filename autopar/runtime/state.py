@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
@@ -20,6 +21,7 @@ from autopar.capture import TracedModel
 from autopar.codegen.params import shard_tensor
 from autopar.errors import PlanError
 from autopar.placement import Placement, Replicate
+from autopar.runtime.groups import all_reduce_coalesced
 
 
 @dataclass
@@ -128,3 +130,22 @@ def state_slots(model: nn.Module, slots: dict[int, Slot]) -> dict[str, Slot]:
         for key in model.state_dict()
         if key in by_name and id(by_name[key]) in slots
     }
+
+
+def partial_grad_slots(traced, graph_module: fx.GraphModule, model, slots) -> list[Slot]:
+    """The slots of the parameters whose gradients the graph leaves as partial sums over tp
+    (codegen's `meta["partial_grads"]`), among those this rank holds."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    names = graph_module.meta.get("partial_grads", ())
+    keys = dict.fromkeys(id(named[traced.param_fqns[n]]) for n in names)  # one order, all ranks
+    return [slots[key] for key in keys if key in slots]
+
+
+def sum_grads(held: list[Slot], group) -> None:
+    """Sum the gradients of `held` over `group` in place of each (one all-reduce per dtype);
+    every rank of the group passes the same slots in the same order."""
+    params = [slot.local() for slot in held if slot.local().grad is not None]
+    if params and dist.is_initialized() and dist.get_world_size(group) > 1:
+        summed = all_reduce_coalesced([p.grad for p in params], group)
+        for param, grad in zip(params, summed, strict=True):
+            param.grad = grad

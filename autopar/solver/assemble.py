@@ -75,13 +75,17 @@ def _stages(traced, best, unit_of) -> list[Stage]:
     return stages
 
 
-def _grad_sync(best) -> list[Collective]:
-    """The dp axis' gradient sync of the fullest pipeline rank, as the table runs it."""
-    if best.layout.dp == 1 or not best.grad_bytes:
-        return []
+def _grad_syncs(best) -> list[Collective]:
+    """The sums of partial gradients once per step, as the table runs them: over tp for the
+    parameters whose f waits for the step, over dp for all (the fullest pipeline rank)."""
+    syncs = (
+        (TP, "parameter gradients read by split work", best.tp_sync_bytes, best.tp_sync_s),
+        (DP, "gradients", best.grad_bytes, best.dp_sync_s),
+    )
     return [
-        Collective(step.kind, phase, "gradients", "optimizer", int(best.grad_bytes),
-                   best.dp_sync_s, None, DP)
+        Collective(step.kind, phase, what, "optimizer", int(nbytes), seconds, None, axis)
+        for axis, what, nbytes, seconds in syncs
+        if seconds > 0
         for phase, step in PARAMETER_SYNC.collectives()
     ]  # fmt: skip
 
@@ -93,12 +97,13 @@ def _cost(traced, mesh, sharding, best, training) -> Cost:
     factor = 1 + BACKWARD_FLOP_FACTOR if training else 1
     flops = factor * traced.analysis.total_flops * scale * choice.num_microbatches * layout.dp
     pipeline_work = choice.step_s - choice.bubble_s
-    comm = min(pipeline_work, comm_per_mb * choice.num_microbatches / layout.pp) + best.dp_sync_s
+    in_graph = min(pipeline_work, comm_per_mb * choice.num_microbatches / layout.pp)
+    comm = in_graph + best.dp_sync_s + best.tp_sync_s
     return Cost(
         step_time_s=best.step_s, compute_s=best.step_s - comm - choice.bubble_s, comm_s=comm,
         bubble_s=choice.bubble_s, memory_per_device_bytes=choice.memory_bytes,
         tflops_per_device=flops / best.step_s / mesh.world_size / 1e12,
-        optimizer_s=best.optimizer_s, dp_sync_s=best.dp_sync_s,
+        optimizer_s=best.optimizer_s, dp_sync_s=best.dp_sync_s, tp_sync_s=best.tp_sync_s,
     )  # fmt: skip
 
 
@@ -120,7 +125,7 @@ def to_plan(traced, mesh, sharding, best, training) -> Plan:
         strategies=plan_nodes(traced, sharding, layout),
         stages=_stages(traced, best, unit_of_nodes(traced)),
         cost=_cost(traced, mesh, sharding, best, training),
-        collectives=sharding.pricing.collectives + _grad_sync(best),
+        collectives=sharding.pricing.collectives + _grad_syncs(best),
         unsupported_ops=sharding.strategies.unsupported,
         model_fingerprint=traced.fingerprint(),
         mesh={**mesh.to_dict(), "description": mesh.describe()},

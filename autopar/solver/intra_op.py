@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 import pulp
 import torch.fx as fx
 
-from autopar.cost import comm
 from autopar.cost.memory import tensor_bytes
 from autopar.cost.pricing import consumer_strategy, edge_reshard, node_price
 from autopar.solver import ilp
@@ -186,10 +185,9 @@ def _edge_table(c: _Context, producer: fx.Node, consumer: fx.Node, slot: int) ->
     table = {}
     for i, src in enumerate(c.strategies.candidates[producer.name]):
         for j, dst in enumerate(_consumer_candidates(c, consumer)):
-            priced = edge_reshard(c.traced, producer, src.output, dst, slot, c.training)
-            if priced is not None:
-                key, entry = priced
-                table[i, j] = (key, comm.reshard_seconds(entry, nbytes, price))
+            edge = edge_reshard(c.traced, producer, src.output, dst, slot, c.training)
+            if edge is not None:
+                table[i, j] = (edge.key, edge.seconds(nbytes, price))
     return table
 
 

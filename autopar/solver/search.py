@@ -19,6 +19,7 @@ import torch
 
 from autopar.cost.memory import state_bytes_per_param
 from autopar.errors import AutoparError, PlanError
+from autopar.placement import TP
 from autopar.plan import Plan
 from autopar.solver.assemble import to_plan
 from autopar.solver.pipeline import SCHEDULES, build_units, evaluate, unit_of_nodes
@@ -151,6 +152,8 @@ class _Candidate:
     optimizer_s: float
     dp_sync_s: float
     grad_bytes: float  # the fullest pipeline rank's gradients, synced over dp
+    tp_sync_s: float  # parameter gradients summed over tp once per step (deferred f)
+    tp_sync_bytes: float
 
     @property
     def seconds_per_sample(self) -> float:
@@ -180,17 +183,25 @@ def _candidates_for(traced, mesh, solution, layout, pins, replica_batch, context
                 )
 
 
+def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
+    """Sum `values` (node name -> amount) per pipeline rank, by the stage of each node."""
+    sums = [0.0] * pp
+    for name, amount in values.items():
+        stage = _stage_of_unit(choice.split, unit_of.get(name, 0))
+        sums[choice.rank_of_stage[stage]] += amount
+    return sums
+
+
 def _finish(traced, mesh, solution, layout, choice, size, units, unit_of, training):
-    optimizer = [0.0] * layout.pp
-    grads = [0.0] * layout.pp
-    for name, price in solution.pricing.nodes.items():
-        if price.param_numel:
-            stage = _stage_of_unit(choice.split, unit_of.get(name, 0))
-            optimizer[choice.rank_of_stage[stage]] += price.optimizer_s
-            grads[choice.rank_of_stage[stage]] += price.param_bytes
+    params = {n: p for n, p in solution.pricing.nodes.items() if p.param_numel}
+    optimizer = _per_rank({n: p.optimizer_s for n, p in params.items()}, choice, unit_of, layout.pp)
+    grads = _per_rank({n: p.param_bytes for n, p in params.items()}, choice, unit_of, layout.pp)
+    partial = _per_rank(solution.pricing.deferred_grad_bytes, choice, unit_of, layout.pp)
     dp_sync = grad_sync_seconds(mesh, layout, max(grads)) if training else 0.0
-    step = choice.step_s + max(optimizer) + dp_sync
-    return _Candidate(layout, choice, size, units, step, max(optimizer), dp_sync, max(grads))
+    tp_sync = max(grad_sync_seconds(mesh, layout, b, TP) for b in partial)
+    step = choice.step_s + max(optimizer) + dp_sync + tp_sync
+    return _Candidate(layout, choice, size, units, step, max(optimizer), dp_sync, max(grads),
+                      tp_sync, max(partial))  # fmt: skip
 
 
 def _stage_of_unit(split, unit: int) -> int:
@@ -199,7 +210,7 @@ def _stage_of_unit(split, unit: int) -> int:
 
 def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes=None,
            optimizer="adam", time_limit_s=None, batch=1, global_batch_size=None,
-           progress=None) -> Plan:  # fmt: skip
+           progress=None, input_roles=None) -> Plan:  # fmt: skip
     """The cheapest plan over everything the pins allow that fits in memory."""
     start = time.perf_counter()
     pins = pins or Pins()
@@ -212,7 +223,7 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     # the ILP sees the whole model; with pp stages each device holds about 1/pp of it
     budget = mesh.device.memory_bytes * max(c.pp for c in candidates)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
-                           budget, pins.sequence_parallel)  # fmt: skip
+                           budget, pins.sequence_parallel, input_roles)  # fmt: skip
     best, best_sharding, tried = None, None, 0
     for layout in candidates:
         if progress:

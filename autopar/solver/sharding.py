@@ -15,36 +15,38 @@ from dataclasses import dataclass, field
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.pricing import ShardingPrice, price_sharding
 from autopar.errors import PlanError, SolverTimeLimit
-from autopar.placement import Partial, Replicate
+from autopar.placement import DP, TP, Partial, Replicate
 from autopar.reshard import reshard
 from autopar.solver.intra_op import IntraOpResult, ShardingProblem
-from autopar.strategies import GraphStrategies, graph_strategies
+from autopar.strategies import GraphStrategies, default_input_roles, graph_strategies
 
 # the dp axis' table entry for a parameter: replicated, its gradient a partial sum
 PARAMETER_SYNC = reshard(Replicate(), Replicate(), Partial())
 _PROBE_BYTES = 2**30
 
 
-def dp_group(layout) -> range:
-    """Global ranks of rank 0's data-parallel group: tp is the innermost mesh axis."""
+def group_of(layout, axis: str) -> range:
+    """Global ranks of rank 0's group on `axis`: tp is the innermost mesh axis, then dp."""
+    if axis == TP:
+        return range(layout.tp)
     return range(0, layout.dp * layout.tp, layout.tp)
 
 
-def grad_sync_seconds(mesh, layout, grad_bytes: float) -> float:
-    """One gradient sync of `grad_bytes` over the dp group, from the reshard table."""
-    if layout.dp == 1:
+def grad_sync_seconds(mesh, layout, grad_bytes: float, axis: str = DP) -> float:
+    """One sum of `grad_bytes` of partial gradients over `axis`, from the reshard table."""
+    group = group_of(layout, axis)
+    if len(group) == 1 or grad_bytes == 0:
         return 0.0
-    group = dp_group(layout)
     return reshard_seconds(
         PARAMETER_SYNC, grad_bytes, lambda kind, n: mesh.collective_time(kind, n, group)
     )
 
 
 def grad_sync_per_byte(mesh, layout) -> float:
-    """The bandwidth part of the sync: seconds per byte of gradient (latency is paid once
-    per step, not per parameter)."""
-    full, empty = (grad_sync_seconds(mesh, layout, n) for n in (_PROBE_BYTES, 0))
-    return (full - empty) / _PROBE_BYTES
+    """The bandwidth part of the dp sync: seconds per byte of gradient (latency is paid
+    once per step, not per parameter)."""
+    double, single = (grad_sync_seconds(mesh, layout, n) for n in (2 * _PROBE_BYTES, _PROBE_BYTES))
+    return (double - single) / _PROBE_BYTES
 
 
 @dataclass
@@ -69,13 +71,17 @@ class ShardingSolver:
     time_limit_s: float | None
     memory_budget: float
     sequence_parallel: bool | None = None
+    input_roles: object = None  # strategies.InputRoles, or None for the default policy
     problems: dict = field(default_factory=dict)  # tp -> (GraphStrategies, ShardingProblem)
     solutions: dict = field(default_factory=dict)  # (tp, sync price) -> Sharding or None
     failures: list = field(default_factory=list)
 
     def _problem(self, tp: int):
         if tp not in self.problems:
-            strategies = graph_strategies(self.traced, tp, sequence_parallel=self.sequence_parallel)
+            strategies = graph_strategies(
+                self.traced, tp, sequence_parallel=self.sequence_parallel,
+                input_roles=self.input_roles or default_input_roles,
+            )  # fmt: skip
             problem = ShardingProblem(
                 self.traced, strategies, self.mesh, tp, training=self.training,
                 dtype_bytes=self.dtype_bytes, state_bytes_per_param=self.state_bytes,
