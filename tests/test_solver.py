@@ -235,3 +235,24 @@ def test_activation_memory_per_block_matches_the_known_formula():
     s, b, h, a, tp = 1024, 1, 1024, 16, 8
     formula = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
     assert 0.5 * formula < block < 1.5 * formula
+
+
+def _slow_links_mesh(memory_bytes: int) -> Mesh:
+    """Communication so slow that, memory aside, replicating everything is fastest."""
+    device = autopar.mesh.DeviceSpec("tight", 1e12, 1e11, memory_bytes=memory_bytes, dtype_bytes=4)
+    return Mesh(
+        nodes=1, devices_per_node=2, device=device, intra_node_bw=1e6, inter_node_bw=1e6,
+        intra_node_latency=1e-3, inter_node_latency=1e-3,
+    )  # fmt: skip
+
+
+def test_the_ilp_shards_to_fit_when_the_fastest_sharding_does_not():
+    """The ILP's memory rows are the device's budget for the stage, so what it accepts fits."""
+    model, inputs = tiny_gpt2(vocab_size=4096)
+    roomy = make_plan(model, inputs, _slow_links_mesh(2**34), dp=1, tp=2, pp=1)
+    assert all(n.output() == "R" for n in roomy.strategies.values())  # fastest: replicate
+    budget = int(0.75 * roomy.cost.memory_per_device_bytes)
+    tight = make_plan(model, inputs, _slow_links_mesh(budget), dp=1, tp=2, pp=1)
+    assert tight.cost.memory_per_device_bytes <= budget
+    assert any(tight.strategies[p].output() != "R" for p in tight.param_fqns)
+    assert tight.cost.step_time_s > roomy.cost.step_time_s  # it paid for the memory

@@ -133,6 +133,6 @@ def to_plan(traced, mesh, sharding, best, training) -> Plan:
         solver={"status": result.status, "solve_time_s": result.solve_time_s,
                 "num_variables": result.num_variables, "num_constraints": result.num_constraints},
         layer_of=layer_of, param_fqns=dict(traced.param_fqns),
-        tied_params=_unused_twins(traced), unit_times_s={u.name: u.time_s for u in best.units},
+        tied_params=_unused_twins(traced), unit_times_s=best.unit_times_s,
         sequence_parallel=layout.tp > 1 and uses_sequence_parallelism(traced, sharding),
     )  # fmt: skip

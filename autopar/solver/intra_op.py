@@ -58,6 +58,16 @@ class IntraOpResult:
     num_constraints: int
 
 
+@dataclass(frozen=True)
+class UnitMemory:
+    """One pipeline unit's memory: expressions in the ILP's choices, and lower bounds."""
+
+    params: pulp.LpAffineExpression  # parameters, gradients and optimizer state
+    activations: pulp.LpAffineExpression  # kept for backward, one traced batch
+    least_params: float  # the smallest either can be, whatever is chosen
+    least_activations: float
+
+
 @dataclass
 class _Context:
     traced: object
@@ -258,7 +268,30 @@ class ShardingProblem:
         self.memory_bytes = _weighted(
             c, prices, lambda p: p.param_numel * state_bytes_per_param + p.activation_bytes
         )
-        self._context = c
+        self._context, self._state_bytes = c, state_bytes_per_param
+        self._options = defaultdict(list)  # key -> [(strategy index, NodePrice)]
+        for (key, i), price in prices.items():
+            self._options[key].append((i, price))
+
+    def unit_memory(self, unit_of: dict[str, int], num_units: int) -> list[UnitMemory]:
+        """Per pipeline unit: its parameter state and its activations kept for backward (one
+        traced batch), each as an expression in x and as a lower bound over all choices."""
+        c, counts = self._context, [Counter() for _ in range(num_units)]
+        for node in c.traced.graph_module.graph.nodes:
+            if node.name in unit_of and node.op in ("placeholder", "call_function"):
+                counts[unit_of[node.name]][c.key_of[node.name]] += 1
+        return [self._unit(count) for count in counts]
+
+    def _unit(self, count: Counter) -> UnitMemory:
+        c, state = self._context, self._state_bytes
+        params, kept, least_params, least_kept = [], [], 0.0, 0.0
+        for key, n in count.items():
+            options = self._options[key]
+            params += [n * p.param_numel * state * _choice(c, key, i) for i, p in options]
+            kept += [n * p.activation_bytes * _choice(c, key, i) for i, p in options]
+            least_params += n * min(p.param_numel * state for _, p in options)
+            least_kept += n * min(p.activation_bytes for _, p in options)
+        return UnitMemory(pulp.lpSum(params), pulp.lpSum(kept), least_params, least_kept)
 
     def solve(self, *, extra=0, memory_rows=(), time_limit_s=None, what="") -> IntraOpResult:
         """Minimize base + `extra` subject to `memory_rows` ((name, expression, budget))."""

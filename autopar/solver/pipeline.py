@@ -10,7 +10,9 @@ slowest stage's forward+backward per microbatch):
     GPipe, 1F1B:           (m + pp - 1) * t
     interleaved 1F1B (v):  m * t_rank + (pp - 1) * t_chunk,  t_rank = v chunks of one rank
 Microbatches alive on stage k (its activation memory): GPipe keeps all m; 1F1B keeps
-pp - k (Narayanan et al. 2021); interleaved adds about (pp - 1) / v warm-up ones.
+pp - k (Narayanan et al. 2021); interleaved adds about (pp - 1) / v warm-up ones; with
+one stage (gradient accumulation) one. `memory_rows` writes the same budget as rows of
+the intra-op ILP, so that what the ILP accepts fits.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pulp
+
 from autopar.cost.memory import tensor_bytes
-from autopar.solver.stages import StageSplit, Unit, best_split
+from autopar.solver.stages import StageSplit, Unit, best_split, equal_bounds
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 INTERLEAVED_CHUNKS = 2  # model chunks per rank under interleaving
@@ -102,18 +106,46 @@ def build_units(
 
 
 def in_flight(schedule: str, pp: int, m: int, chunks: int):
-    """Microbatches whose activations stage k keeps alive, as a function of k."""
+    """Microbatches whose activations stage k keeps alive, as a function of k. Without a
+    pipeline every schedule is gradient accumulation: one microbatch at a time."""
+    if pp == 1:
+        return lambda k: 1
     if schedule == "gpipe":
         return lambda k: m
     warmup = math.ceil((pp - 1) / chunks) if chunks > 1 else 0
     return lambda k: min(m, pp - k % pp + warmup)
 
 
+def _chunks(schedule: str) -> int:
+    return INTERLEAVED_CHUNKS if schedule == "interleaved1f1b" else 1
+
+
+def schedulable(num_units: int, pp: int, m: int, schedule: str) -> bool:
+    """Can `schedule` run `m` microbatches over pp ranks of these units at all?"""
+    chunks = _chunks(schedule)
+    return pp * chunks <= num_units and not (chunks > 1 and (pp == 1 or m % pp))
+
+
+def memory_rows(units_memory, pp, m, schedule, scale, budget) -> tuple[list, bool]:
+    """The ILP's memory rows for this pipeline: per pp rank, the state of its units and
+    `scale` times their activations for each microbatch in flight, on the equal split,
+    each <= `budget`; and whether the least memory any choice could use fits at all."""
+    chunks = _chunks(schedule)
+    alive = in_flight(schedule, pp, m, chunks)
+    rows, least = [[] for _ in range(pp)], [0.0] * pp
+    for k, (i, j) in enumerate(equal_bounds(len(units_memory), pp * chunks)):
+        for unit in units_memory[i:j]:
+            rows[k % pp].append(unit.params + alive(k) * scale * unit.activations)
+            least[k % pp] += unit.least_params + alive(k) * scale * unit.least_activations
+    named = [(f"pp_rank_{r}", pulp.lpSum(terms), budget) for r, terms in enumerate(rows)]
+    return named, max(least) <= budget
+
+
 def evaluate(units, pp, m, schedule, p2p, budget) -> PipelineChoice | None:
     """Best split of `units` for this schedule, or None if no split fits in memory."""
-    chunks = INTERLEAVED_CHUNKS if schedule == "interleaved1f1b" else 1
+    chunks = _chunks(schedule)
     num_stages = pp * chunks
-    if num_stages > len(units) or (chunks > 1 and (pp == 1 or m % pp)):
+    if not schedulable(len(units), pp, m, schedule):
         return None
     try:
         split = best_split(units, num_stages, p2p, in_flight(schedule, pp, m, chunks), budget * 1.0)

@@ -22,7 +22,13 @@ from autopar.errors import AutoparError, PlanError
 from autopar.placement import TP
 from autopar.plan import Plan
 from autopar.solver.assemble import to_plan
-from autopar.solver.pipeline import SCHEDULES, build_units, evaluate, unit_of_nodes
+from autopar.solver.pipeline import (
+    SCHEDULES,
+    build_units,
+    evaluate,
+    schedulable,
+    unit_of_nodes,
+)
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
 
 MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
@@ -147,13 +153,14 @@ class _Candidate:
     layout: Layout
     choice: object
     microbatch_size: int
-    units: list
     step_s: float
     optimizer_s: float
     dp_sync_s: float
     grad_bytes: float  # the fullest pipeline rank's gradients, synced over dp
     tp_sync_s: float  # parameter gradients summed over tp once per step (deferred f)
     tp_sync_bytes: float
+    sharding: object  # the intra-op solution it runs (sharding.Sharding)
+    unit_times_s: dict[str, float]  # per microbatch, forward and backward
 
     @property
     def seconds_per_sample(self) -> float:
@@ -163,24 +170,40 @@ class _Candidate:
         return self.step_s / samples
 
 
-def _candidates_for(traced, mesh, solution, layout, pins, replica_batch, context):
+def _schedules(layout: Layout, pins: Pins) -> list[str]:
+    if pins.schedule:
+        return [pins.schedule]
+    return ["gpipe"] if layout.pp == 1 else list(SCHEDULES)  # one stage: accumulation
+
+
+def _candidates_for(traced, mesh, solve, fastest, layout, pins, replica_batch, context):
+    """Every (microbatches, schedule) that fits: on the fastest sharding, else on one the
+    ILP solved under this configuration's memory rows."""
     training, dtype_bytes, batch, unit_of, state_bytes = context
-    schedules = [pins.schedule] if pins.schedule else list(SCHEDULES)
-    if layout.pp == 1 and not pins.schedule:
-        schedules = ["gpipe"]  # one stage: every schedule is gradient accumulation
-    for m, size in _microbatch_options(replica_batch, layout.pp, pins):
-        units = build_units(
-            traced, solution.pricing, unit_of, scale=size / batch,
-            dtype_bytes=dtype_bytes, state_bytes_per_param=state_bytes,
+    p2p, budget = _p2p(mesh, layout), mesh.device.memory_bytes
+    num_units = len(traced.analysis.layers) + 2
+
+    def units_of(sharding, size):
+        return build_units(
+            traced, sharding.pricing, unit_of, scale=size / batch, dtype_bytes=dtype_bytes,
+            state_bytes_per_param=state_bytes,
         )  # fmt: skip
-        for schedule in schedules:
-            choice = evaluate(
-                units, layout.pp, m, schedule, _p2p(mesh, layout), mesh.device.memory_bytes
-            )
+
+    for m, size in _microbatch_options(replica_batch, layout.pp, pins):
+        units = units_of(fastest, size)
+        for schedule in _schedules(layout, pins):
+            if not schedulable(num_units, layout.pp, m, schedule):
+                continue
+            sharding, used = fastest, units
+            choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
+            if choice is None:
+                sharding = solve.fitting(layout, m, size / batch, schedule, unit_of)
+                if sharding is None:
+                    continue
+                used = units_of(sharding, size)
+                choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
             if choice is not None:
-                yield _finish(
-                    traced, mesh, solution, layout, choice, size, units, unit_of, training
-                )
+                yield _finish(mesh, sharding, layout, choice, size, unit_of, training, used)
 
 
 def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
@@ -192,7 +215,7 @@ def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
     return sums
 
 
-def _finish(traced, mesh, solution, layout, choice, size, units, unit_of, training):
+def _finish(mesh, solution, layout, choice, size, unit_of, training, units):
     params = {n: p for n, p in solution.pricing.nodes.items() if p.param_numel}
     optimizer = _per_rank({n: p.optimizer_s for n, p in params.items()}, choice, unit_of, layout.pp)
     grads = _per_rank({n: p.param_bytes for n, p in params.items()}, choice, unit_of, layout.pp)
@@ -200,8 +223,9 @@ def _finish(traced, mesh, solution, layout, choice, size, units, unit_of, traini
     dp_sync = grad_sync_seconds(mesh, layout, max(grads)) if training else 0.0
     tp_sync = max(grad_sync_seconds(mesh, layout, b, TP) for b in partial)
     step = choice.step_s + max(optimizer) + dp_sync + tp_sync
-    return _Candidate(layout, choice, size, units, step, max(optimizer), dp_sync, max(grads),
-                      tp_sync, max(partial))  # fmt: skip
+    return _Candidate(layout, choice, size, step, max(optimizer), dp_sync, max(grads),
+                      tp_sync, max(partial), solution,
+                      {u.name: u.time_s for u in units})  # fmt: skip
 
 
 def _stage_of_unit(split, unit: int) -> int:
@@ -220,11 +244,9 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     unit_of = unit_of_nodes(traced)
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
     context = (training, dtype_bytes, batch, unit_of, state_bytes)
-    # the ILP sees the whole model; with pp stages each device holds about 1/pp of it
-    budget = mesh.device.memory_bytes * max(c.pp for c in candidates)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
-                           budget, pins.sequence_parallel, input_roles)  # fmt: skip
-    best, best_sharding, tried = None, None, 0
+                           pins.sequence_parallel, input_roles)  # fmt: skip
+    best, tried = None, 0
     for layout in candidates:
         if progress:
             progress(layout)
@@ -233,14 +255,14 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
         if solution is None or replica_batch is None:
             continue
         for candidate in _candidates_for(
-            traced, mesh, solution, layout, pins, replica_batch, context
+            traced, mesh, solve, solution, layout, pins, replica_batch, context
         ):
             tried += 1
             if best is None or candidate.seconds_per_sample < best.seconds_per_sample:
-                best, best_sharding = candidate, solution
+                best = candidate
     if best is None:
         raise PlanError(_nothing_fits(mesh, pins, solve.failures))
-    plan = to_plan(traced, mesh, best_sharding, best, training)
+    plan = to_plan(traced, mesh, best.sharding, best, training)
     plan.solver.update(
         search_time_s=time.perf_counter() - start, layouts_tried=tried,
         ilp_time_s=solve.ilp_time_s,

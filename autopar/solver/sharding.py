@@ -1,4 +1,4 @@
-"""The intra-op choice for each (tp, dp) the layout search visits, solved as few times as it can.
+"""The intra-op choice for each layout the search visits, solved as few times as it can.
 
 Per tp degree the candidate strategies and the ILP are built once (`ShardingProblem`).
 The data-parallel degree enters the ILP only through the gradient sync each parameter
@@ -6,6 +6,13 @@ pays on the dp axis: the reshard table's entry for a replicated parameter whose
 gradient is partial over dp (an all-reduce), priced per byte of the parameter's local
 gradient, so that sharding a parameter over tp also cuts its dp traffic. Layouts whose
 dp groups price a byte the same share one solve.
+
+Memory: the first solve of a (tp, dp) has no memory rows: the fastest sharding. When
+its stages do not fit a pipeline configuration (pp, microbatches, schedule), `fitting`
+solves again with that configuration's rows (`pipeline.memory_rows`: each pp rank's
+state and in-flight activations on the equal split, under the device's memory), unless
+even the least memory any choice could take does not fit. So a sharding the ILP
+accepts fits by the memory model.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from autopar.errors import PlanError, SolverTimeLimit
 from autopar.placement import DP, TP, Partial, Replicate
 from autopar.reshard import reshard
 from autopar.solver.intra_op import IntraOpResult, ShardingProblem
+from autopar.solver.pipeline import memory_rows
 from autopar.strategies import GraphStrategies, default_input_roles, graph_strategies
 
 # the dp axis' table entry for a parameter: replicated, its gradient a partial sum
@@ -69,11 +77,11 @@ class ShardingSolver:
     dtype_bytes: int
     state_bytes: float
     time_limit_s: float | None
-    memory_budget: float
     sequence_parallel: bool | None = None
     input_roles: object = None  # strategies.InputRoles, or None for the default policy
     problems: dict = field(default_factory=dict)  # tp -> (GraphStrategies, ShardingProblem)
-    solutions: dict = field(default_factory=dict)  # (tp, sync price) -> Sharding or None
+    solutions: dict = field(default_factory=dict)  # (tp, sync price, rows) -> Sharding | None
+    unit_memory: dict = field(default_factory=dict)  # tp -> [UnitMemory]
     failures: list = field(default_factory=list)
 
     def _problem(self, tp: int):
@@ -90,16 +98,38 @@ class ShardingSolver:
         return self.problems[tp]
 
     def __call__(self, layout) -> Sharding | None:
+        """The fastest sharding for `layout`, memory aside."""
+        return self._cached(layout, (), [], "")
+
+    def fitting(self, layout, microbatches, scale, schedule, unit_of) -> Sharding | None:
+        """The fastest sharding whose stages fit this pipeline configuration (`scale`: the
+        microbatch size over the traced batch), or None if none can."""
+        _, problem = self._problem(layout.tp)
+        if layout.tp not in self.unit_memory:
+            num_units = len(self.traced.analysis.layers) + 2
+            self.unit_memory[layout.tp] = problem.unit_memory(unit_of, num_units)
+        budget = self.mesh.device.memory_bytes
+        rows, possible = memory_rows(
+            self.unit_memory[layout.tp], layout.pp, microbatches, schedule, scale, budget
+        )
+        if not possible:
+            return None
+        key = (layout.pp, microbatches, round(scale, 12), schedule)
+        what = (
+            f" in {budget / 2**30:.1f} GiB per device with pp={layout.pp}, {microbatches} "
+            f"microbatches, {schedule}"
+        )
+        return self._cached(layout, key, rows, what)
+
+    def _cached(self, layout, rows_key, rows, what) -> Sharding | None:
         per_byte = grad_sync_per_byte(self.mesh, layout) if self.training else 0.0
-        key = (layout.tp, round(per_byte, 24))
+        key = (layout.tp, round(per_byte, 24), rows_key)
         if key not in self.solutions:
-            self.solutions[key] = self._solve(layout.tp, per_byte)
+            self.solutions[key] = self._solve(layout.tp, per_byte, rows, what)
         return self.solutions[key]
 
-    def _solve(self, tp: int, per_byte: float) -> Sharding | None:
+    def _solve(self, tp: int, per_byte: float, rows, what) -> Sharding | None:
         strategies, problem = self._problem(tp)
-        rows = [("model", problem.memory_bytes, self.memory_budget)]
-        what = f" in {self.memory_budget / 2**30:.1f} GiB per device"
         try:
             result = problem.solve(
                 extra=per_byte * problem.param_bytes, memory_rows=rows,

@@ -130,14 +130,18 @@ def best_split_brute_force(units, num_stages, p2p, in_flight, budget) -> StageSp
     return best
 
 
-def equal_layer_split(units, num_stages, p2p, in_flight) -> StageSplit:
+def equal_bounds(num_units: int, num_stages: int) -> list[tuple[int, int]]:
     """The hand-tuned default: blocks shared out equally (remainder to the first stages),
-    the prologue (units[0]) on the first stage and the epilogue (units[-1]) on the last."""
-    num_blocks = len(units) - 2
-    size, extra = divmod(num_blocks, num_stages)
+    the prologue (unit 0) on the first stage and the epilogue (the last unit) on the last."""
+    size, extra = divmod(num_units - 2, num_stages)
     bounds, start = [], 0
     for k in range(num_stages):
         end = 1 + sum(size + (1 if s < extra else 0) for s in range(k + 1))
-        bounds.append((start, len(units) if k == num_stages - 1 else end))
+        bounds.append((start, num_units if k == num_stages - 1 else end))
         start = end
-    return _describe(units, bounds, p2p, in_flight)
+    return bounds
+
+
+def equal_layer_split(units, num_stages, p2p, in_flight) -> StageSplit:
+    """`equal_bounds` as a split of `units`."""
+    return _describe(units, equal_bounds(len(units), num_stages), p2p, in_flight)
