@@ -30,7 +30,17 @@ import torch
 import torch.fx as fx
 
 from autopar.placement import NodePlacement, Replicate, Shard
-from autopar.strategies import attention, elementwise, embedding, matmul, norm, view
+from autopar.strategies import (
+    attention,
+    creation,
+    elementwise,
+    embedding,
+    experts,
+    indexing,
+    matmul,
+    norm,
+    view,
+)
 from autopar.strategies.base import NodeShapes, OpSpec, R, Strategy, enumerate_strategies
 
 RULES = {
@@ -40,6 +50,9 @@ RULES = {
     **norm.RULES,
     **embedding.RULES,
     **view.RULES,
+    **indexing.RULES,
+    **creation.RULES,
+    **experts.RULES,
 }
 STOP_GROUP_HINTS = set(matmul.RULES)
 BATCH, SEQUENCE = "batch", "sequence"
