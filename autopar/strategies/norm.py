@@ -76,7 +76,10 @@ def scan_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
 
 
 def histc_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
-    # counts over every element: shards of the input count their own part (a sum)
+    """Counts over every element: each shard counts its own part (a sum), unless the bins
+    span the data's own range (min == max), which a shard does not know."""
+    if get_arg(node, "min") == get_arg(node, "max"):
+        return OpSpec()
     return OpSpec(contractions=tuple((d,) for d in range(len(shapes.inputs[0]))))
 
 
