@@ -13,7 +13,7 @@ import torch.nn as nn
 
 # transformers registers its grouped expert matmul op on import; autopar's rule table
 # (built when autopar is imported) keys rules by op, so import it first
-import transformers.integrations.moe  # noqa: F401, I001
+import transformers.integrations.moe  # noqa: F401
 
 from autopar.models import build_model
 

@@ -7,19 +7,17 @@ Gemma 2 and Bloom, which have no sdpa path). `build(name)` gives the same weight
 and inputs on every call (a forked, seeded RNG), which multi-process parity needs.
 
 Used by tests/test_families.py (the family matrix) and benchmarks/model_families.py
-(which writes docs/models.md). `weight_layout(plan, traced)` names what Megatron-LM
-would call each block weight's layout under a plan's tensor-parallel placements.
+(which writes docs/models.md); `plan_family` makes a family's plans on the mesh where
+sharding pays, `parity_worker` trains them on gloo ranks against one device.
+tests/family_layouts.py says what each plan does to the block weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
 VOCAB, HIDDEN, SEQ = 128, 64, 16
@@ -154,119 +152,6 @@ def loss(output, target: torch.Tensor) -> torch.Tensor:
         return output.last_hidden_state.pow(2).mean()
     logits = logits[:, :-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1))
-
-
-# --- layouts ----------------------------------------------------------------------------------
-
-WEIGHT_OPS = {
-    "aten.linear.default", "aten.mm.default", "aten.matmul.default", "aten.bmm.default",
-    "aten.baddbmm.default", "aten._grouped_mm.default", "aten.conv2d.default",
-    "transformers.grouped_mm_fallback.default",
-}  # fmt: skip
-PASS_THROUGH = {
-    "aten.t.default", "aten.numpy_T.default", "aten.mT.default", "aten.transpose.int",
-    "aten.permute.default", "aten.view.default", "aten.reshape.default", "aten.alias.default",
-    "aten.to.dtype", "aten._to_copy.default",
-}  # fmt: skip
-
-
-@dataclass
-class Layout:
-    """What tensor parallelism does to one family's block weights, and what it costs.
-
-    Weight names have their block index replaced by `*` (`model.layers.*.mlp.up_proj.weight`);
-    `forward[b]` counts the forward tp collectives of block b, `rows[b]` its row-parallel
-    matmuls (Megatron runs one all-reduce after each)."""
-
-    column: list[str] = field(default_factory=list)
-    row: list[str] = field(default_factory=list)
-    replicated: list[str] = field(default_factory=list)  # the matmul sees the whole weight
-    fused: dict[str, int] = field(default_factory=dict)  # column-parallel in k parts
-    forward: dict[int, Counter] = field(default_factory=dict)
-    rows: Counter = field(default_factory=Counter)
-    unsupported: list[str] = field(default_factory=list)  # ops without a rule
-
-    def megatron_deviations(self, rows: set[str], routers: set[str] = frozenset()) -> list[str]:
-        """How this layout differs from Megatron-LM's, given its row-parallel weights (and
-        the routers of mixture-of-experts layers, which Megatron keeps replicated)."""
-        found = [f"{name} is replicated" for name in self.replicated if name not in routers]
-        found += [f"{name} is row-parallel" for name in sorted(set(self.row) - rows)]
-        found += [f"{name} is not row-parallel" for name in sorted(rows - set(self.row))]
-        blocks: dict[str, list[int]] = {}
-        for block, kinds in self.forward.items():
-            extra = {k: n for k, n in kinds.items() if k != "all_reduce"}
-            if extra or kinds["all_reduce"] > self.rows[block]:
-                text = f"run {dict(sorted(kinds.items()))} forward for {self.rows[block]} rows"
-                blocks.setdefault(text, []).append(block)
-        found += [f"blocks {numbers} {text}" for text, numbers in blocks.items()]
-        return found
-
-
-def _weight_user(param: fx.Node) -> fx.Node | None:
-    """The matmul that reads `param` as its weight, through transposes and views."""
-    node = param
-    while len(node.users) == 1:
-        (node,) = node.users
-        if str(node.target) in WEIGHT_OPS:
-            return node
-        if str(node.target) not in PASS_THROUGH:
-            return None
-    return None
-
-
-def _role(matmul: fx.Node, param: fx.Node, plan) -> str:
-    """Column-parallel: the weight sharded, the output split on its last (feature) dim;
-    row-parallel: the weight sharded, the output Partial; else the matmul sees it whole."""
-    entry = plan.strategies[matmul.name].placements.get("tp")
-    if entry is None:
-        return "replicated"
-    weight = next(
-        p for u, p in zip(matmul.all_input_nodes, entry.inputs, strict=True) if _reads(u, param)
-    )
-    if not str(weight).startswith("S"):
-        return "replicated"
-    if str(entry.output).startswith(f"S({matmul.meta['val'].dim() - 1}"):
-        return "column"
-    return "row" if str(entry.output) == "P" else "replicated"
-
-
-def _reads(node: fx.Node, param: fx.Node) -> bool:
-    """`node` is `param` or made from it alone through transposes and views."""
-    while node is not param and str(node.target) in PASS_THROUGH:
-        node = node.all_input_nodes[0]
-    return node is param
-
-
-def _any_block(fqn: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", fqn, count=1)
-
-
-def weight_layout(plan, traced) -> Layout:
-    """Column-parallel, row-parallel or replicated, per matmul weight of every block."""
-    layout = Layout(unsupported=sorted({plan.strategies[n].op for n in plan.unsupported_ops}))
-    nodes = {n.name: n for n in traced.graph_module.graph.nodes}
-    roles: dict[str, set[str]] = {}
-    for name, fqn in traced.param_fqns.items():
-        user = _weight_user(nodes[name])
-        block = plan.layer_of.get(user.name) if user is not None else None
-        if block is not None:
-            role = _role(user, nodes[name], plan)
-            roles.setdefault(_any_block(fqn), set()).add(role)
-            layout.rows[block] += role == "row"
-    for name, found in sorted(roles.items()):
-        role = found.pop() if len(found) == 1 else "replicated"  # blocks disagree: say so
-        getattr(layout, role).append(name)
-    layout.fused = {
-        _any_block(fqn): int(str(plan.strategies[p].output("tp")).split(",g")[1].rstrip(")"))
-        for p, fqn in traced.param_fqns.items()
-        if ",g" in str(plan.strategies[p].output("tp"))
-    }
-    blocks = sorted(set(plan.layer_of.values()))
-    layout.forward = {b: Counter() for b in blocks}
-    for c in plan.collectives:
-        if c.layer in layout.forward and c.phase == "forward" and c.axis == "tp":
-            layout.forward[c.layer][c.kind] += 1
-    return layout
 
 
 # --- plans and parity -------------------------------------------------------------------------

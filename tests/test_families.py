@@ -7,80 +7,21 @@ cases in one launch, against the single-device model (loss, every gradient and t
 outputs within 1e-5 relative, fp32). docs/models.md (benchmarks/model_families.py)
 reports the same matrix.
 
-Megatron's layout, checked per family: every block matmul weight sharded, the
-attention output and MLP down projections row-parallel (the rest column-parallel,
-fused projections in their parts), and in the forward pass one all-reduce per
-row-parallel matmul at most, nothing else. `NOT_MEGATRON` lists, with the reason,
-what three families do instead; a change in any layout fails here.
+Megatron's layout, checked per family (tests/family_layouts.py): every block matmul
+weight sharded, the attention output and MLP down projections row-parallel (the rest
+column-parallel, fused projections in their parts), and in the forward pass one
+all-reduce per row-parallel matmul at most, nothing else. `NOT_MEGATRON` says what
+three families do instead, and why; a change in any layout fails here.
 """
 
 from __future__ import annotations
 
 import pytest
-from families import FAMILIES, PP_BATCH, RTOL, TP_BATCH, parity_worker, plan_family, weight_layout
+from families import FAMILIES, PP_BATCH, RTOL, TP_BATCH, parity_worker, plan_family
+from family_layouts import FUSED, NOT_MEGATRON, ROUTERS, ROW_PARALLEL, weight_layout
 
 from autopar.launch import run_local
 from autopar.runtime.pipeline import split_plan_stages
-
-_LLAMA = {"model.layers.*.self_attn.o_proj.weight", "model.layers.*.mlp.down_proj.weight"}
-ROW_PARALLEL = {
-    "gpt2": {"transformer.h.*.attn.c_proj.weight", "transformer.h.*.mlp.c_proj.weight"},
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"), _LLAMA),
-    "olmo2": _LLAMA,
-    "opt": {"model.decoder.layers.*.self_attn.out_proj.weight", "model.decoder.layers.*.fc2.weight"},
-    "gpt_neox": {
-        "gpt_neox.layers.*.attention.dense.weight", "gpt_neox.layers.*.mlp.dense_4h_to_h.weight",
-    },
-    "falcon": {
-        "transformer.h.*.self_attention.dense.weight", "transformer.h.*.mlp.dense_4h_to_h.weight",
-    },
-    "bloom": {
-        "transformer.h.*.self_attention.dense.weight", "transformer.h.*.mlp.dense_4h_to_h.weight",
-    },
-    "gptj": {"transformer.h.*.attn.out_proj.weight", "transformer.h.*.mlp.fc_out.weight"},
-    **dict.fromkeys(("bert", "roberta"), {
-        "encoder.layer.*.attention.output.dense.weight", "encoder.layer.*.output.dense.weight",
-    }),
-    "distilbert": {
-        "transformer.layer.*.attention.out_lin.weight", "transformer.layer.*.ffn.lin2.weight",
-    },
-    "t5": {
-        "encoder.block.*.layer.0.SelfAttention.o.weight",
-        "encoder.block.*.layer.1.DenseReluDense.wo.weight",
-        "decoder.block.*.layer.0.SelfAttention.o.weight",
-        "decoder.block.*.layer.1.EncDecAttention.o.weight",
-        "decoder.block.*.layer.2.DenseReluDense.wo.weight",
-    },
-    **dict.fromkeys(("mixtral", "qwen3_moe"), {
-        "model.layers.*.self_attn.o_proj.weight", "model.layers.*.mlp.experts.down_proj",
-    }),
-    "starcoder2": {"model.layers.*.self_attn.o_proj.weight", "model.layers.*.mlp.c_proj.weight"},
-    "vit": {"layers.*.attention.o_proj.weight", "layers.*.mlp.fc2.weight"},
-}  # fmt: skip
-ROUTERS = {
-    "mixtral": {"model.layers.*.mlp.gate.weight"},
-    "qwen3_moe": {"model.layers.*.mlp.gate.weight"},
-}
-FUSED = {
-    "gpt2": {"transformer.h.*.attn.c_attn.weight": 3, "transformer.h.*.attn.c_attn.bias": 3},
-    "phi3": {"model.layers.*.self_attn.qkv_proj.weight": 3, "model.layers.*.mlp.gate_up_proj.weight": 2},
-    "mixtral": {"model.layers.*.mlp.experts.gate_up_proj": 2},
-    "qwen3_moe": {"model.layers.*.mlp.experts.gate_up_proj": 2},
-}  # fmt: skip
-NOT_MEGATRON = {
-    # (batch * heads, seq, seq) attention scores: a dim merged from batch and heads has the
-    # batch role, which tp may not split; the attention runs whole between two all-gathers
-    "bloom": [
-        "transformer.h.*.self_attention.dense.weight is not row-parallel",
-        "blocks [0, 1] run {'all_gather': 2, 'all_reduce': 1} forward for 1 rows",
-    ],
-    # per-head q/k norms computing x * (1 + w): an all-gather now and a reduce-scatter in
-    # backward cost what the all-reduce of the weight's partial gradient does, a tie
-    "gemma3": ["blocks [0, 1] run {'all_gather': 2, 'all_reduce': 2} forward for 2 rows"],
-    # q/k RMS norms over all heads: a mean over a sharded dim has no rule (it would be a
-    # Partial sum divided by the global count), so q and k are gathered for the norm
-    "olmo2": ["blocks [0, 1] run {'all_gather': 2, 'all_reduce': 2} forward for 2 rows"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +43,7 @@ def test_tp2_layout_is_megatron_s(planned, name):
     traced, tp, _ = planned[name]
     layout = weight_layout(tp, traced)
     deviations = layout.megatron_deviations(ROW_PARALLEL[name], ROUTERS.get(name, set()))
-    assert deviations == NOT_MEGATRON.get(name, [])
+    assert deviations == (NOT_MEGATRON[name].found if name in NOT_MEGATRON else [])
     assert layout.column and layout.row
     assert layout.fused == FUSED.get(name, {})
 
