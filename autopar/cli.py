@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from autopar.cli_args import DEFAULT_BATCH, DTYPES, build_parser
+from autopar.cli_args import DEFAULT_BATCH, DTYPES, parse_args
 from autopar.console import Progress, human_count, layout_progress, write_plan_files
 from autopar.errors import AutoparError
 from autopar.fileio import check_readable, check_writable
@@ -195,9 +195,9 @@ def _print_plan(plan, as_json: bool) -> None:
 
 def load_plan(path: str):
     """The plan saved at `path`; any reason it cannot be read becomes one AutoparError."""
+    check_readable(path, "plan file")
     from autopar.plan import Plan
 
-    check_readable(path, "plan file")
     try:
         return Plan.load(path)
     except (OSError, UnicodeDecodeError) as error:
@@ -266,7 +266,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
     except SystemExit as exit_:  # --help printed its text (mistakes raise AutoparError)
         return exit_.code
     except AutoparError as error:

@@ -20,6 +20,8 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises AutoparError instead of printing usage and exiting."""
 
+    command_names: tuple[str, ...] = ()  # the top-level parser's subcommands
+
     def error(self, message: str):
         raise AutoparError(f"{message} (see `{self.prog} --help`)")
 
@@ -29,7 +31,8 @@ def build_parser() -> ArgumentParser:
         prog="autopar",
         description="Plan tensor/data/pipeline parallelism for a PyTorch transformer.",
     )
-    commands = parser.add_subparsers(required=True)  # a missing one is named with every choice
+    parser.set_defaults(command=None)
+    commands = parser.add_subparsers(metavar="COMMAND")
     _add_plan(commands)
     show = _command(commands, "show", "print the summary of a saved plan")
     show.add_argument("plan", help="a plan file written by `autopar plan --out`")
@@ -48,7 +51,17 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--html", help="also write the one-node plan's HTML report here")
     _add_quiet(demo)
     demo.add_argument("--no-train", action="store_true", help="skip training on local ranks")
+    parser.command_names = tuple(commands.choices)
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; AutoparError for any mistake in it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error(f"missing COMMAND, one of: {', '.join(parser.command_names)}")
+    return args
 
 
 def _command(commands, name: str, help_text: str) -> ArgumentParser:
