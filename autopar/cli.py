@@ -21,6 +21,7 @@ imports torch only once they are good.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -70,20 +71,29 @@ def import_factory(spec: str) -> Callable:
     return factory
 
 
-def load_model(spec: str, batch: int | None, seq: int | None):
-    """(model, example_inputs) for a built-in name or a package.module:factory."""
-    from torch import nn
+def model_builder(spec: str) -> Callable[[int | None, int | None], tuple]:
+    """`build(batch, seq) -> (model, example_inputs)` for MODEL, checked before work starts.
 
+    A built-in name must be known and a factory importable here, so that a typo fails
+    before the progress line of the (possibly long) build.
+    """
+    if ":" in spec:
+        return functools.partial(_from_factory, spec, import_factory(spec))
     from autopar.models import MODEL_NAMES, build_model
 
-    if ":" not in spec:
-        if spec not in MODEL_NAMES:
-            raise AutoparError(
-                f"unknown model {spec!r}; built-in models are: {', '.join(MODEL_NAMES)}; "
-                "or pass package.module:factory"
-            )
-        return build_model(spec, batch=batch or DEFAULT_BATCH, seq=seq)
-    result = import_factory(spec)()
+    if spec not in MODEL_NAMES:
+        raise AutoparError(
+            f"unknown model {spec!r}; built-in models are: {', '.join(MODEL_NAMES)}; "
+            "or pass package.module:factory"
+        )
+    return lambda batch, seq: build_model(spec, batch=batch or DEFAULT_BATCH, seq=seq)
+
+
+def _from_factory(spec: str, factory: Callable, batch: int | None, seq: int | None):
+    """(model, example_inputs) from what a user's factory returns."""
+    from torch import nn
+
+    result = factory()
     if isinstance(result, nn.Module):
         if seq is None:
             raise AutoparError(
@@ -136,9 +146,10 @@ def cmd_plan(args) -> int:
 
     mesh = plan_mesh(args.mesh, args.calibration)
     schedule = normalize_schedule(args.schedule)
+    build = model_builder(args.model)
     progress = Progress(args.quiet)
     with progress.step(f"building {args.model}"):
-        model, inputs = load_model(args.model, args.batch, args.seq)
+        model, inputs = build(args.batch, args.seq)
     with progress.step("capturing the graph (torch.export)"):
         traced = capture(model, inputs)
     with progress.step(f"searching layouts of {mesh.world_size} devices") as update:
