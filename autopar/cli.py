@@ -188,12 +188,15 @@ def _dtype(name: str | None, mesh_text: str):
     return getattr(torch, DTYPES[name])
 
 
-def _check_outputs(out: str | None = None, html: str | None = None) -> None:
-    """Fail now, not after minutes of work, if the plan or report path cannot be written."""
-    if out is not None:
-        check_writable(out, "plan")
-    if html is not None:
-        check_writable(html, "report")
+def _check_outputs(out: str | None = None, html: str | None = None, plan_file=None) -> None:
+    """Fail now, not after minutes of work, if the plan or report path cannot be written,
+    or if the report would overwrite the plan (`out`, or the `plan_file` being read)."""
+    plan_target = None if out is None else check_writable(out, "plan")
+    if html is None:
+        return
+    plan_target = plan_target or (plan_file and Path(os.path.realpath(plan_file)))
+    if check_writable(html, "report") == plan_target:
+        raise AutoparError(f"--html {html} is the plan file; write the report to another path")
 
 
 def _print_plan(plan, as_json: bool) -> None:
@@ -222,7 +225,7 @@ def cmd_show(args) -> int:
 
 def cmd_report(args) -> int:
     html = args.html or str(Path(args.plan).with_suffix(".html"))
-    _check_outputs(html=html)
+    _check_outputs(html=html, plan_file=args.plan)
     write_plan_files(load_plan(args.plan), None, html)
     return 0
 
