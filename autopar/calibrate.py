@@ -98,8 +98,10 @@ def load_calibration(path: str | os.PathLike) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise AutoparError(f"no calibration file at {path}; run `autopar calibrate`") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AutoparError(f"cannot read calibration file {path}: {exc}; {hint}") from None
+    if not isinstance(data, dict):
+        raise AutoparError(f"calibration file {path} holds no JSON object; {hint}")
     bad = [k for k in CALIBRATION_KEYS if not _is_number(data, k) or data[k] < 0]
     if bad:
         raise AutoparError(f"calibration file {path} lacks valid values for {bad}; {hint}")
