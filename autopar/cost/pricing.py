@@ -40,6 +40,7 @@ class NodePrice:
     """One node's share of a training step on one rank, under one strategy."""
 
     compute_s: float = 0.0  # forward + backward
+    comm_s: float = 0.0  # collectives the op's own sharded form runs (Strategy.collectives)
     activation_bytes: float = 0.0  # kept for backward, this rank
     param_numel: float = 0.0  # this rank's elements of a parameter placeholder
     param_bytes: float = 0.0  # the same at the training dtype
@@ -90,7 +91,8 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
             node, info, share, mesh.device, training=training, dtype_bytes=dtype_bytes
         )
         kept = saved_for_backward(node, info, training, dtype_bytes) * fraction
-        return NodePrice(compute_s=compute, activation_bytes=kept)
+        comm = sum(mesh.tp_collective_time(k, n, tp) for k, n in strategy.collectives)
+        return NodePrice(compute_s=compute, comm_s=comm, activation_bytes=kept)
     if node.name in traced.param_fqns and node.users:  # an unused twin: its tie pays
         numel = node.meta["val"].numel() * fraction
         optimizer = optimizer_seconds(numel, mesh.device) if training else 0.0
@@ -129,6 +131,15 @@ def reshard_collectives(entry: Reshard, nbytes, producer, consumer, mesh, tp, tr
     ]  # fmt: skip
 
 
+def _op_collectives(node, strategy, mesh, tp, traced) -> list[Collective]:
+    layer = traced.analysis.nodes[node.name].layer
+    return [
+        Collective(kind, "forward", node.name, node.name, nbytes,
+                   mesh.tp_collective_time(kind, nbytes, tp), layer)
+        for kind, nbytes in strategy.collectives
+    ]  # fmt: skip
+
+
 def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
     """The collectives the graph runs, and the parameter gradients summed once per step."""
     found, shared, deferred = [], set(), {}
@@ -136,6 +147,8 @@ def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
         if consumer.op not in ("call_function", "output"):
             continue
         seen = consumer_strategy(consumer, chosen)
+        if consumer.op == "call_function":
+            found += _op_collectives(consumer, seen, mesh, tp, traced)
         for slot, producer in enumerate(consumer.all_input_nodes):
             made = chosen[producer.name].output
             edge = edge_reshard(traced, producer, made, seen, slot, training)

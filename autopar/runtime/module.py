@@ -78,7 +78,8 @@ class ParallelModule(nn.Module):
         """This rank's generated Python source, annotated with placements and local shapes."""
         header = (
             f"rank {self.tp_rank} of {self.tp_size} on mesh axis {self.axis!r}\n"
-            "from autopar.ops import redistribute"
+            "from autopar.ops import redistribute; from autopar.ops.vocab import "
+            "vocab_parallel_cross_entropy, vocab_parallel_embedding"
         )
         return annotated_code(self.graph_module, header)
 
@@ -136,7 +137,7 @@ class ParallelModule(nn.Module):
 
     def _gather(self, local: torch.Tensor, slot: Slot) -> torch.Tensor:
         placement = slot.placement if self.tp_size > 1 else Replicate()
-        return gather_full(local, placement, self.tp_group)
+        return gather_full(local, placement, self.tp_group, slot.shape)
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a single-device state dict, keeping this rank's shards."""

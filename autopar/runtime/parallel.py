@@ -53,6 +53,7 @@ class DistributedModule(nn.Module):
         else:
             self.part = PipelineModule(traced, plan, model, groups)
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
+        self.traced_loss = traced.traced_loss
 
     @property
     def code(self) -> str:
@@ -79,14 +80,19 @@ class DistributedModule(nn.Module):
 
     # --- training ------------------------------------------------------------------------
 
-    def train_step(self, inputs, target: torch.Tensor, loss_fn: Callable) -> float:
+    def train_step(self, inputs, target: torch.Tensor, loss_fn: Callable | None = None) -> float:
         """Forward and backward on the global batch; the mean loss (equal on every rank).
 
         `inputs` (a tuple, or one tensor) and `target` are the global batch, the same
         on every rank; `loss_fn(output, target)` gets the model's output structure for
-        one microbatch. Gradients are set afresh (previous `.grad` values are dropped).
+        one microbatch, unless the loss was traced with the model (`loss_fn=` at plan
+        time): then the graph computes it. Gradients are set afresh (previous `.grad`
+        values are dropped).
         """
         inputs = inputs if isinstance(inputs, tuple | list) else (inputs,)
+        loss_fn = self._loss_fn(loss_fn)
+        if self.traced_loss:
+            inputs = (*inputs, target)  # the graph reads the target as its last input
         flat = flatten_inputs(self._in_spec, tuple(inputs), {})
         flat, target = self._replica_batch(flat, target)
         self.zero_grad(set_to_none=True)
@@ -94,6 +100,21 @@ class DistributedModule(nn.Module):
         self._guarded("train_step", self.part.sum_partial_grads)
         self._guarded("train_step", self._average_grads)
         return self._guarded("train_step", self._mean_loss, local)
+
+    def _loss_fn(self, loss_fn: Callable | None) -> Callable:
+        if self.traced_loss and loss_fn is not None:
+            raise AutoparError(
+                "the loss was traced with the model (loss_fn= at plan time): call "
+                "train_step(inputs, target) without a loss_fn"
+            )
+        if self.traced_loss:
+            return _traced
+        if loss_fn is None:
+            raise AutoparError(
+                "train_step needs loss_fn(output, target), or trace the loss with the model: "
+                "autopar.parallelize(..., loss_fn=fn, example_target=y)"
+            )
+        return loss_fn
 
     def _replica_batch(self, flat: list, target: torch.Tensor) -> tuple[list, torch.Tensor]:
         """This dp replica's contiguous 1/dp of every batched input and of the target."""
@@ -175,6 +196,11 @@ class DistributedModule(nn.Module):
     def full_grads(self) -> dict[str, torch.Tensor | None]:
         """Full gradients of the parameters on every rank (for tests and debugging)."""
         return self.part.full_grads()
+
+
+def _traced(output, target):
+    """The loss a traced graph returns is its output."""
+    return output
 
 
 _COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")

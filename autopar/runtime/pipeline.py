@@ -337,7 +337,7 @@ class PipelineModule(nn.Module):
         """The full tensor on every rank: gathered over tp by the holders, sent from the first."""
         if local is not None:
             placement = held.placement if self.tp_size > 1 else Replicate()
-            value = gather_full(local, placement, self.groups.tp_group).contiguous()
+            value = gather_full(local, placement, self.groups.tp_group, held.shape).contiguous()
         else:
             value = torch.empty(held.shape, dtype=held.dtype, device=self.groups.device)
         dist.broadcast(value, group=self.groups.pp_group, group_src=held.holders[0])

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from autopar.placement import NodePlacement, Replicate, Shard
-from autopar.strategies import attention, elementwise, embedding, matmul, norm, view
+from autopar.strategies import attention, elementwise, embedding, loss, matmul, norm, view
 from autopar.strategies.base import NodeShapes, OpSpec, R, Strategy, enumerate_strategies
 
 RULES = {
@@ -39,6 +39,7 @@ RULES = {
     **attention.RULES,
     **norm.RULES,
     **embedding.RULES,
+    **loss.RULES,
     **view.RULES,
 }
 STOP_GROUP_HINTS = set(matmul.RULES)
