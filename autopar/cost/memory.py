@@ -132,12 +132,46 @@ def tensor_bytes(node: fx.Node, dtype_bytes: int | None) -> int:
     return val.numel() * width
 
 
+aten = torch.ops.aten
+# Ops whose backward needs none of their inputs' values (only shapes, or a mask of their
+# own): what feeds only them is freed after the forward. Autograd's derivative formulas
+# (tools/autograd/derivatives.yaml) say which inputs each op saves.
+_BACKWARD_WITHOUT_INPUTS = {
+    aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.to.dtype, aten.to.dtype_layout,
+    aten.to.device, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+    aten.alias.default, aten.dropout.default, aten.native_dropout.default, aten.expand.default,
+    aten.cat.default, aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor,
+    aten.select.int, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.sum.dim_IntList, aten.mean.dim,
+}  # fmt: skip
+_SCALED = {aten.mul.Tensor, aten.div.Tensor}  # by a Python number: linear in the input
+# Ops whose backward reads their own output (and so keep it).
+_SAVE_OUTPUT = {
+    aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+    aten.sigmoid.default, aten.tanh.default, aten.exp.default, aten.rsqrt.default,
+    aten.sqrt.default, aten.scaled_dot_product_attention.default,
+}  # fmt: skip
+
+
+def _read_in_backward(user: fx.Node) -> bool:
+    """Does `user`'s backward read the values of its inputs?"""
+    if user.op != "call_function" or user.target in _BACKWARD_WITHOUT_INPUTS:
+        return False
+    tensors = [a for a in user.args[:2] if isinstance(a, fx.Node)]
+    return not (user.target in _SCALED and len(tensors) == 1)
+
+
 def saved_for_backward(node: fx.Node, info: NodeInfo, training: bool, dtype_bytes) -> int:
     """Bytes of the whole output a training step keeps for backward: a new (not a view or
-    alias) value that a gradient flows through. analyze.py knows views by their storage."""
+    alias: analyze.py knows those by their storage) value that a gradient flows through,
+    and that its own backward or a consumer's reads."""
     if not (training and node.op == "call_function" and info.requires_grad):
         return 0
-    return tensor_bytes(node, dtype_bytes) if info.bytes_written > 0 else 0
+    if info.bytes_written == 0:
+        return 0
+    kept = node.target in _SAVE_OUTPUT or any(_read_in_backward(u) for u in node.users)
+    return tensor_bytes(node, dtype_bytes) if kept else 0
 
 
 def state_bytes_per_param(training: bool, dtype_bytes: int, optimizer: str) -> float:
