@@ -233,7 +233,8 @@ def cmd_report(args) -> int:
 def cmd_calibrate(args) -> int:
     if args.out is not None:
         check_writable(args.out, "calibration")
-    from autopar.calibrate import calibrate, default_calibration_path, format_calibration
+    from autopar.calibrate import calibrate, format_calibration
+    from autopar.profile import default_calibration_path
 
     path = Path(args.out) if args.out else default_calibration_path()
     with Progress(args.quiet).step(f"measuring this machine with {args.world_size} gloo ranks"):

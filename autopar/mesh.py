@@ -33,9 +33,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from autopar.calibrate import default_calibration_path, load_calibration, physical_memory_bytes
 from autopar.cost import comm
 from autopar.errors import AutoparError
+from autopar.profile import default_calibration_path, load_calibration, physical_memory_bytes
 
 # Share of datasheet peak a large bf16 matmul sustains. Megatron-LM sustains 52%
 # of A100 peak end to end on a 1T-parameter GPT, communication and pipeline
