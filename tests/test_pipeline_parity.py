@@ -221,6 +221,8 @@ def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> lis
         failures.append(f"{where}: {worst} off by {errors[worst]:.2e}")
     if rank == 0 and layout[1] > 1 and not _collectives(result["code"]):
         failures.append(f"{where}: the solver was expected to shard")
+    if rank == 0 and layout[1] == 1 and _collectives(result["code"]):
+        failures.append(f"{where}: tp=1 code runs tensor-parallel reshards")
     if rank == 0 and layout[2] > 1 and "receives" not in result["code"]:
         failures.append(f"{where}: no stage header in pm.code")
     return failures
