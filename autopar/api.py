@@ -6,7 +6,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel, capture
-from autopar.cost.memory import OPTIMIZER_STATES
+from autopar.cost.memory import OPTIMIZER_STATES, RECOMPUTE_MODES
 from autopar.errors import AutoparError
 from autopar.plan import Plan
 from autopar.solver.assemble import traced_batch
@@ -37,6 +37,7 @@ def plan(
     microbatch_size=None,
     schedule=None,
     sequence_parallel=None,
+    recompute=None,
     input_roles=None,
     loss_fn=None,
     example_target=None,
@@ -67,7 +68,12 @@ def plan(
             f"sequence_parallel={sequence_parallel!r} must be True, False or None (let the "
             "search choose)"
         )
-    pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel)
+    if recompute not in (None, *RECOMPUTE_MODES):
+        raise AutoparError(
+            f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}, or None "
+            "(let the search choose per pipeline stage)"
+        )
+    pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel, recompute)
     return search(
         traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
         optimizer=optimizer,

@@ -75,6 +75,7 @@ def _register_readable_names() -> None:
     if register is None:
         return
     register("redistribute", "from autopar.ops import redistribute", ops.redistribute)
+    register("recomputed", "from autopar.ops import recomputed", ops.recomputed)
     for fn in LOWERED:
         register(fn.__name__, f"from autopar.ops.vocab import {fn.__name__}", fn)
 

@@ -8,14 +8,13 @@ weights, 4 B gradients and 8 B of Adam states, again 16. ZeRO stage 1 shards
 the optimizer states (master copy included) over the data-parallel ranks,
 stage 2 also the gradients, stage 3 also the weights (FSDP's full sharding).
 
-Activations are what the forward pass saves for backward, per microbatch,
-times the microbatches in flight (1F1B keeps up to pp of them on the first
-stage). With full activation recomputation a transformer layer keeps only its
-input: 2sbh bytes out of sbh(34 + 5as/h) (Korthikanti et al., "Reducing
-Activation Recomputation in Large Transformer Models", MLSys 2023, eq. 1 and
-its discussion of full recomputation), so we keep at most 2/34 of the activations by default. The one
-layer being recomputed during backward briefly holds its full activations;
-that transient is left out.
+Activations are what the forward pass saves for backward (`saved_for_backward`: what
+autograd keeps, node by node), per microbatch, times the microbatches in flight (1F1B
+keeps up to pp of them on the first stage). Recomputation (solver/pipeline.py) keeps
+less: a block recomputed in full keeps only its input, plus, while its backward runs,
+one block's activations; selective recomputation drops what only the attention core
+keeps (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+Models", MLSys 2023).
 """
 
 from __future__ import annotations
@@ -37,9 +36,6 @@ OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0}
 
 # Bytes of an fp32 value: master weights and optimizer states under mixed precision.
 FP32_BYTES = 4
-
-# Korthikanti et al. 2023, eq. 1: a layer saves sbh(34 + 5as/h) bytes, its input is 2sbh.
-RECOMPUTE_KEEP_FRACTION = 2 / 34
 
 
 @dataclass(frozen=True)
@@ -68,8 +64,6 @@ def training_memory(
     mixed_precision: bool = True,
     zero_stage: int = 0,
     dp: int = 1,
-    recompute: bool = False,
-    recompute_fraction: float = RECOMPUTE_KEEP_FRACTION,
 ) -> MemoryBreakdown:
     """Memory per device for training.
 
@@ -80,19 +74,17 @@ def training_memory(
         `num_params` counts the whole model).
     mixed_precision: keep fp32 master weights and fp32 optimizer states; adds
         nothing when `dtype_bytes` is already 4.
-    recompute_fraction: share of the activations kept under `recompute`.
     """
-    _check(optimizer, zero_stage, dp, param_shard, microbatches_in_flight, recompute_fraction)
+    _check(optimizer, zero_stage, dp, param_shard, microbatches_in_flight)
     local_params = num_params / param_shard
     state_bytes = max(dtype_bytes, FP32_BYTES) if mixed_precision else dtype_bytes
     master_bytes = state_bytes if state_bytes != dtype_bytes else 0
     optimizer_bytes = master_bytes + OPTIMIZER_STATES[optimizer] * state_bytes
-    kept = recompute_fraction if recompute else 1.0
     return MemoryBreakdown(
         params=local_params * dtype_bytes / (dp if zero_stage >= 3 else 1),
         grads=local_params * dtype_bytes / (dp if zero_stage >= 2 else 1),
         optimizer=local_params * optimizer_bytes / (dp if zero_stage >= 1 else 1),
-        activations=activation_bytes_per_microbatch * microbatches_in_flight * kept,
+        activations=activation_bytes_per_microbatch * microbatches_in_flight,
     )
 
 
@@ -102,7 +94,6 @@ def _check(
     dp: int,
     param_shard: int,
     microbatches_in_flight: int,
-    recompute_fraction: float,
 ) -> None:
     if optimizer not in OPTIMIZER_STATES:
         raise AutoparError(
@@ -114,11 +105,6 @@ def _check(
         raise AutoparError(
             f"dp={dp}, param_shard={param_shard}, microbatches_in_flight="
             f"{microbatches_in_flight}: each must be a positive integer"
-        )
-    if not 0 < recompute_fraction <= 1:
-        raise AutoparError(
-            f"recompute_fraction={recompute_fraction}: the share of activations kept "
-            "must be in (0, 1]"
         )
 
 
@@ -152,6 +138,13 @@ _SAVE_OUTPUT = {
     aten.sigmoid.default, aten.tanh.default, aten.exp.default, aten.rsqrt.default,
     aten.sqrt.default, aten.scaled_dot_product_attention.default,
 }  # fmt: skip
+
+
+# What selective recomputation recomputes in backward instead of keeping (Korthikanti et
+# al. 2022, sec. 5): the attention core. A fused attention op keeps its output and
+# its inputs; recomputed, it keeps only the inputs.
+ATTENTION_CORE = {aten.scaled_dot_product_attention.default}
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 def _read_in_backward(user: fx.Node) -> bool:

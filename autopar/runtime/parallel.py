@@ -48,7 +48,7 @@ class DistributedModule(nn.Module):
         if plan.pp == 1:
             self.part = ParallelModule(
                 traced, plan.node_placements(), model, tp_group=groups.tp_group,
-                device=groups.device,
+                device=groups.device, recompute=plan.stages[0].recompute,
             )  # fmt: skip
         else:
             self.part = PipelineModule(traced, plan, model, groups)

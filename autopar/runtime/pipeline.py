@@ -40,7 +40,7 @@ from torch.export.graph_signature import OutputKind
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
-from autopar.codegen import annotated_code, gather_full, shard_graph, shard_tensor
+from autopar.codegen import annotated_code, gather_full, recompute, shard_graph, shard_tensor
 from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
 from autopar.errors import AutoparError, PlanError
 from autopar.ops import Axis, bound_axes
@@ -184,6 +184,8 @@ class PipelineModule(nn.Module):
         self._rank_of_stage = [stage.pp_rank for stage in plan.stages]
         graph_module = shard_graph(traced, plan.node_placements(), plan.tp)
         stages = split_plan_stages(graph_module, plan, traced)
+        for stage in stages:
+            recompute(stage.graph_module, plan.stages[stage.index].recompute)
         self._held = held_tensors(traced, graph_module, model, stages, self._rank_of_stage)
         mine = {key for key, held in self._held.items() if groups.pp_rank in held.holders}
         self.shards = nn.Module()

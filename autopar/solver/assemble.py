@@ -70,7 +70,7 @@ def _stages(traced, best, unit_of) -> list[Stage]:
         layers = [u - 1 for u in range(i, j) if 1 <= u <= len(traced.analysis.layers)]
         stages.append(
             Stage(k, layers, nodes, split.stage_times[k], split.stage_memory[k],
-                  best.choice.rank_of_stage[k])
+                  best.choice.rank_of_stage[k], split.modes[k])
         )  # fmt: skip
     return stages
 
@@ -135,4 +135,9 @@ def to_plan(traced, mesh, sharding, best, training) -> Plan:
         layer_of=layer_of, param_fqns=dict(traced.param_fqns),
         tied_params=_unused_twins(traced), unit_times_s=best.unit_times_s,
         sequence_parallel=layout.tp > 1 and uses_sequence_parallelism(traced, sharding),
+        recompute=_recompute(choice.split.modes),
     )  # fmt: skip
+
+
+def _recompute(modes: tuple[str, ...]) -> str:
+    return modes[0] if len(set(modes)) == 1 else "mixed"

@@ -17,18 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from autopar.cost.memory import state_bytes_per_param
+from autopar.cost.memory import RECOMPUTE_MODES, state_bytes_per_param
 from autopar.errors import AutoparError, PlanError
 from autopar.placement import TP
 from autopar.plan import Plan
 from autopar.solver.assemble import to_plan
-from autopar.solver.pipeline import (
-    SCHEDULES,
-    build_units,
-    evaluate,
-    schedulable,
-    unit_of_nodes,
-)
+from autopar.solver.pipeline import SCHEDULES, evaluate, schedulable, unit_modes, unit_of_nodes
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
 
 MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
@@ -52,6 +46,7 @@ class Pins:
     microbatch_size: int | None = None
     schedule: str | None = None
     sequence_parallel: bool | None = None
+    recompute: str | None = None  # "none", "selective" or "full"
 
 
 def _divisors(n: int) -> list[int]:
@@ -183,10 +178,12 @@ def _candidates_for(traced, mesh, solve, fastest, layout, pins, replica_batch, c
     p2p, budget = _p2p(mesh, layout), mesh.device.memory_bytes
     num_units = len(traced.analysis.layers) + 2
 
+    modes = (pins.recompute,) if pins.recompute else RECOMPUTE_MODES
+
     def units_of(sharding, size):
-        return build_units(
-            traced, sharding.pricing, unit_of, scale=size / batch, dtype_bytes=dtype_bytes,
-            state_bytes_per_param=state_bytes,
+        return unit_modes(
+            traced, sharding.pricing, unit_of, scale=size / batch,
+            state_bytes_per_param=state_bytes, modes=modes,
         )  # fmt: skip
 
     for m, size in _microbatch_options(replica_batch, layout.pp, pins):
@@ -224,8 +221,16 @@ def _finish(mesh, solution, layout, choice, size, unit_of, training, units):
     tp_sync = max(grad_sync_seconds(mesh, layout, b, TP) for b in partial)
     step = choice.step_s + max(optimizer) + dp_sync + tp_sync
     return _Candidate(layout, choice, size, step, max(optimizer), dp_sync, max(grads),
-                      tp_sync, max(partial), solution,
-                      {u.name: u.time_s for u in units})  # fmt: skip
+                      tp_sync, max(partial), solution, _unit_times(choice.split, units))  # fmt: skip
+
+
+def _unit_times(split, units: dict) -> dict[str, float]:
+    """Each unit's time per microbatch under its stage's recomputation mode."""
+    return {
+        unit.name: unit.time_s
+        for (i, j), mode in zip(split.bounds, split.modes, strict=True)
+        for unit in units[mode][i:j]
+    }
 
 
 def _stage_of_unit(split, unit: int) -> int:
