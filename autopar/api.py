@@ -38,6 +38,7 @@ def plan(
     schedule=None,
     sequence_parallel=None,
     recompute=None,
+    zero=None,
     input_roles=None,
     loss_fn=None,
     example_target=None,
@@ -73,7 +74,14 @@ def plan(
             f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}, or None "
             "(let the search choose per pipeline stage)"
         )
-    pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel, recompute)
+    if zero not in (None, 0, 1, 2):
+        hint = "; zero=3 (parameters sharded too) is not supported yet" if zero == 3 else ""
+        raise AutoparError(
+            f"zero={zero!r} must be 0, 1 or 2, or None (let the search choose){hint}"
+        )
+    pins = Pins(
+        dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel, recompute, zero
+    )
     return search(
         traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
         optimizer=optimizer,

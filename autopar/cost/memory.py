@@ -167,9 +167,14 @@ def saved_for_backward(node: fx.Node, info: NodeInfo, training: bool, dtype_byte
     return tensor_bytes(node, dtype_bytes) if kept else 0
 
 
-def state_bytes_per_param(training: bool, dtype_bytes: int, optimizer: str) -> float:
-    """Memory one parameter holds: its weight and, in training, its gradient and optimizer
-    state (mixed-precision Adam: the 16 bytes of the ZeRO paper)."""
+def state_bytes_per_param(
+    training: bool, dtype_bytes: int, optimizer: str, zero: int = 0, dp: int = 1
+) -> float:
+    """Memory one parameter holds on a rank: its weight and, in training, its gradient and
+    optimizer state (mixed-precision Adam: the 16 bytes of the ZeRO paper), the parts
+    ZeRO stage `zero` shards over `dp` ranks divided."""
     if not training:
         return dtype_bytes
-    return training_memory(1, 0, dtype_bytes=dtype_bytes, optimizer=optimizer).total
+    return training_memory(
+        1, 0, dtype_bytes=dtype_bytes, optimizer=optimizer, zero_stage=zero, dp=dp
+    ).total

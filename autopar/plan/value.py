@@ -97,6 +97,7 @@ class Plan:
     unit_times_s: dict[str, float] = field(default_factory=dict)  # per microbatch, fwd + bwd
     sequence_parallel: bool = False  # normalizations split on the sequence dim over tp
     recompute: str = "none"  # the stages' recomputation, "mixed" when they differ
+    zero: int = 0  # ZeRO stage over dp: 1 optimizer states sharded, 2 gradients too
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

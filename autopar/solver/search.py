@@ -47,6 +47,7 @@ class Pins:
     schedule: str | None = None
     sequence_parallel: bool | None = None
     recompute: str | None = None  # "none", "selective" or "full"
+    zero: int | None = None  # ZeRO stage over dp: 0, 1 or 2
 
 
 def _divisors(n: int) -> list[int]:
@@ -120,8 +121,9 @@ def _check_pins(traced, mesh, pins: Pins) -> None:
         )
 
 
-def _microbatch_options(replica_batch: int, pp: int, pins: Pins) -> list[tuple[int, int]]:
-    """(microbatches, microbatch size) pairs that split one replica's batch evenly."""
+def _microbatch_options(replica_batch: int, pins: Pins) -> list[tuple[int, int]]:
+    """(microbatches, microbatch size) pairs that split one replica's batch evenly (with
+    one stage, more microbatches is gradient accumulation: slower, but less memory)."""
     options = []
     for m in _divisors(replica_batch):
         size = replica_batch // m
@@ -129,8 +131,6 @@ def _microbatch_options(replica_batch: int, pp: int, pins: Pins) -> list[tuple[i
             continue
         if pins.microbatch_size not in (None, size):
             continue
-        if pp == 1 and pins.microbatches is None and pins.microbatch_size is None and m > 1:
-            continue  # without a pipeline, splitting the batch only adds overhead
         options.append((m, size))
     return options
 
@@ -156,6 +156,7 @@ class _Candidate:
     tp_sync_bytes: float
     sharding: object  # the intra-op solution it runs (sharding.Sharding)
     unit_times_s: dict[str, float]  # per microbatch, forward and backward
+    zero: int  # the ZeRO stage over dp
 
     @property
     def seconds_per_sample(self) -> float:
@@ -171,36 +172,45 @@ def _schedules(layout: Layout, pins: Pins) -> list[str]:
     return ["gpipe"] if layout.pp == 1 else list(SCHEDULES)  # one stage: accumulation
 
 
+def _zero_stages(layout: Layout, pins: Pins, training: bool) -> list[int]:
+    """ZeRO stages worth pricing: only data parallelism has states to shard."""
+    if layout.dp == 1 or not training:
+        return [0]
+    return [pins.zero] if pins.zero is not None else [0, 1, 2]
+
+
 def _candidates_for(traced, mesh, solve, fastest, layout, pins, replica_batch, context):
-    """Every (microbatches, schedule) that fits: on the fastest sharding, else on one the
-    ILP solved under this configuration's memory rows."""
-    training, dtype_bytes, batch, unit_of, state_bytes = context
+    """Every (microbatches, schedule, ZeRO stage) that fits: on the fastest sharding, else
+    on one the ILP solved under this configuration's memory rows."""
+    training, dtype_bytes, batch, unit_of, optimizer = context
     p2p, budget = _p2p(mesh, layout), mesh.device.memory_bytes
     num_units = len(traced.analysis.layers) + 2
-
     modes = (pins.recompute,) if pins.recompute else RECOMPUTE_MODES
 
-    def units_of(sharding, size):
+    def units_of(sharding, size, zero):
+        state = state_bytes_per_param(training, dtype_bytes, optimizer, zero, layout.dp)
         return unit_modes(
             traced, sharding.pricing, unit_of, scale=size / batch,
-            state_bytes_per_param=state_bytes, modes=modes,
+            state_bytes_per_param=state, modes=modes,
         )  # fmt: skip
 
-    for m, size in _microbatch_options(replica_batch, layout.pp, pins):
-        units = units_of(fastest, size)
-        for schedule in _schedules(layout, pins):
-            if not schedulable(num_units, layout.pp, m, schedule):
-                continue
-            sharding, used = fastest, units
-            choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-            if choice is None:
-                sharding = solve.fitting(layout, m, size / batch, schedule, unit_of)
-                if sharding is None:
+    for m, size in _microbatch_options(replica_batch, pins):
+        for zero in _zero_stages(layout, pins, training):
+            units = units_of(fastest, size, zero)
+            for schedule in _schedules(layout, pins):
+                if not schedulable(num_units, layout.pp, m, schedule):
                     continue
-                used = units_of(sharding, size)
+                sharding, used = fastest, units
                 choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-            if choice is not None:
-                yield _finish(mesh, sharding, layout, choice, size, unit_of, training, used)
+                if choice is None:
+                    sharding = solve.fitting(layout, m, size / batch, schedule, unit_of)
+                    if sharding is None:
+                        continue
+                    used = units_of(sharding, size, zero)
+                    choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
+                if choice is not None:
+                    yield _finish(mesh, sharding, layout, choice, size, unit_of, training,
+                                  used, zero)  # fmt: skip
 
 
 def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
@@ -212,16 +222,20 @@ def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
     return sums
 
 
-def _finish(mesh, solution, layout, choice, size, unit_of, training, units):
+def _finish(mesh, solution, layout, choice, size, unit_of, training, units, zero):
     params = {n: p for n, p in solution.pricing.nodes.items() if p.param_numel}
-    optimizer = _per_rank({n: p.optimizer_s for n, p in params.items()}, choice, unit_of, layout.pp)
+    owned = layout.dp if zero >= 1 else 1  # ZeRO: each dp rank steps its slice
+    optimizer = _per_rank(
+        {n: p.optimizer_s / owned for n, p in params.items()}, choice, unit_of, layout.pp
+    )
     grads = _per_rank({n: p.param_bytes for n, p in params.items()}, choice, unit_of, layout.pp)
     partial = _per_rank(solution.pricing.deferred_grad_bytes, choice, unit_of, layout.pp)
-    dp_sync = grad_sync_seconds(mesh, layout, max(grads)) if training else 0.0
+    dp_sync = grad_sync_seconds(mesh, layout, max(grads), zero=zero) if training else 0.0
     tp_sync = max(grad_sync_seconds(mesh, layout, b, TP) for b in partial)
     step = choice.step_s + max(optimizer) + dp_sync + tp_sync
     return _Candidate(layout, choice, size, step, max(optimizer), dp_sync, max(grads),
-                      tp_sync, max(partial), solution, _unit_times(choice.split, units))  # fmt: skip
+                      tp_sync, max(partial), solution, _unit_times(choice.split, units),
+                      zero)  # fmt: skip
 
 
 def _unit_times(split, units: dict) -> dict[str, float]:
@@ -248,7 +262,7 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
     unit_of = unit_of_nodes(traced)
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
-    context = (training, dtype_bytes, batch, unit_of, state_bytes)
+    context = (training, dtype_bytes, batch, unit_of, optimizer)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
                            pins.sequence_parallel, input_roles)  # fmt: skip
     best, tried = None, 0
