@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +22,14 @@ from autopar.errors import AutoparError, PlanError
 from autopar.placement import TP
 from autopar.plan import Plan
 from autopar.solver.assemble import to_plan
-from autopar.solver.pipeline import SCHEDULES, evaluate, schedulable, unit_modes, unit_of_nodes
+from autopar.solver.pipeline import (
+    INTERLEAVED_CHUNKS,
+    SCHEDULES,
+    UnitTotals,
+    evaluate,
+    schedulable,
+    unit_of_nodes,
+)
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
 
 MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
@@ -136,11 +143,16 @@ def _microbatch_options(replica_batch: int, pins: Pins) -> list[tuple[int, int]]
 
 
 def _p2p(mesh, layout: Layout):
+    """Seconds a stage boundary costs per microbatch: the forward activation and the
+    backward gradient cross it once each. The alpha-beta time of the link between
+    neighbouring stages (pp is the outermost mesh axis) is affine in the bytes, so it is
+    read once per layout rather than per boundary the stage DP prices."""
     if layout.pp == 1:
         return lambda nbytes: 0.0
-    neighbours = (0, layout.dp * layout.tp)  # pp is the outermost mesh axis
-    # forward activation and backward gradient cross each boundary once per microbatch
-    return lambda nbytes: 2 * mesh.collective_time("send_recv", nbytes, neighbours)
+    neighbours = (0, layout.dp * layout.tp)
+    latency = mesh.collective_time("send_recv", 0, neighbours)
+    per_byte = mesh.collective_time("send_recv", 2**30, neighbours) / 2**30 - latency / 2**30
+    return lambda nbytes: 2 * (latency + per_byte * nbytes)
 
 
 @dataclass
@@ -179,63 +191,93 @@ def _zero_stages(layout: Layout, pins: Pins, training: bool) -> list[int]:
     return [pins.zero] if pins.zero is not None else [0, 1, 2]
 
 
-def _candidates_for(traced, mesh, solve, fastest, layout, pins, replica_batch, context):
-    """Every (microbatches, schedule, ZeRO stage) that fits: on the fastest sharding, else
-    on one the ILP solved under this configuration's memory rows."""
-    training, dtype_bytes, batch, unit_of, optimizer = context
-    p2p, budget = _p2p(mesh, layout), mesh.device.memory_bytes
-    num_units = len(traced.analysis.layers) + 2
-    modes = (pins.recompute,) if pins.recompute else RECOMPUTE_MODES
+@dataclass
+class _Search:
+    """One search's fixed inputs, its caches, and the best candidate found so far."""
 
-    def units_of(sharding, size, zero):
-        state = state_bytes_per_param(training, dtype_bytes, optimizer, zero, layout.dp)
-        return unit_modes(
-            traced, sharding.pricing, unit_of, scale=size / batch,
-            state_bytes_per_param=state, modes=modes,
-        )  # fmt: skip
+    traced: object
+    mesh: object
+    pins: Pins
+    solve: ShardingSolver
+    training: bool
+    dtype_bytes: int
+    optimizer: str
+    batch: int  # the traced example's rows
+    unit_of: dict
+    best: _Candidate | None = None
+    tried: int = 0
+    totals: dict = field(default_factory=dict)  # id(sharding) -> UnitTotals
 
-    for m, size in _microbatch_options(replica_batch, pins):
-        for zero in _zero_stages(layout, pins, training):
-            units = units_of(fastest, size, zero)
-            for schedule in _schedules(layout, pins):
-                if not schedulable(num_units, layout.pp, m, schedule):
+    def _totals(self, sharding) -> UnitTotals:
+        if id(sharding) not in self.totals:
+            self.totals[id(sharding)] = UnitTotals.of(self.traced, sharding.pricing, self.unit_of)
+        return self.totals[id(sharding)]
+
+    def _units(self, sharding, layout, size, zero) -> dict:
+        state = state_bytes_per_param(
+            self.training, self.dtype_bytes, self.optimizer, zero, layout.dp
+        )
+        modes = (self.pins.recompute,) if self.pins.recompute else RECOMPUTE_MODES
+        return self._totals(sharding).units(size / self.batch, state, modes)
+
+    def _hopeless(self, sharding, units: dict, layout, m: int, size: int, zero: int) -> bool:
+        """Can this configuration not beat the best? A lower bound on its step: its units'
+        time spread evenly over the pp ranks with the smallest pipeline bubble, plus the
+        optimizer step and the gradient sync of an evenly split model."""
+        if self.best is None:
+            return False
+        per_rank = sum(u.time_s for u in next(iter(units.values()))) / layout.pp
+        pipeline = per_rank * (m + (layout.pp - 1) / INTERLEAVED_CHUNKS)
+        totals, owned = self._totals(sharding).values, layout.dp if zero >= 1 else 1
+        optimizer = sum(totals["optimizer"]) / layout.pp / owned
+        grads = sum(totals["grad_bytes"]) / layout.pp
+        sync = grad_sync_seconds(self.mesh, layout, grads, zero=zero) if self.training else 0.0
+        bound = pipeline + optimizer + sync
+        return bound / (layout.dp * m * size) >= self.best.seconds_per_sample
+
+    def visit(self, layout: Layout, replica_batch: int) -> None:
+        """Price every (microbatches, ZeRO stage, schedule) of `layout` that fits: on the
+        fastest sharding, else on one the ILP solved under this configuration's memory."""
+        fastest = self.solve(layout)
+        if fastest is None:
+            return
+        p2p, budget = _p2p(self.mesh, layout), self.mesh.device.memory_bytes
+        num_units = len(self.traced.analysis.layers) + 2
+        for m, size in _microbatch_options(replica_batch, self.pins):
+            for zero in _zero_stages(layout, self.pins, self.training):
+                units = self._units(fastest, layout, size, zero)
+                if self._hopeless(fastest, units, layout, m, size, zero):
                     continue
-                sharding, used = fastest, units
-                choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-                if choice is None:
-                    sharding = solve.fitting(layout, m, size / batch, schedule, unit_of)
-                    if sharding is None:
-                        continue
-                    used = units_of(sharding, size, zero)
-                    choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-                if choice is not None:
-                    yield _finish(mesh, sharding, layout, choice, size, unit_of, training,
-                                  used, zero)  # fmt: skip
+                for schedule in _schedules(layout, self.pins):
+                    if schedulable(num_units, layout.pp, m, schedule):
+                        self._price(layout, m, size, zero, schedule, fastest, units, p2p, budget)
 
+    def _price(self, layout, m, size, zero, schedule, sharding, units, p2p, budget) -> None:
+        choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+        if choice is None:
+            sharding = self.solve.fitting(layout, m, size / self.batch, schedule, self.unit_of)
+            if sharding is None:
+                return
+            units = self._units(sharding, layout, size, zero)
+            choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+            if choice is None:
+                return
+        candidate = self._finish(sharding, layout, choice, size, units, zero)
+        self.tried += 1
+        if self.best is None or candidate.seconds_per_sample < self.best.seconds_per_sample:
+            self.best = candidate
 
-def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
-    """Sum `values` (node name -> amount) per pipeline rank, by the stage of each node."""
-    sums = [0.0] * pp
-    for name, amount in values.items():
-        stage = _stage_of_unit(choice.split, unit_of.get(name, 0))
-        sums[choice.rank_of_stage[stage]] += amount
-    return sums
-
-
-def _finish(mesh, solution, layout, choice, size, unit_of, training, units, zero):
-    params = {n: p for n, p in solution.pricing.nodes.items() if p.param_numel}
-    owned = layout.dp if zero >= 1 else 1  # ZeRO: each dp rank steps its slice
-    optimizer = _per_rank(
-        {n: p.optimizer_s / owned for n, p in params.items()}, choice, unit_of, layout.pp
-    )
-    grads = _per_rank({n: p.param_bytes for n, p in params.items()}, choice, unit_of, layout.pp)
-    partial = _per_rank(solution.pricing.deferred_grad_bytes, choice, unit_of, layout.pp)
-    dp_sync = grad_sync_seconds(mesh, layout, max(grads), zero=zero) if training else 0.0
-    tp_sync = max(grad_sync_seconds(mesh, layout, b, TP) for b in partial)
-    step = choice.step_s + max(optimizer) + dp_sync + tp_sync
-    return _Candidate(layout, choice, size, step, max(optimizer), dp_sync, max(grads),
-                      tp_sync, max(partial), solution, _unit_times(choice.split, units),
-                      zero)  # fmt: skip
+    def _finish(self, sharding, layout, choice, size, units, zero) -> _Candidate:
+        totals, mesh = self._totals(sharding), self.mesh
+        owned = layout.dp if zero >= 1 else 1  # ZeRO: each dp rank steps its slice
+        optimizer = max(totals.per_rank("optimizer", choice)) / owned
+        grads = max(totals.per_rank("grad_bytes", choice))
+        partial = max(totals.per_rank("partial_bytes", choice))
+        dp_sync = grad_sync_seconds(mesh, layout, grads, zero=zero) if self.training else 0.0
+        tp_sync = grad_sync_seconds(mesh, layout, partial, TP)
+        step = choice.step_s + optimizer + dp_sync + tp_sync
+        return _Candidate(layout, choice, size, step, optimizer, dp_sync, grads, tp_sync,
+                          partial, sharding, _unit_times(choice.split, units), zero)  # fmt: skip
 
 
 def _unit_times(split, units: dict) -> dict[str, float]:
@@ -247,10 +289,6 @@ def _unit_times(split, units: dict) -> dict[str, float]:
     }
 
 
-def _stage_of_unit(split, unit: int) -> int:
-    return next(k for k, (i, j) in enumerate(split.bounds) if i <= unit < j)
-
-
 def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes=None,
            optimizer="adam", time_limit_s=None, batch=1, global_batch_size=None,
            progress=None, input_roles=None) -> Plan:  # fmt: skip
@@ -260,30 +298,22 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     pins = Pins(**{**pins.__dict__, "schedule": normalize_schedule(pins.schedule)})
     candidates = layouts(traced, mesh, pins)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
-    unit_of = unit_of_nodes(traced)
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
-    context = (training, dtype_bytes, batch, unit_of, optimizer)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
                            pins.sequence_parallel, input_roles)  # fmt: skip
-    best, tried = None, 0
+    run = _Search(traced, mesh, pins, solve, training, dtype_bytes, optimizer, batch,
+                  unit_of_nodes(traced))  # fmt: skip
     for layout in candidates:
         if progress:
             progress(layout)
-        solution = solve(layout)
         replica_batch = _replica_batch(global_batch_size, batch, layout.dp)
-        if solution is None or replica_batch is None:
-            continue
-        for candidate in _candidates_for(
-            traced, mesh, solve, solution, layout, pins, replica_batch, context
-        ):
-            tried += 1
-            if best is None or candidate.seconds_per_sample < best.seconds_per_sample:
-                best = candidate
-    if best is None:
+        if replica_batch is not None:
+            run.visit(layout, replica_batch)
+    if run.best is None:
         raise PlanError(_nothing_fits(mesh, pins, solve.failures))
-    plan = to_plan(traced, mesh, best.sharding, best, training)
+    plan = to_plan(traced, mesh, run.best.sharding, run.best, training)
     plan.solver.update(
-        search_time_s=time.perf_counter() - start, layouts_tried=tried,
+        search_time_s=time.perf_counter() - start, layouts_tried=run.tried,
         ilp_time_s=solve.ilp_time_s,
     )  # fmt: skip
     return plan
