@@ -6,7 +6,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel, capture
-from autopar.cost.memory import OPTIMIZER_STATES
+from autopar.cost.memory import OPTIMIZER_STATES, RECOMPUTE_MODES
 from autopar.errors import AutoparError
 from autopar.plan import Plan
 from autopar.solver.assemble import traced_batch
@@ -37,7 +37,11 @@ def plan(
     microbatch_size=None,
     schedule=None,
     sequence_parallel=None,
+    recompute=None,
+    zero=None,
     input_roles=None,
+    loss_fn=None,
+    example_target=None,
     time_limit_s=None,
     example_kwargs=None,
     progress=None,
@@ -48,20 +52,36 @@ def plan(
     (the global batch is that times dp); with it, the example only fixes the shapes
     and costs are scaled to each replica's share of the global batch.
     `input_roles(name, shape, dtype)` says which dims of each user input are "batch"
-    and "sequence" (default: `autopar.strategies.default_input_roles`).
+    and "sequence" (default: `autopar.strategies.default_input_roles`). With `loss_fn`
+    and `example_target`, `loss_fn(model(*inputs), target)` is traced with the model, so
+    a cross-entropy over vocabulary-sharded logits runs vocabulary-parallel.
     """
     if optimizer not in OPTIMIZER_STATES:
         raise AutoparError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZER_STATES)}")
     if isinstance(model, TracedModel):
         traced = model
     else:
-        traced = capture(model, example_inputs, example_kwargs)
+        traced = capture(
+            model, example_inputs, example_kwargs, loss_fn=loss_fn, example_target=example_target
+        )
     if sequence_parallel not in (None, True, False):
         raise AutoparError(
             f"sequence_parallel={sequence_parallel!r} must be True, False or None (let the "
             "search choose)"
         )
-    pins = Pins(dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel)
+    if recompute not in (None, *RECOMPUTE_MODES):
+        raise AutoparError(
+            f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}, or None "
+            "(let the search choose per pipeline stage)"
+        )
+    if zero not in (None, 0, 1, 2):
+        hint = "; zero=3 (parameters sharded too) is not supported yet" if zero == 3 else ""
+        raise AutoparError(
+            f"zero={zero!r} must be 0, 1 or 2, or None (let the search choose){hint}"
+        )
+    pins = Pins(
+        dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel, recompute, zero
+    )
     return search(
         traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
         optimizer=optimizer,
@@ -88,7 +108,8 @@ def parallelize(model, mesh, example_inputs, plan=None, **plan_kwargs):
 
     check_process_group(mesh.world_size)
     example_kwargs = plan_kwargs.get("example_kwargs")
-    traced = capture(model, example_inputs, example_kwargs)
+    loss = {key: plan_kwargs.pop(key, None) for key in ("loss_fn", "example_target")}
+    traced = capture(model, example_inputs, example_kwargs, **loss)
     if plan is None:
         plan = _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs)
     elif plan_kwargs:
@@ -103,7 +124,9 @@ def parallelize(model, mesh, example_inputs, plan=None, **plan_kwargs):
             f"the plan's dp*tp*pp = {plan.dp}*{plan.tp}*{plan.pp} does not match the world size "
             f"{dist.get_world_size()}; plan for this mesh"
         )
-    runtime_traced, runtime_plan = _traced_at(model, traced, example_inputs, example_kwargs, plan)
+    runtime_traced, runtime_plan = _traced_at(
+        model, traced, example_inputs, example_kwargs, plan, loss
+    )
     groups = mesh_groups(plan.pp, plan.dp, plan.tp)
     pm = DistributedModule(runtime_plan, runtime_traced, model, groups)
     pm.plan = plan  # as made; the runtime's copy names the nodes of its own trace
@@ -126,7 +149,9 @@ def _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs) -> Plan:
     return Plan.from_dict(payload[0])
 
 
-def _traced_at(model, traced, example_inputs, example_kwargs, plan) -> tuple[TracedModel, Plan]:
+def _traced_at(
+    model, traced, example_inputs, example_kwargs, plan, loss
+) -> tuple[TracedModel, Plan]:
     """The model traced at the plan's microbatch size (graphs have static shapes), and the
     plan applied to that graph by its stable node names (runtime/retrace.py)."""
     if traced_batch(traced) == plan.microbatch_size:
@@ -134,10 +159,11 @@ def _traced_at(model, traced, example_inputs, example_kwargs, plan) -> tuple[Tra
     from autopar.runtime.retrace import plan_for
 
     args = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    args, kwargs = pytree.tree_map(
-        lambda x: _with_rows(x, plan.microbatch_size), (tuple(args), dict(example_kwargs or {}))
+    args, kwargs, target = pytree.tree_map(
+        lambda x: _with_rows(x, plan.microbatch_size),
+        (tuple(args), dict(example_kwargs or {}), loss["example_target"]),
     )
-    again = capture(model, args, kwargs or None)
+    again = capture(model, args, kwargs or None, loss_fn=loss["loss_fn"], example_target=target)
     try:
         return again, plan_for(plan, again.graph_module.graph)
     except AutoparError as error:

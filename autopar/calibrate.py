@@ -31,16 +31,8 @@ from autopar.cost.comm import bus_factor, latency_steps
 from autopar.errors import AutoparError
 from autopar.fileio import write_atomic
 from autopar.launch import LaunchError, run_local
+from autopar.profile import CALIBRATION_VERSION, default_calibration_path, physical_memory_bytes
 
-CALIBRATION_VERSION = 1
-# The numbers `Mesh.local` needs; a file missing one of them is rejected.
-CALIBRATION_KEYS = (
-    "matmul_flops",
-    "memory_bandwidth",
-    "memory_bytes",
-    "allreduce_bus_bw",
-    "allreduce_latency",
-)
 JOIN_TIMEOUT_S = 120.0
 
 
@@ -54,11 +46,6 @@ class CalibrationSizes:
     large_message_bytes: int = 16 * 2**20
     repeats: int = 5
     small_message_repeats: int = 30  # cheap, and latency is the noisiest number
-
-
-def default_calibration_path() -> Path:
-    """Where `autopar calibrate` writes and `Mesh.local` looks by default."""
-    return Path.home() / ".cache" / "autopar" / "calibration.json"
 
 
 def calibrate(
@@ -90,22 +77,6 @@ def calibrate(
     return result
 
 
-def load_calibration(path: str | os.PathLike) -> dict:
-    """Read a calibration file, checking it has every number `Mesh.local` needs."""
-    path = Path(path)
-    hint = f"rerun `autopar calibrate` or delete {path}"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AutoparError(f"no calibration file at {path}; run `autopar calibrate`") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AutoparError(f"cannot read calibration file {path}: {exc}; {hint}") from None
-    bad = [k for k in CALIBRATION_KEYS if not _is_number(data, k) or data[k] < 0]
-    if bad:
-        raise AutoparError(f"calibration file {path} lacks valid values for {bad}; {hint}")
-    return data
-
-
 def format_calibration(data: dict) -> str:
     """Human-readable lines for a calibration result."""
     return "\n".join(
@@ -135,11 +106,6 @@ def measure_memory_bandwidth(nbytes: int, repeats: int) -> float:
     dst = torch.empty_like(src)
     seconds = _median_time(lambda: dst.copy_(src), repeats)
     return 2 * nbytes / seconds
-
-
-def physical_memory_bytes() -> int:
-    """Installed RAM of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def measure_allreduce(world_size: int, sizes: CalibrationSizes) -> dict:
@@ -212,8 +178,3 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return max(statistics.median(times), 1e-9)
-
-
-def _is_number(data: dict, key: str) -> bool:
-    value = data.get(key)
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -15,6 +15,8 @@ raw torch error stays attached as `__cause__`.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import io
 import os
 import re
@@ -47,6 +49,7 @@ class TracedModel:
     user_inputs: list[str]  # placeholder names of the user's (flattened) inputs
     tied_params: dict[str, str] = field(default_factory=dict)  # duplicate -> first placeholder
     analysis: GraphAnalysis | None = None  # filled by capture()
+    traced_loss: bool = False  # the graph takes a target last and returns loss_fn's value
 
     @property
     def flops(self) -> int:
@@ -215,18 +218,53 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgra
         raise _trace_error(model, exc) from exc
 
 
-def capture(model: torch.nn.Module, example_inputs, example_kwargs=None) -> TracedModel:
-    """Trace `model` on `example_inputs` into a TracedModel (analysis included)."""
+def with_loss(model: torch.nn.Module, loss_fn, num_inputs: int) -> torch.nn.Module:
+    """`model` whose forward takes a target after its `num_inputs` inputs and returns
+    `loss_fn(model(*inputs), target)`. It shares the model's parameters, buffers and
+    submodules (a shallow copy of a subclass), so names and FQNs are the model's own, and
+    its signature names the inputs as the model's forward does (`input_ids, target`)."""
+
+    def forward(self, *args, **kwargs):
+        *inputs, target = args
+        return loss_fn(type(model).forward(self, *inputs, **kwargs), target)
+
+    names = list(inspect.signature(model.forward).parameters)[:num_inputs]
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, positional) for name in ("self", *names, "target")]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    )
+    wrapped = copy.copy(model)
+    wrapped.__class__ = type(
+        f"{type(model).__name__}WithLoss", (type(model),), {"forward": forward}
+    )
+    return wrapped
+
+
+def capture(
+    model: torch.nn.Module, example_inputs, example_kwargs=None, *, loss_fn=None,
+    example_target=None,
+) -> TracedModel:  # fmt: skip
+    """Trace `model` on `example_inputs` into a TracedModel (analysis included); with
+    `loss_fn`, trace `loss_fn(model(*example_inputs), example_target)` instead."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(
             f"capture expects a torch.nn.Module, got {type(model).__name__}; "
             "wrap a function in an nn.Module whose forward calls it"
         )
+    if (loss_fn is None) != (example_target is None):
+        raise AutoparError(
+            "loss_fn and example_target go together: pass both to trace the loss with the "
+            "model (then train_step(inputs, target) needs no loss_fn), or neither"
+        )
     args = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    if loss_fn is not None:
+        model, args = with_loss(model, loss_fn, len(args)), (*args, example_target)
     ep = _export(model, args, dict(example_kwargs or {}))
     params, buffers, user_inputs = _placeholder_maps(ep)
     graph_module = normalize(ep.graph_module)
     traced = TracedModel(ep, graph_module, params, buffers, user_inputs)
+    traced.traced_loss = loss_fn is not None
     traced.tied_params = _tied_params(model, params)
     traced.analysis = analyze(graph_module, param_names=params, buffer_names=buffers)
     _mark_blocks(graph_module, traced.analysis)

@@ -2,7 +2,8 @@
 
     autopar plan gpt2 --mesh a100-80gb:2 --batch 8 --seq 1024 --out gpt2.plan.json --html gpt2.html
     autopar plan mypkg.models:build --mesh h100-80gb --tp 8
-    autopar show gpt2.plan.json
+    autopar plan gpt2 --mesh local:4 --calibration cal.json --json
+    autopar show gpt2.plan.json [--json]
     autopar report gpt2.plan.json --html gpt2.html
     autopar calibrate --world-size 2
     autopar models
@@ -14,101 +15,35 @@ returns `(model, example_inputs)` or just a model, in which case input_ids of
 shape (--batch, --seq) are made for it. The current directory is importable.
 
 Errors a user can cause print one line `autopar: error: ...` and exit with 2.
+Every command checks its arguments and paths before it starts long work, and
+imports torch only once they are good.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import functools
 import importlib
+import json
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from autopar.cli_args import DEFAULT_BATCH, DTYPES, parse_args
+from autopar.console import Progress, human_count, layout_progress, write_plan_files
 from autopar.errors import AutoparError
+from autopar.fileio import check_readable, check_writable
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_BATCH = 8
 EXIT_USER_ERROR = 2
-PLAIN_PROGRESS_EVERY_S = 2.0
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Step messages for long commands: a rich spinner on a terminal, else lines on stderr."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.console = _rich_console() if sys.stderr.isatty() else None
-
-    @contextlib.contextmanager
-    def step(self, message: str) -> Iterator[Callable[[str], None]]:
-        """Run a step; the yielded callable updates its message (e.g. per layout searched)."""
-        start = time.perf_counter()
-        if self.quiet:
-            yield lambda _text: None
-        elif self.console is not None:
-            with self.console.status(message) as status:
-                yield lambda text: status.update(f"{message}: {text}")
-        else:
-            print(f"autopar: {message} ...", file=sys.stderr, flush=True)
-            yield _throttled(lambda text: print(f"autopar:   {text}", file=sys.stderr, flush=True))
-        if not self.quiet:
-            self.log(f"{message}: done in {time.perf_counter() - start:.1f} s")
-
-    def log(self, message: str) -> None:
-        if self.quiet:
-            return
-        if self.console is not None:
-            self.console.print(f"[dim]autopar: {message}[/dim]", highlight=False)
-        else:
-            print(f"autopar: {message}", file=sys.stderr, flush=True)
-
-
-def _throttled(emit: Callable[[str], None], every_s: float = PLAIN_PROGRESS_EVERY_S):
-    """At most one plain progress line per `every_s` seconds: a log, not a flood."""
-    last = -float("inf")
-
-    def update(text: str) -> None:
-        nonlocal last
-        if time.perf_counter() - last >= every_s:
-            last = time.perf_counter()
-            emit(text)
-
-    return update
-
-
-def layout_progress(update: Callable[[str], None]) -> Callable:
-    """The `progress=` callback of `autopar.plan`: shows each (dp, tp, pp) layout tried."""
-    count = 0
-
-    def on_layout(layout) -> None:
-        nonlocal count
-        count += 1
-        update(f"layout {count}: dp={layout.dp} tp={layout.tp} pp={layout.pp}")
-
-    return on_layout
-
-
-def _rich_console():
-    try:
-        from rich.console import Console
-    except ImportError:
-        return None
-    return Console(stderr=True)
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def _example_ids(model: torch.nn.Module, batch: int, seq: int) -> tuple[torch.Tensor]:
+def _example_ids(model, batch: int, seq: int) -> tuple:
     """Token ids of zeros (valid for any vocabulary) on the model's device."""
+    import torch
+
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     return (torch.zeros((batch, seq), dtype=torch.long, device=device),)
@@ -136,26 +71,37 @@ def import_factory(spec: str) -> Callable:
     return factory
 
 
-def load_model(spec: str, batch: int | None, seq: int | None):
-    """(model, example_inputs) for a built-in name or a package.module:factory."""
+def model_builder(spec: str) -> Callable[[int | None, int | None], tuple]:
+    """`build(batch, seq) -> (model, example_inputs)` for MODEL, checked before work starts.
+
+    A built-in name must be known and a factory importable here, so that a typo fails
+    before the progress line of the (possibly long) build.
+    """
+    if ":" in spec:
+        return functools.partial(_from_factory, spec, import_factory(spec))
     from autopar.models import MODEL_NAMES, build_model
 
-    if ":" not in spec:
-        if spec not in MODEL_NAMES:
-            raise AutoparError(
-                f"unknown model {spec!r}; built-in models are: {', '.join(MODEL_NAMES)}; "
-                "or pass package.module:factory"
-            )
-        return build_model(spec, batch=batch or DEFAULT_BATCH, seq=seq)
-    result = import_factory(spec)()
-    if isinstance(result, torch.nn.Module):
+    if spec not in MODEL_NAMES:
+        raise AutoparError(
+            f"unknown model {spec!r}; built-in models are: {', '.join(MODEL_NAMES)}; "
+            "or pass package.module:factory"
+        )
+    return lambda batch, seq: build_model(spec, batch=batch or DEFAULT_BATCH, seq=seq)
+
+
+def _from_factory(spec: str, factory: Callable, batch: int | None, seq: int | None):
+    """(model, example_inputs) from what a user's factory returns."""
+    from torch import nn
+
+    result = factory()
+    if isinstance(result, nn.Module):
         if seq is None:
             raise AutoparError(
                 f"{spec} returned a model without example inputs; pass --seq N (and --batch N) "
                 "to make input_ids for it, or return (model, example_inputs)"
             )
         return result, _example_ids(result, batch or DEFAULT_BATCH, seq)
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
         model, inputs = result
         return model, inputs if isinstance(inputs, tuple | list) else (inputs,)
     raise AutoparError(
@@ -189,77 +135,106 @@ def model_facts(name: str) -> dict:
     }
 
 
-def human_count(n: float) -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= factor:
-            return f"{n / factor:.1f}{suffix}"
-    return str(int(n))
-
-
-# ----------------------------------------------------------------------------- commands
+# ----------------------------------------------------------------------------- plan
 
 
 def cmd_plan(args) -> int:
+    _check_outputs(args.out, args.html)  # before importing torch: a bad path fails at once
     from autopar.api import plan as make_plan
     from autopar.capture import capture
-    from autopar.mesh import Mesh
+    from autopar.solver.search import normalize_schedule
 
-    mesh = Mesh.from_string(args.mesh)
+    mesh = plan_mesh(args.mesh, args.calibration)
+    schedule = normalize_schedule(args.schedule)
+    build = model_builder(args.model)
     progress = Progress(args.quiet)
     with progress.step(f"building {args.model}"):
-        model, inputs = load_model(args.model, args.batch, args.seq)
+        model, inputs = build(args.batch, args.seq)
     with progress.step("capturing the graph (torch.export)"):
         traced = capture(model, inputs)
-    dtype = DTYPES[args.dtype] if args.dtype else _default_dtype(args.mesh)
     with progress.step(f"searching layouts of {mesh.world_size} devices") as update:
         plan = make_plan(
-            traced, inputs, mesh, dtype=dtype, dp=args.dp, tp=args.tp, pp=args.pp,
-            microbatches=args.microbatches, schedule=args.schedule,
+            traced, inputs, mesh, dtype=_dtype(args.dtype, args.mesh), dp=args.dp, tp=args.tp,
+            pp=args.pp, microbatches=args.microbatches, schedule=schedule,
             global_batch_size=args.global_batch, time_limit_s=args.time_limit,
             progress=layout_progress(update),
         )  # fmt: skip
-    print(plan.summary())
-    _write_outputs(plan, args.out, args.html)
+    _print_plan(plan, args.json)
+    write_plan_files(plan, args.out, args.html, file=sys.stderr if args.json else None)
     return 0
 
 
-def _default_dtype(mesh_text: str):
-    """bf16 on GPU presets; a local CPU mesh keeps its own (fp32)."""
-    return None if mesh_text.startswith("local") else torch.bfloat16
+def plan_mesh(text: str, calibration: str | None):
+    """The --mesh, with --calibration's constants when it names a local mesh."""
+    from autopar.mesh import Mesh
+
+    mesh = Mesh.from_string(text)
+    if calibration is None:
+        return mesh
+    if not text.startswith("local:"):
+        raise AutoparError(
+            f"--calibration applies to local:N meshes only (a measurement of this machine); "
+            f"--mesh {text} uses its preset's datasheet constants: drop --calibration"
+        )
+    return Mesh.local(mesh.world_size, calibration=check_readable(calibration, "calibration file"))
 
 
-def _write_outputs(plan, out: str | None, html: str | None) -> None:
-    if out:
-        plan.save(out)
-        print(f"plan written to {out}")
-    if html:
-        from autopar.viz import graph
-        from autopar.viz.report import write_report
+def _dtype(name: str | None, mesh_text: str):
+    """--dtype, else bf16 on GPU presets; a local CPU mesh keeps its own (fp32)."""
+    import torch
 
-        write_report(plan, html)
-        print(f"report written to {html}")
-        if not graph.matplotlib_available():
-            print(f"note: {graph.MISSING}; the report has tables and bars only")
+    if name is None:
+        return None if mesh_text.startswith("local") else torch.bfloat16
+    return getattr(torch, DTYPES[name])
+
+
+def _check_outputs(out: str | None = None, html: str | None = None, plan_file=None) -> None:
+    """Fail now, not after minutes of work, if the plan or report path cannot be written,
+    or if the report would overwrite the plan (`out`, or the `plan_file` being read)."""
+    plan_target = None if out is None else check_writable(out, "plan")
+    if html is None:
+        return
+    plan_target = plan_target or (plan_file and Path(os.path.realpath(plan_file)))
+    if check_writable(html, "report") == plan_target:
+        raise AutoparError(f"--html {html} is the plan file; write the report to another path")
+
+
+def _print_plan(plan, as_json: bool) -> None:
+    """The summary, or with --json the plan file's contents and nothing else on stdout."""
+    print(json.dumps(plan.to_dict(), indent=1) if as_json else plan.summary())
+
+
+# ----------------------------------------------------------------------------- other commands
+
+
+def load_plan(path: str):
+    """The plan saved at `path`; any reason it cannot be read becomes one AutoparError."""
+    check_readable(path, "plan file")
+    from autopar.plan import Plan
+
+    try:
+        return Plan.load(path)
+    except (OSError, UnicodeDecodeError) as error:
+        raise AutoparError(f"cannot read plan file {path}: {error}") from None
 
 
 def cmd_show(args) -> int:
-    from autopar.plan import Plan
-
-    print(Plan.load(args.plan).summary())
+    _print_plan(load_plan(args.plan), args.json)
     return 0
 
 
 def cmd_report(args) -> int:
-    from autopar.plan import Plan
-
-    plan = Plan.load(args.plan)
     html = args.html or str(Path(args.plan).with_suffix(".html"))
-    _write_outputs(plan, None, html)
+    _check_outputs(html=html, plan_file=args.plan)
+    write_plan_files(load_plan(args.plan), None, html)
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from autopar.calibrate import calibrate, default_calibration_path, format_calibration
+    if args.out is not None:
+        check_writable(args.out, "calibration")
+    from autopar.calibrate import calibrate, format_calibration
+    from autopar.profile import default_calibration_path
 
     path = Path(args.out) if args.out else default_calibration_path()
     with Progress(args.quiet).step(f"measuring this machine with {args.world_size} gloo ranks"):
@@ -287,91 +262,42 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    _check_outputs(html=args.html)
     from autopar.demo import run_demo
 
     run_demo(html=args.html, quiet=args.quiet, train=not args.no_train)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="autopar",
-        description="Plan tensor/data/pipeline parallelism for a PyTorch transformer.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_plan(commands)
-    show = commands.add_parser("show", help="print the summary of a saved plan")
-    show.add_argument("plan", help="a plan file written by `autopar plan --out`")
-    show.set_defaults(run=cmd_show)
-    report = commands.add_parser("report", help="write the HTML report of a saved plan")
-    report.add_argument("plan", help="a plan file written by `autopar plan --out`")
-    report.add_argument("--html", help="output path (default: the plan path with .html)")
-    report.set_defaults(run=cmd_report)
-    cal = commands.add_parser("calibrate", help="measure this machine for Mesh.local")
-    cal.add_argument("--world-size", type=int, default=2, help="gloo ranks (default 2)")
-    cal.add_argument("--out", help="output path (default ~/.cache/autopar/calibration.json)")
-    cal.add_argument("--quiet", action="store_true", help="no progress messages")
-    cal.set_defaults(run=cmd_calibrate)
-    models = commands.add_parser("models", help="list the built-in models and their sizes")
-    models.set_defaults(run=cmd_models)
-    demo = commands.add_parser(
-        "demo", help="plan GPT-2 for A100 nodes, then train a 3D plan on 8 local ranks"
-    )
-    demo.add_argument("--html", help="also write the one-node plan's HTML report here")
-    demo.add_argument("--quiet", action="store_true", help="no progress messages")
-    demo.add_argument("--no-train", action="store_true", help="skip training on local ranks")
-    demo.set_defaults(run=cmd_demo)
-    return parser
-
-
-def _add_plan(commands) -> None:
-    plan = commands.add_parser("plan", help="find a parallel plan for a model on a mesh")
-    plan.add_argument("model", help="built-in model name or package.module:factory")
-    plan.add_argument(
-        "--mesh", required=True, help="PRESET[:NODES] (a100-40gb, a100-80gb, h100-80gb) "
-        "or local:WORLD_SIZE",
-    )  # fmt: skip
-    plan.add_argument("--batch", type=_positive, help="example batch of one data-parallel "
-                      f"replica (default {DEFAULT_BATCH})")  # fmt: skip
-    plan.add_argument("--seq", type=_positive, help="sequence length (default: the context)")
-    plan.add_argument("--global-batch", type=_positive, metavar="N", help="global batch size; "
-                      "the example batch then only fixes shapes")  # fmt: skip
-    for degree in ("tp", "dp", "pp"):
-        plan.add_argument(f"--{degree}", type=_positive, help=f"pin the {degree} degree")
-    plan.add_argument("--microbatches", type=_positive, metavar="N", help="pin microbatches")
-    plan.add_argument("--schedule", help="pin the pipeline schedule: gpipe, 1f1b, interleaved1f1b")
-    plan.add_argument("--dtype", choices=tuple(DTYPES), help="training dtype (default bf16)")
-    plan.add_argument("--time-limit", type=float, metavar="S", help="ILP time limit, seconds")
-    plan.add_argument("--out", help="write the plan (JSON) here")
-    plan.add_argument("--html", help="write the HTML report here")
-    plan.add_argument("--quiet", action="store_true", help="no progress messages")
-    plan.set_defaults(run=cmd_plan)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+COMMANDS = {
+    "plan": cmd_plan,
+    "show": cmd_show,
+    "report": cmd_report,
+    "calibrate": cmd_calibrate,
+    "models": cmd_models,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a usage error argparse already printed
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USER_ERROR
-    try:
-        return args.run(args)
+        args = parse_args(argv)
+    except SystemExit as exit_:  # --help printed its text (mistakes raise AutoparError)
+        return exit_.code
     except AutoparError as error:
-        print(f"autopar: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _report(error)
+    try:
+        return COMMANDS[args.command](args)
+    except AutoparError as error:
+        return _report(error)
     except KeyboardInterrupt:
         print("autopar: interrupted", file=sys.stderr)
         return 130
+
+
+def _report(error: AutoparError) -> int:
+    print(f"autopar: error: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from autopar.cli import Progress, _write_outputs, human_count, layout_progress
+from autopar.console import Progress, human_count, layout_progress, write_plan_files
 from autopar.launch import run_local
 
 DEMO_MODEL, DEMO_BATCH, DEMO_SEQ = "gpt2", 8, 1024
@@ -40,7 +40,7 @@ def run_demo(html: str | None = None, quiet: bool = False, train: bool = True) -
     two_nodes = demo_plan(traced, inputs, Mesh.preset("a100-80gb", nodes=2), progress)
     _heading("4. one node against two")
     print(demo_compare_table({"1 node": one_node, "2 nodes": two_nodes}))
-    _write_outputs(one_node, None, html)
+    write_plan_files(one_node, None, html)
     if train:
         _heading(f"5. training a tiny GPT-2 on {TRAIN_WORLD} local gloo ranks, 3D plan")
         print(demo_train(progress))

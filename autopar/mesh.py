@@ -33,9 +33,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from autopar.calibrate import default_calibration_path, load_calibration, physical_memory_bytes
 from autopar.cost import comm
 from autopar.errors import AutoparError
+from autopar.profile import default_calibration_path, load_calibration, physical_memory_bytes
 
 # Share of datasheet peak a large bf16 matmul sustains. Megatron-LM sustains 52%
 # of A100 peak end to end on a 1T-parameter GPT, communication and pipeline
@@ -166,11 +166,11 @@ class Mesh:
     @classmethod
     def from_string(cls, text: str) -> Mesh:
         """Parse the CLI's PRESET[:NODES] (e.g. "a100-80gb:2"), or local:WORLD_SIZE."""
-        name, _, count = text.partition(":")
+        name, colon, count = text.partition(":")
         valid = f"valid: {', '.join(PRESET_NAMES)} (each optionally :NODES), local:WORLD_SIZE"
-        if name == "local" and count.isdigit():
+        if name == "local" and count.isdecimal():
             return cls.local(int(count))
-        if name not in _PRESETS or (count and not count.isdigit()):
+        if name not in _PRESETS or (colon and not count.isdecimal()):  # "a100-80gb:" too
             raise AutoparError(f"cannot read mesh {text!r}; {valid}")
         return cls.preset(name, nodes=int(count or 1))
 

@@ -7,7 +7,9 @@ tensor has one placement:
 `Replicate()`: every rank holds the whole tensor. `Shard(dim, groups)`: rank r
 holds chunk r of dimension `dim`; with `groups > 1` the dimension is first cut
 into `groups` equal blocks and rank r holds chunk r of every block, the layout a
-fused QKV projection needs so that a later split gives each rank its own heads.
+fused QKV projection needs so that a later split gives each rank its own heads. An
+ungrouped dim that does not divide is padded (a 50,257-word vocabulary at tp=4 is
+four shards of 12,565 rows, the last three rows padding: `ops.layout`).
 `Partial()`: every rank holds a summand; the true value is the sum over ranks.
 Placements print as "R", "S(1)", "S(1,g3)", "P" and parse back from that text.
 
@@ -102,9 +104,15 @@ def parse_placement(text: str) -> Placement:
 
 
 def local_shape(shape: tuple[int, ...], placement: Placement, num_shards: int) -> tuple[int, ...]:
-    """The shape one rank holds of a tensor of global `shape` laid out as `placement`."""
+    """The shape one rank holds of a tensor of global `shape` laid out as `placement` (an
+    ungrouped shard of a dim that does not divide is padded: ceil(size / num_shards))."""
     if not isinstance(placement, Shard):
         return tuple(shape)
     dim = placement.dim % len(shape)
-    assert shape[dim] % num_shards == 0, (shape, placement, num_shards)
-    return tuple(size // num_shards if d == dim else size for d, size in enumerate(shape))
+    assert placement.groups == 1 or shape[dim] % (num_shards * placement.groups) == 0
+    return tuple(-(-size // num_shards) if d == dim else size for d, size in enumerate(shape))
+
+
+def is_padded(shape: tuple[int, ...], placement: Placement, num_shards: int) -> bool:
+    """Does this rank's shard carry padding (a dim that does not divide by num_shards)?"""
+    return isinstance(placement, Shard) and shape[placement.dim % len(shape)] % num_shards != 0

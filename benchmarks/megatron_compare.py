@@ -63,24 +63,33 @@ def megatron_block(case: Case, mesh: Mesh) -> dict:
 
 
 def autopar_block(plan) -> dict:
-    """Per-block communication, the median over blocks (blocks are usually identical)."""
+    """Per-block communication, the median over blocks (blocks are usually identical), plus
+    each block's share of the step's gradient sums over tp (parameters read by split work
+    whose Megatron f waits for the end of the step), which Megatron's layout has not."""
     by_layer = defaultdict(list)
     for c in plan.collectives:
         if c.layer is not None:
             by_layer[c.layer].append(c)
     layers = sorted(set(plan.layer_of.values()))
+    step_sums = [c for c in plan.collectives if c.axis == "tp" and c.consumer == "optimizer"]
     kinds = defaultdict(int)
     for c in by_layer[layers[0]]:
         kinds[f"{c.phase} {c.kind}"] += 1
+    if step_sums:
+        kinds["step gradient sums (share)"] = 1
 
     def median(fn):
         return statistics.median(fn(by_layer[layer]) for layer in layers)
 
+    def share(fn):
+        return sum(fn(c) for c in step_sums) / len(layers)
+
     return {
         "collectives": median(len),
-        "bytes": median(lambda cs: sum(c.nbytes for c in cs)),
-        "seconds": median(lambda cs: sum(c.seconds for c in cs)),
-        "bus_bytes": median(lambda cs: sum(c.nbytes * bus_factor(c.kind, TP) for c in cs)),
+        "bytes": median(lambda cs: sum(c.nbytes for c in cs)) + share(lambda c: c.nbytes),
+        "seconds": median(lambda cs: sum(c.seconds for c in cs)) + share(lambda c: c.seconds),
+        "bus_bytes": median(lambda cs: sum(c.nbytes * bus_factor(c.kind, TP) for c in cs))
+        + share(lambda c: c.nbytes * bus_factor(c.kind, TP)),
         "kinds": dict(sorted(kinds.items())),
     }
 

@@ -2,8 +2,9 @@
 
 The model knows nothing about parallelism: autopar traces it, plans the split and
 generates the per-rank code afterwards. Differences from nanoGPT: `forward` returns
-the logits of every position (a loss is the caller's business, as in
-`ParallelModule.train_step`), and there is no generation or optimizer helper.
+the logits of every position (a loss is the caller's business: `train_step(inputs,
+target, loss_fn)` on what `autopar.parallelize` returns), and there is no generation
+or optimizer helper. examples/train_torchrun.py trains it under torchrun.
 
     python examples/nanogpt.py     # builds a tiny model and prints its output shape
 """

@@ -2,15 +2,10 @@
 
 import pytest
 
-from autopar.calibrate import (
-    CALIBRATION_KEYS,
-    CalibrationSizes,
-    calibrate,
-    fit_alpha_beta,
-    format_calibration,
-)
+from autopar.calibrate import CalibrationSizes, calibrate, fit_alpha_beta, format_calibration
 from autopar.errors import AutoparError
 from autopar.mesh import Mesh
+from autopar.profile import CALIBRATION_KEYS
 
 TINY = CalibrationSizes(
     matmul_dim=64,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -41,10 +42,11 @@ def planned(tmp_path_factory):
     return code, plan_path, html_path
 
 
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+def one_error_line(err: str) -> str:
+    """The error line, asserting it is the only line (test_cli_errors uses it too)."""
+    lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("autopar: error: ")
+    assert lines[0].startswith("autopar: error: "), err
     assert "Traceback" not in err
     return lines[0]
 
@@ -72,7 +74,7 @@ def test_plan_prints_the_summary_and_where_files_went(tmp_path, capsys):
 def test_factory_returning_a_bare_model_needs_seq(tmp_path, capsys):
     argv = ["plan", "test_cli:tiny_model_only", "--mesh", MESH, "--quiet"]
     assert main(argv) == 2
-    assert "--seq" in _one_error_line(capsys.readouterr().err)
+    assert "--seq" in one_error_line(capsys.readouterr().err)
     assert main([*argv, "--batch", "2", "--seq", "64"]) == 0
     assert "autopar plan:" in capsys.readouterr().out
 
@@ -82,6 +84,38 @@ def test_show_prints_the_summary(planned, capsys):
     assert main(["show", str(plan_path)]) == 0
     out = capsys.readouterr().out
     assert out.strip() == Plan.load(plan_path).summary().strip()
+
+
+def test_json_alone_on_stdout_and_out_through_a_symlink(tmp_path, capsys):
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("an older plan")
+    link.symlink_to(target)
+    argv = ["plan", "test_cli:tiny", "--mesh", MESH, "--tp", "2", "--pp", "1", "--json"]
+    assert main([*argv, "--out", str(link)]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)  # stdout holds the JSON and nothing else
+    assert (printed["dp"], printed["tp"], printed["pp"]) == (4, 2, 1)
+    assert link.is_symlink() and json.loads(target.read_text()) == printed
+    assert f"plan written to {link}" in captured.err
+
+
+def test_show_json_prints_the_plan_file(planned, capsys):
+    _, plan_path, _ = planned
+    assert main(["show", str(plan_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(plan_path.read_text())
+
+
+def test_calibration_file_prices_a_local_mesh(tmp_path, capsys):
+    calibration = tmp_path / "cal.json"
+    measured = {"matmul_flops": 8e10, "memory_bandwidth": 2e10, "memory_bytes": 2**34}
+    calibration.write_text(
+        json.dumps({**measured, "allreduce_bus_bw": 1e9, "allreduce_latency": 1e-5})
+    )
+    argv = ["plan", "test_cli:tiny", "--mesh", "local:2", "--calibration", str(calibration)]
+    assert main([*argv, "--json", "--quiet"]) == 0
+    device = json.loads(capsys.readouterr().out)["mesh"]["device"]
+    assert device["name"] == "cpu (calibrated)"
+    assert device["peak_flops"] == measured["matmul_flops"] / 2  # two ranks share the machine
 
 
 def test_report_writes_html(planned, tmp_path, capsys):
@@ -106,7 +140,7 @@ def test_report_writes_html(planned, tmp_path, capsys):
 )
 def test_user_errors_are_one_line_and_exit_2(argv, expected, capsys):
     assert main([*argv, "--quiet"] if argv[0] == "plan" else argv) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     for text in expected:
         assert text in line
 
@@ -115,7 +149,7 @@ def test_a_file_that_is_not_a_plan(tmp_path, capsys):
     bogus = tmp_path / "bogus.json"
     bogus.write_text("[1, 2]")
     assert main(["show", str(bogus)]) == 2
-    assert "not a plan file" in _one_error_line(capsys.readouterr().err)
+    assert "not a plan file" in one_error_line(capsys.readouterr().err)
 
 
 def test_usage_errors_exit_2_without_running(capsys):

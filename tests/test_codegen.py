@@ -192,11 +192,16 @@ def test_wrong_input_count_names_the_node():
         shard_graph(traced, {linear.name: NodePlacement(R, (R,))}, 2)
 
 
-def test_indivisible_shard_is_a_plan_error():
-    _, traced = _linear_model()
+def test_an_indivisible_shard_pads_unless_grouped():
+    model, traced = _linear_model()  # Linear(6, 4) on 3 rows
     linear = _linear_node(traced)
     with pytest.raises(PlanError, match="divide by groups x tp"):
-        shard_graph(traced, {linear.name: NodePlacement(Shard(0), (R, R))}, 2)
+        shard_graph(traced, {linear.name: NodePlacement(Shard(1, 3), (R, R))}, 2)
+    # 3 rows over 2 ranks: shards of 2, the second one's last row padding; the gather
+    # that returns the output drops it
+    gm = shard_graph(traced, {linear.name: NodePlacement(Shard(0), (R, R))}, 2)
+    assert "'S(0)', 'R', 'R', [3, 4])" in gm.code
+    assert [n.meta.get("local_shape") for n in gm.graph.nodes if n.name == linear.name] == [(2, 4)]
 
 
 def test_split_across_shard_blocks_is_a_plan_error():

@@ -127,14 +127,9 @@ def test_zero_stages_shard_over_dp(stage, divided):
         assert getattr(mem, part) == getattr(base, part) / scale
 
 
-def test_activations_times_microbatches_and_recompute():
+def test_activations_times_microbatches():
     mem = training_memory(0, 1e9, microbatches_in_flight=4)
     assert mem.activations == 4e9 and mem.total == 4e9
-    kept = training_memory(
-        0, 1e9, microbatches_in_flight=4, recompute=True, recompute_fraction=0.25
-    )
-    assert kept.activations == 1e9
-    assert training_memory(0, 34e9, recompute=True).activations == pytest.approx(2e9)
 
 
 def test_bad_memory_inputs():
@@ -144,5 +139,3 @@ def test_bad_memory_inputs():
         training_memory(1e9, 0, zero_stage=4)
     with pytest.raises(AutoparError, match="dp=0"):
         training_memory(1e9, 0, dp=0)
-    with pytest.raises(AutoparError, match="recompute_fraction=0"):
-        training_memory(1e9, 0, recompute=True, recompute_fraction=0)

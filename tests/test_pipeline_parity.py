@@ -106,8 +106,9 @@ def forward_batch() -> torch.Tensor:
     return batches()[0][:FORWARD_ROWS]
 
 
-def parity_case(rank: int, model_name: str, layout: tuple, schedule: str | None, microbatches: int):
-    """Train `STEPS` steps with `parallelize`; what rank 0 (all: losses, logits) saw."""
+def parity_case(rank: int, model_name, layout, schedule, microbatches, options=None) -> dict:
+    """Train `STEPS` steps with `parallelize` (pinned `options` too: ZeRO, recomputation);
+    what rank 0 (all: losses, logits) saw."""
     import time
 
     import autopar
@@ -118,7 +119,7 @@ def parity_case(rank: int, model_name: str, layout: tuple, schedule: str | None,
     model, (example,) = MODELS[model_name](batch=GLOBAL_BATCH // dp // microbatches)
     pm = autopar.parallelize(
         model, free_comm_mesh(), (example,), dp=dp, tp=tp, pp=pp, microbatches=microbatches,
-        schedule=schedule, global_batch_size=GLOBAL_BATCH,
+        schedule=schedule, global_batch_size=GLOBAL_BATCH, **(options or {}),
     )  # fmt: skip
     optimizer = adamw(pm.parameters())
     losses, grads = [], {}
@@ -135,6 +136,7 @@ def parity_case(rank: int, model_name: str, layout: tuple, schedule: str | None,
         "losses": losses,
         "logits": None if logits is None else logits.numpy(),
         "plan": (plan.dp, plan.tp, plan.pp, plan.num_microbatches, plan.schedule),
+        "memory": {"zero": plan.zero, "recompute": plan.recompute},
         "stages": len(pm.part.stage_modules) if pp > 1 else 1,
         "seconds": time.perf_counter() - start,
     }
@@ -189,11 +191,18 @@ LAYOUTS = {
     },
 }  # fmt: skip
 
+# ZeRO and activation recomputation, pinned, in 3D and in pure data parallelism
+MEMORY_CASES = [
+    ("gpt2", (2, 2, 2), "1f1b", 2, {"zero": 1, "recompute": "full"}),
+    ("llama", (2, 2, 2), "interleaved1f1b", 2, {"zero": 2, "recompute": "selective"}),
+    ("gpt2", (8, 1, 1), None, 1, {"zero": 2, "recompute": "selective"}),
+    ("llama", (8, 1, 1), None, 1, {"zero": 1, "recompute": "full"}),
+]
 CASES = [
-    (name, layout, schedule, microbatches)
+    (name, layout, schedule, microbatches, {})
     for name, layouts in LAYOUTS.items()
     for layout, (schedule, microbatches) in layouts.items()
-]
+] + MEMORY_CASES
 
 
 def _collectives(code: str) -> set[str]:
@@ -206,9 +215,11 @@ def _collectives(code: str) -> set[str]:
 
 
 def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> list[str]:
-    name, layout, schedule, microbatches = case
-    where = f"rank {rank}, {name} (dp, tp, pp) = {layout}, {schedule or 'no schedule'}"
+    name, layout, schedule, microbatches, options = case
+    where = f"rank {rank}, {name} (dp, tp, pp) = {layout}, {schedule or 'no schedule'} {options}"
     failures = []
+    if {k: result["memory"][k] for k in options} != options:
+        failures.append(f"{where}: planned {result['memory']}")
     if result["plan"][:4] != (*layout, microbatches):
         failures.append(f"{where}: plan {result['plan']}")
     if schedule is not None and result["plan"][4] != schedule:
@@ -221,6 +232,8 @@ def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> lis
         failures.append(f"{where}: {worst} off by {errors[worst]:.2e}")
     if rank == 0 and layout[1] > 1 and not _collectives(result["code"]):
         failures.append(f"{where}: the solver was expected to shard")
+    if rank == 0 and layout[1] == 1 and _collectives(result["code"]):
+        failures.append(f"{where}: tp=1 code runs tensor-parallel reshards")
     if rank == 0 and layout[2] > 1 and "receives" not in result["code"]:
         failures.append(f"{where}: no stage header in pm.code")
     return failures

@@ -52,9 +52,7 @@ def test_large_vocabulary_head_moves_the_split():
     strategies = graph_strategies(traced, 2)
     result = solve_intra_op(traced, strategies, mesh, 2, dtype_bytes=2)
     pricing = price_sharding(traced, result.strategies, mesh, 2, training=True, dtype_bytes=2)
-    units = build_units(
-        traced, pricing, unit_of_nodes(traced), scale=1.0, dtype_bytes=2, state_bytes_per_param=16
-    )
+    units = build_units(traced, pricing, unit_of_nodes(traced), scale=1.0, state_bytes_per_param=16)
     p2p, alive = (lambda b: 0.0), in_flight("1f1b", 4, 8, 1)
     chosen = best_split(units, 4, p2p, alive, float("inf"))
     equal = equal_layer_split(units, 4, p2p, alive)

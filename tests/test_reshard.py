@@ -28,8 +28,10 @@ from autopar.placement import Partial, Replicate, Shard
 from autopar.reshard import gradient_placement, reshard
 
 SHAPE = (6, 4, 12)  # dims divide by 2 ranks x 3 groups
+PADDED = (5, 4, 7)  # dims 0 and 2 do not divide by 2 ranks: their shards pad
 R, P = Replicate(), Partial()
 PLACEMENTS = [R, P, Shard(0), Shard(2), Shard(2, 3)]
+UNGROUPED = [R, P, Shard(0), Shard(2)]
 
 
 def _kind(placement) -> str:
@@ -59,8 +61,8 @@ def _gradients_of(dst) -> list:
     return {"R": [R, P], "P": [R], "S": [dst]}[_kind(dst)]
 
 
-def _triples():
-    for src, dst in itertools.product(PLACEMENTS, PLACEMENTS):
+def _triples(placements=PLACEMENTS):
+    for src, dst in itertools.product(placements, placements):
         for grad in _gradients_of(dst):
             yield src, dst, grad
 
@@ -101,12 +103,12 @@ def test_every_entry_matches_the_hand_table_and_its_price():
     assert checked == 26  # 30 triples; only a Partial value can be seen as Partial
 
 
-def _graph_for(src, dst, grad) -> fx.GraphModule:
-    """What codegen emits for one edge: placeholder -> reshard -> output."""
+def _graph_for(src, dst, grad, shape=SHAPE) -> fx.GraphModule:
+    """What codegen emits for one edge at 2 ranks: placeholder -> reshard -> output."""
     graph = fx.Graph()
     x = graph.placeholder("x")
-    x.meta["val"] = torch.empty(SHAPE, device="meta")
-    graph.output(reshard_node(graph, x, "tp", src, dst, grad))
+    x.meta["val"] = torch.empty(shape, device="meta")
+    graph.output(reshard_node(graph, x, "tp", src, dst, grad, 2))
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
@@ -121,6 +123,8 @@ def test_codegen_emits_one_call_per_entry_and_refuses_what_the_table_refuses():
             assert "redistribute" not in code
         else:
             assert f"redistribute(x, 'tp', '{src}', '{dst}', '{grad}')" in code, code
+    padded = _graph_for(Shard(0), R, R, PADDED).code  # the gather drops the padding
+    assert "redistribute(x, 'tp', 'S(0)', 'R', 'R', [5, 4, 7])" in padded
 
 
 def _summands(full: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
@@ -135,14 +139,12 @@ def _local(full: torch.Tensor, placement, rank: int, n: int, seed: int) -> torch
     return shard_tensor(full, placement, rank, n)
 
 
-def _run_entry(rank: int, n: int, src, dst, grad) -> None:
+def _run_entry(rank: int, n: int, src, dst, grad, shape=SHAPE) -> None:
     generator = torch.Generator().manual_seed(1)
-    full, full_grad = (
-        torch.randn(SHAPE, generator=generator),
-        torch.randn(SHAPE, generator=generator),
-    )
+    full = torch.randn(shape, generator=generator)
+    full_grad = torch.randn(shape, generator=generator)
     x = _local(full, src, rank, n, seed=2).requires_grad_(True)
-    out = _graph_for(src, dst, grad)(x)
+    out = _graph_for(src, dst, grad, shape)(x)
     torch.testing.assert_close(out, _local(full, dst, rank, n, seed=2), msg=f"{src}->{dst}")
     out.backward(_local(full_grad, grad, rank, n, seed=3))
     expected_grad = _local(full_grad, gradient_placement(src), rank, n, seed=3)
@@ -154,6 +156,9 @@ def reshard_worker(rank: int, world_size: int) -> list[str]:
     for triple in _triples():
         if reshard(*triple) is not None:
             _run_entry(rank, world_size, *triple)
+    for triple in _triples(UNGROUPED):  # padded shards: zeros in, padding dropped out
+        if reshard(*triple) is not None:
+            _run_entry(rank, world_size, *triple, shape=PADDED)
     # the same again through the fallbacks a backend without native ops would take
     collectives._UNSUPPORTED.update({("gloo", "reduce_scatter"), ("gloo", "all_to_all")})
     for triple in _triples():

@@ -33,22 +33,24 @@ def shard_tensor(
     return take_chunk(full.detach(), placement.dim, placement.groups, rank, num_shards).clone()
 
 
-def unshard(shards: list[torch.Tensor], placement: Placement) -> torch.Tensor:
-    """Rebuild the full tensor from every rank's shard, in rank order."""
+def unshard(shards: list[torch.Tensor], placement: Placement, shape=None) -> torch.Tensor:
+    """Rebuild the full tensor of global `shape` from every rank's shard, in rank order
+    (`shape` drops the padding of a dim that does not divide; None: there is none)."""
     _check_storable(placement)
     if isinstance(placement, Replicate) or len(shards) == 1:
         return shards[0].clone()
-    return join_chunks(shards, placement.dim, placement.groups)
+    size = None if shape is None else shape[placement.dim % len(shape)]
+    return join_chunks(shards, placement.dim, placement.groups, size)
 
 
 def gather_full(
-    local: torch.Tensor, placement: Placement, group: dist.ProcessGroup | None = None
+    local: torch.Tensor, placement: Placement, group: dist.ProcessGroup | None = None, shape=None
 ) -> torch.Tensor:
-    """All-gather `local` over `group` and rebuild the full tensor (no autograd)."""
+    """All-gather `local` over `group` and rebuild the full tensor of global `shape`."""
     _check_storable(placement)
     if not isinstance(placement, Shard) or not dist.is_initialized():
         return local.detach().clone()
     local = local.detach().contiguous()
     shards = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, local, group=group)
-    return unshard(shards, placement)
+    return unshard(shards, placement, shape)

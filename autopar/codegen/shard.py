@@ -10,7 +10,8 @@ node (the traced graph is never mutated) and
    the placement of the gradient the consumer hands back (a replicated input of a
    node doing its rank's part of the work gets a partial one: Megatron's f). One
    call per (producer, placement seen, gradient), shared by all its consumers;
-2. rewrites sizes baked into view / expand / split / ... (codegen/sizes.py);
+2. rewrites sizes baked into view / expand / split / ... (codegen/sizes.py), and
+   lowers the vocabulary-parallel embedding and cross-entropy (codegen/lowering.py);
 3. makes every returned value Replicate, so each rank gets the whole output.
 
 Ops without tensor inputs (arange, zeros, full, ...) are computed whole and then
@@ -31,9 +32,18 @@ import torch.fx as fx
 
 from autopar import ops
 from autopar.capture import TracedModel
+from autopar.codegen.lowering import LOWERED, lower
 from autopar.codegen.sizes import localize_sizes
 from autopar.errors import PlanError
-from autopar.placement import NodePlacement, Placement, PlacementOrTuple, Replicate, Shard
+from autopar.placement import (
+    NodePlacement,
+    Placement,
+    PlacementOrTuple,
+    Replicate,
+    Shard,
+    is_padded,
+    local_shape,
+)
 from autopar.reshard import defers_to_step, input_gradient, reshard
 
 
@@ -62,8 +72,12 @@ def shard_graph(
 def _register_readable_names() -> None:
     """Let fx print `redistribute(x, 'tp', ...)` rather than `autopar_ops_..._redistribute`."""
     register = getattr(fx.graph, "_register_custom_builtin", None)
-    if register is not None:
-        register("redistribute", "from autopar.ops import redistribute", ops.redistribute)
+    if register is None:
+        return
+    register("redistribute", "from autopar.ops import redistribute", ops.redistribute)
+    register("recomputed", "from autopar.ops import recomputed", ops.recomputed)
+    for fn in LOWERED:
+        register(fn.__name__, f"from autopar.ops.vocab import {fn.__name__}", fn)
 
 
 _register_readable_names()
@@ -80,10 +94,11 @@ def _normalize(placement: Placement, val, where: str, num_shards: int) -> Placem
     if not -val.dim() <= placement.dim < val.dim():
         raise PlanError(f"{where}: {placement} on a {val.dim()}-d tensor")
     dim = placement.dim % val.dim()
-    if val.shape[dim] % (placement.groups * num_shards) != 0:
+    if placement.groups > 1 and val.shape[dim] % (placement.groups * num_shards) != 0:
         raise PlanError(
             f"{where}: {placement} needs dimension {dim} of shape {tuple(val.shape)} to "
-            f"divide by groups x tp = {placement.groups} x {num_shards}; pad it or replicate"
+            f"divide by groups x tp = {placement.groups} x {num_shards} (only an ungrouped "
+            "shard pads); replicate it or plan again"
         )
     return Shard(dim, placement.groups)
 
@@ -113,11 +128,7 @@ def _local_shape(val, placement: PlacementOrTuple, num_shards: int):
         return tuple(_local_shape(v, p, num_shards) for v, p in zip(val, placement, strict=True))
     if not _is_tensor(val) or isinstance(placement, tuple):
         return None
-    if not isinstance(placement, Shard):
-        return tuple(val.shape)
-    shape = list(val.shape)
-    shape[placement.dim] //= num_shards
-    return tuple(shape)
+    return local_shape(tuple(val.shape), placement, num_shards)
 
 
 class _GraphSharder:
@@ -201,6 +212,7 @@ class _GraphSharder:
         }
         new = self._copy(node, entry.output, args)
         localize_sizes(new, entry.output, entry.inputs, self.num_shards)
+        lower(new, entry, self.axis, node)
 
     def _output(self, node: fx.Node) -> None:
         # every rank returns the whole output, and the loss on it hands back a whole gradient
@@ -219,7 +231,9 @@ class _GraphSharder:
             self.partial_grads.append(node.name)
             self.converted[key] = self.env[node]
         if key not in self.converted:
-            new = reshard_node(self.graph, self.env[node], self.axis, have, want, grad)
+            new = reshard_node(
+                self.graph, self.env[node], self.axis, have, want, grad, self.num_shards
+            )
             if new is not self.env[node]:
                 self._annotate(new, want)
             self.converted[key] = new
@@ -232,10 +246,11 @@ class _GraphSharder:
         )
 
 
-def reshard_node(graph: fx.Graph, value: fx.Node, axis: str, have, want, grad) -> fx.Node:
+def reshard_node(graph, value: fx.Node, axis: str, have, want, grad, num_shards=None) -> fx.Node:
     """A `redistribute` call turning `value` from `have` into `want` on `axis`, its gradient
     coming back as `grad` (None: no gradient), appended to `graph`; `value` itself when the
-    table's entry is empty. PlanError when the table has no entry."""
+    table's entry is empty. PlanError when the table has no entry. The call carries the
+    global shape where one of the shards pads (a dim that does not divide `num_shards`)."""
     entry = reshard(have, want, grad)
     if entry is None:
         raise PlanError(
@@ -247,6 +262,9 @@ def reshard_node(graph: fx.Graph, value: fx.Node, axis: str, have, want, grad) -
     kinds = [step.kind for step in entry.forward] or ["to_parallel"]
     grad_text = None if grad is None else str(grad)
     args = (value, axis, str(have), str(want), grad_text)
+    shape = tuple(value.meta["val"].shape) if _is_tensor(value.meta.get("val")) else None
+    if shape and num_shards and any(is_padded(shape, p, num_shards) for p in (have, want, grad)):
+        args += (list(shape),)
     name = f"{value.name}_{'_'.join(kinds)}"
     new = graph.create_node("call_function", ops.redistribute, args, name=name)
     new.meta["val"] = value.meta.get("val")

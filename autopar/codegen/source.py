@@ -10,6 +10,8 @@ import re
 
 import torch.fx as fx
 
+from autopar.codegen.recompute import recomputed_modules
+
 _ASSIGNMENT = re.compile(r"^    (\w+) = ")
 _RELEASES = re.compile(r";  [\w =]+ = None$")  # fx frees dead values early; noise for readers
 
@@ -47,4 +49,7 @@ def annotated_code(graph_module: fx.GraphModule, header: str = "") -> str:
         line = _RELEASES.sub("", line).rstrip()
         lines.append(f"{line}  # {comment}" if comment else line)
     prefix = "".join(f"# {text}\n" for text in header.splitlines())
-    return prefix + "\n".join(lines).strip("\n") + "\n"
+    body = prefix + "\n".join(lines).strip("\n") + "\n"
+    for name, module in recomputed_modules(graph_module):
+        body += f"\n# {name}: recomputed in backward (ops.recomputed)\n{annotated_code(module)}"
+    return body

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
-from autopar.cost.memory import saved_for_backward, tensor_bytes
+from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
 from autopar.placement import Replicate, Shard
 from autopar.reshard import Reshard, defers_to_step, reshard
 from autopar.strategies import Strategy
@@ -40,7 +40,11 @@ class NodePrice:
     """One node's share of a training step on one rank, under one strategy."""
 
     compute_s: float = 0.0  # forward + backward
+    forward_s: float = 0.0  # the forward alone: what recomputing the node costs
+    comm_s: float = 0.0  # collectives the op's own sharded form runs (Strategy.collectives)
     activation_bytes: float = 0.0  # kept for backward, this rank
+    output_bytes: float = 0.0  # the output's size on this rank (what a stage sends)
+    attention_core: bool = False  # what selective recomputation recomputes
     param_numel: float = 0.0  # this rank's elements of a parameter placeholder
     param_bytes: float = 0.0  # the same at the training dtype
     optimizer_s: float = 0.0
@@ -86,11 +90,17 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
     fraction = local_fraction(strategy.output, tp)
     if node.op == "call_function":
         share = tp if strategy.splits_work else 1
-        compute = node_seconds(
-            node, info, share, mesh.device, training=training, dtype_bytes=dtype_bytes
+        compute, forward = (
+            node_seconds(node, info, share, mesh.device, training=t, dtype_bytes=dtype_bytes)
+            for t in (training, False)
         )
         kept = saved_for_backward(node, info, training, dtype_bytes) * fraction
-        return NodePrice(compute_s=compute, activation_bytes=kept)
+        comm = sum(mesh.tp_collective_time(k, n, tp) for k, n in strategy.collectives)
+        return NodePrice(
+            compute_s=compute, forward_s=forward, comm_s=comm, activation_bytes=kept,
+            output_bytes=tensor_bytes(node, dtype_bytes) * fraction,
+            attention_core=node.target in ATTENTION_CORE,
+        )  # fmt: skip
     if node.name in traced.param_fqns and node.users:  # an unused twin: its tie pays
         numel = node.meta["val"].numel() * fraction
         optimizer = optimizer_seconds(numel, mesh.device) if training else 0.0
@@ -129,6 +139,15 @@ def reshard_collectives(entry: Reshard, nbytes, producer, consumer, mesh, tp, tr
     ]  # fmt: skip
 
 
+def _op_collectives(node, strategy, mesh, tp, traced) -> list[Collective]:
+    layer = traced.analysis.nodes[node.name].layer
+    return [
+        Collective(kind, "forward", node.name, node.name, nbytes,
+                   mesh.tp_collective_time(kind, nbytes, tp), layer)
+        for kind, nbytes in strategy.collectives
+    ]  # fmt: skip
+
+
 def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
     """The collectives the graph runs, and the parameter gradients summed once per step."""
     found, shared, deferred = [], set(), {}
@@ -136,6 +155,8 @@ def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
         if consumer.op not in ("call_function", "output"):
             continue
         seen = consumer_strategy(consumer, chosen)
+        if consumer.op == "call_function":
+            found += _op_collectives(consumer, seen, mesh, tp, traced)
         for slot, producer in enumerate(consumer.all_input_nodes):
             made = chosen[producer.name].output
             edge = edge_reshard(traced, producer, made, seen, slot, training)

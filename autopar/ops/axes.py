@@ -65,6 +65,11 @@ def bound_axes(groups: dict[str, Axis | dist.ProcessGroup | None]) -> Iterator[N
                 _AXES[axis] = old
 
 
+def current_axes() -> dict[str, Axis]:
+    """The axes bound now (a recomputed region binds them again in backward)."""
+    return dict(_AXES)
+
+
 def get_axis(axis: str) -> Axis:
     try:
         return _AXES[axis]

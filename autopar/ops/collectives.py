@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 
 from autopar.ops.axes import Axis, get_axis
-from autopar.ops.layout import dim_order, join_chunks, take_chunk, with_dim_order
+from autopar.ops.layout import (
+    dim_order,
+    join_chunks,
+    pad_to,
+    padded,
+    take_chunk,
+    with_dim_order,
+)
 from autopar.reshard import Step, reshard_from_text
 
 __all__ = ["redistribute", "run_steps"]
@@ -61,13 +68,13 @@ def _in_layout_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return with_dim_order(out, dim_order(x))
 
 
-def _gather(x: torch.Tensor, dim: int, groups: int, axis: Axis) -> torch.Tensor:
+def _gather(x: torch.Tensor, dim: int, groups: int, axis: Axis, size=None) -> torch.Tensor:
     if axis.size == 1:
         return x
     local = x.contiguous()
     gathered = local.new_empty(axis.size * local.numel())
     _ALL_GATHER_SINGLE(gathered, local.view(-1), group=axis.group)
-    return join_chunks(gathered.view(axis.size, *local.shape).unbind(0), dim, groups)
+    return join_chunks(gathered.view(axis.size, *local.shape).unbind(0), dim, groups, size)
 
 
 def _reduce(x: torch.Tensor, axis: Axis) -> torch.Tensor:
@@ -85,6 +92,8 @@ def _chunk(x: torch.Tensor, dim: int, groups: int, axis: Axis) -> torch.Tensor:
 def _reduce_scatter(x: torch.Tensor, dim: int, groups: int, axis: Axis) -> torch.Tensor:
     if axis.size == 1:
         return x
+    if groups == 1:
+        x = pad_to(x, dim % x.dim(), padded(x.shape[dim], axis.size))
 
     def native() -> torch.Tensor:
         chunks = [take_chunk(x, dim, groups, r, axis.size) for r in range(axis.size)]
@@ -98,9 +107,12 @@ def _reduce_scatter(x: torch.Tensor, dim: int, groups: int, axis: Axis) -> torch
     )
 
 
-def _all_to_all(x: torch.Tensor, gather_dim: int, scatter_dim: int, axis: Axis) -> torch.Tensor:
+def _all_to_all(x, gather_dim: int, scatter_dim: int, axis: Axis, shape=None) -> torch.Tensor:
     if axis.size == 1:
         return x
+    if shape is not None:  # padded: the two dims' shards have other lengths
+        full = _gather(x, gather_dim, 1, axis, shape[gather_dim])
+        return _chunk(full, scatter_dim, 1, axis)
 
     def native() -> torch.Tensor:
         inputs = [c.contiguous() for c in x.chunk(axis.size, scatter_dim)]
@@ -117,44 +129,46 @@ def _all_to_all(x: torch.Tensor, gather_dim: int, scatter_dim: int, axis: Axis) 
 # --- one table entry, forward and backward ----------------------------------------------
 
 
-def _run_step(x: torch.Tensor, step: Step, axis: Axis) -> torch.Tensor:
+def _run_step(x: torch.Tensor, step: Step, axis: Axis, shape) -> torch.Tensor:
     if step.kind == "chunk":
         return _chunk(x, step.dim, step.groups, axis)
     if step.kind == "all_gather":
-        return _gather(x, step.dim, step.groups, axis)
+        return _gather(x, step.dim, step.groups, axis, None if shape is None else shape[step.dim])
     if step.kind == "all_reduce":
         return _reduce(x, axis)
     if step.kind == "reduce_scatter":
         return _reduce_scatter(x, step.dim, step.groups, axis)
     if step.kind == "all_to_all":
-        return _all_to_all(x, step.dim, step.to_dim, axis)
+        return _all_to_all(x, step.dim, step.to_dim, axis, shape)
     raise AssertionError(f"unknown reshard step {step}")
 
 
-def run_steps(x: torch.Tensor, steps: tuple[Step, ...], axis: Axis) -> torch.Tensor:
-    """Apply `steps` in order (no autograd); `x` itself when there are none."""
+def run_steps(x: torch.Tensor, steps: tuple[Step, ...], axis: Axis, shape=None) -> torch.Tensor:
+    """Apply `steps` in order (no autograd); `x` itself when there are none. `shape` is
+    the global shape when a sharded dim is padded (it does not divide), else None."""
     for step in steps:
-        x = _run_step(x, step, axis)
+        x = _run_step(x, step, axis, shape)
     return x
 
 
 class _Redistribute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, entry, axis):
-        ctx.entry, ctx.axis = entry, axis
-        out = run_steps(x, entry.forward, axis)
+    def forward(ctx, x, entry, axis, shape):
+        ctx.entry, ctx.axis, ctx.shape = entry, axis, shape
+        out = run_steps(x, entry.forward, axis, shape)
         return x.view_as(x) if out is x else _in_layout_of(out, x)
 
     @staticmethod
     def backward(ctx, grad):
-        return run_steps(grad, ctx.entry.backward, ctx.axis), None, None
+        return run_steps(grad, ctx.entry.backward, ctx.axis, ctx.shape), None, None, None
 
 
-def redistribute(x: torch.Tensor, axis: str, src: str, dst: str, grad: str | None) -> torch.Tensor:
+def redistribute(x, axis: str, src: str, dst: str, grad: str | None, shape=None) -> torch.Tensor:
     """`x`, laid out as `src` on mesh axis `axis`, laid out as `dst`; its gradient arrives
-    laid out as `grad` and leaves laid out as `src`'s gradient (autopar.reshard)."""
+    laid out as `grad` and leaves laid out as `src`'s gradient (autopar.reshard). `shape`,
+    the global shape, is given where a sharded dim is padded."""
     entry = reshard_from_text(src, dst, grad)
     bound = get_axis(axis)
     if entry.is_identity or bound.size == 1:
         return x
-    return _Redistribute.apply(x, entry, bound)
+    return _Redistribute.apply(x, entry, bound, None if shape is None else tuple(shape))

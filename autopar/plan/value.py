@@ -71,6 +71,7 @@ class Stage:
     time_s: float  # predicted forward+backward time of one microbatch
     memory_bytes: float
     pp_rank: int = 0  # the pipeline rank running it (stages wrap around under interleaving)
+    recompute: str = "none"  # "none", "selective" (the attention core) or "full" (each block)
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Plan:
     tied_params: dict[str, str] = field(default_factory=dict)  # unused twin -> placeholder used
     unit_times_s: dict[str, float] = field(default_factory=dict)  # per microbatch, fwd + bwd
     sequence_parallel: bool = False  # normalizations split on the sequence dim over tp
+    recompute: str = "none"  # the stages' recomputation, "mixed" when they differ
+    zero: int = 0  # ZeRO stage over dp: 1 optimizer states sharded, 2 gradients too
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -19,7 +19,14 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
-from autopar.codegen import NodePlacement, annotated_code, gather_full, shard_graph, shard_tensor
+from autopar.codegen import (
+    NodePlacement,
+    annotated_code,
+    gather_full,
+    shard_graph,
+    shard_tensor,
+)
+from autopar.codegen import recompute as recompute_regions
 from autopar.errors import AutoparError
 from autopar.ops import Axis, bound_axes
 from autopar.placement import Replicate
@@ -41,7 +48,8 @@ class ParallelModule(nn.Module):
     `NodePlacement`s (missing nodes are replicated); `tp_group` is the process
     group of the tp axis (None: the default group, or a single rank when
     torch.distributed is not initialized); `tp_size` and `tp_rank` default to that
-    group's and are checked against it. `model` supplies the values (it may live
+    group's and are checked against it. `recompute` ("none", "selective", "full") says
+    which regions run again in backward instead of keeping their activations. `model` supplies the values (it may live
     on the meta device; then call `load_full_state_dict`).
     """
 
@@ -56,12 +64,15 @@ class ParallelModule(nn.Module):
         tp_group: dist.ProcessGroup | None = None,
         axis: str = "tp",
         device: torch.device | str | None = None,
+        recompute: str = "none",
     ):
         super().__init__()
         tp_size, tp_rank = _size_and_rank(tp_size, tp_rank, tp_group)
         self.tp_size, self.tp_rank, self.tp_group, self.axis = tp_size, tp_rank, tp_group, axis
         self._axis = Axis(axis, tp_group, tp_size, tp_rank)
-        self.graph_module = shard_graph(traced, placements, tp_size, axis=axis)
+        self.graph_module = recompute_regions(
+            shard_graph(traced, placements, tp_size, axis=axis), recompute
+        )
         self.shards = nn.Module()
         slots = build_slots(traced, self.graph_module, model, self.shards, tp_rank, tp_size, device)
         self._state_slots = state_slots(model, slots)
@@ -78,7 +89,8 @@ class ParallelModule(nn.Module):
         """This rank's generated Python source, annotated with placements and local shapes."""
         header = (
             f"rank {self.tp_rank} of {self.tp_size} on mesh axis {self.axis!r}\n"
-            "from autopar.ops import redistribute"
+            "from autopar.ops import redistribute; from autopar.ops.vocab import "
+            "vocab_parallel_cross_entropy, vocab_parallel_embedding"
         )
         return annotated_code(self.graph_module, header)
 
@@ -136,7 +148,7 @@ class ParallelModule(nn.Module):
 
     def _gather(self, local: torch.Tensor, slot: Slot) -> torch.Tensor:
         placement = slot.placement if self.tp_size > 1 else Replicate()
-        return gather_full(local, placement, self.tp_group)
+        return gather_full(local, placement, self.tp_group, slot.shape)
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a single-device state dict, keeping this rank's shards."""

@@ -7,7 +7,9 @@ What runs where, for rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank:
 - pp > 1: a `PipelineModule` with this pp rank's stages, driven by the plan's
   torch.distributed.pipelining schedule over the pp group.
 - dp: each replica takes its contiguous 1/dp of the global batch; after backward
-  the gradients are averaged over the dp group (one all-reduce per dtype).
+  the gradients are averaged over the dp group (one all-reduce per dtype), or, under
+  ZeRO 1 and 2, reduce-scattered into this rank's slices (runtime/zero.py), which are
+  then the parameters an optimizer steps.
 
 `train_step` leaves in `.grad` the gradient of the mean of `loss_fn` over the
 microbatches and replicas (equal to the unsplit model's when `loss_fn` is a mean
@@ -30,6 +32,7 @@ from autopar.errors import AutoparError
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
 from autopar.runtime.module import ParallelModule, flatten_inputs
 from autopar.runtime.pipeline import PipelineModule
+from autopar.runtime.zero import DataParallelShards
 
 
 class DistributedModule(nn.Module):
@@ -48,11 +51,28 @@ class DistributedModule(nn.Module):
         if plan.pp == 1:
             self.part = ParallelModule(
                 traced, plan.node_placements(), model, tp_group=groups.tp_group,
-                device=groups.device,
+                device=groups.device, recompute=plan.stages[0].recompute,
             )  # fmt: skip
         else:
             self.part = PipelineModule(traced, plan, model, groups)
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
+        self.traced_loss = traced.traced_loss
+        self.shards = None  # ZeRO: this dp rank's slices, what the optimizer steps
+        if plan.zero >= 1 and plan.dp > 1:
+            self.shards = DataParallelShards(
+                list(self.part.parameters()), groups.dp_group, groups.dp_rank, plan.dp
+            )
+
+    def parameters(self, recurse: bool = True):
+        """What an optimizer steps: this rank's shards (under ZeRO, its dp slices of them)."""
+        if self.shards is not None:
+            return iter(self.shards.shards)
+        return super().parameters(recurse)
+
+    def _fresh(self) -> None:
+        """Under ZeRO, the parameters the graph reads take the optimizer's last step."""
+        if self.shards is not None:
+            self._guarded("ZeRO all-gather", self.shards.gather_params)
 
     @property
     def code(self) -> str:
@@ -68,6 +88,7 @@ class DistributedModule(nn.Module):
         differentiable (every rank computes it); with pp > 1 it is not (train with
         `train_step`).
         """
+        self._fresh()
         device = self.groups.device
         flat = [_to(x, device) for x in flatten_inputs(self._in_spec, args, kwargs)]
         chunks = _split_rows(flat, self.microbatch_size, self.microbatch_size)
@@ -79,14 +100,20 @@ class DistributedModule(nn.Module):
 
     # --- training ------------------------------------------------------------------------
 
-    def train_step(self, inputs, target: torch.Tensor, loss_fn: Callable) -> float:
+    def train_step(self, inputs, target: torch.Tensor, loss_fn: Callable | None = None) -> float:
         """Forward and backward on the global batch; the mean loss (equal on every rank).
 
         `inputs` (a tuple, or one tensor) and `target` are the global batch, the same
         on every rank; `loss_fn(output, target)` gets the model's output structure for
-        one microbatch. Gradients are set afresh (previous `.grad` values are dropped).
+        one microbatch, unless the loss was traced with the model (`loss_fn=` at plan
+        time): then the graph computes it. Gradients are set afresh (previous `.grad`
+        values are dropped).
         """
         inputs = inputs if isinstance(inputs, tuple | list) else (inputs,)
+        loss_fn = self._loss_fn(loss_fn)
+        self._fresh()
+        if self.traced_loss:
+            inputs = (*inputs, target)  # the graph reads the target as its last input
         flat = flatten_inputs(self._in_spec, tuple(inputs), {})
         flat, target = self._replica_batch(flat, target)
         self.zero_grad(set_to_none=True)
@@ -94,6 +121,21 @@ class DistributedModule(nn.Module):
         self._guarded("train_step", self.part.sum_partial_grads)
         self._guarded("train_step", self._average_grads)
         return self._guarded("train_step", self._mean_loss, local)
+
+    def _loss_fn(self, loss_fn: Callable | None) -> Callable:
+        if self.traced_loss and loss_fn is not None:
+            raise AutoparError(
+                "the loss was traced with the model (loss_fn= at plan time): call "
+                "train_step(inputs, target) without a loss_fn"
+            )
+        if self.traced_loss:
+            return _traced
+        if loss_fn is None:
+            raise AutoparError(
+                "train_step needs loss_fn(output, target), or trace the loss with the model: "
+                "autopar.parallelize(..., loss_fn=fn, example_target=y)"
+            )
+        return loss_fn
 
     def _replica_batch(self, flat: list, target: torch.Tensor) -> tuple[list, torch.Tensor]:
         """This dp replica's contiguous 1/dp of every batched input and of the target."""
@@ -136,6 +178,9 @@ class DistributedModule(nn.Module):
     def _average_grads(self) -> None:
         if self.plan.dp == 1:
             return
+        if self.shards is not None:
+            self.shards.scatter_grads()
+            return
         params = [p for p in self.parameters() if p.grad is not None]
         summed = all_reduce_coalesced([p.grad for p in params], self.groups.dp_group)
         for param, grad in zip(params, summed, strict=True):
@@ -166,15 +211,31 @@ class DistributedModule(nn.Module):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model's `state_dict()` (same keys, full values) on every rank."""
+        self._fresh()
         return self.part.full_state_dict()
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a single-device state dict; each rank keeps its shards."""
         self.part.load_full_state_dict(state_dict)
+        if self.shards is not None:
+            self.shards.reset_from_params()
 
     def full_grads(self) -> dict[str, torch.Tensor | None]:
         """Full gradients of the parameters on every rank (for tests and debugging)."""
-        return self.part.full_grads()
+        if self.shards is None:
+            return self.part.full_grads()
+        for param, grad in zip(self.shards.params, self.shards.gathered_grads(), strict=True):
+            param.grad = grad
+        try:
+            return self.part.full_grads()
+        finally:
+            for param in self.shards.params:
+                param.grad = None
+
+
+def _traced(output, target):
+    """The loss a traced graph returns is its output."""
+    return output
 
 
 _COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")

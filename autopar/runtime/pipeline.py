@@ -38,7 +38,7 @@ from torch.export.graph_signature import OutputKind
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
-from autopar.codegen import annotated_code, gather_full, shard_graph, shard_tensor
+from autopar.codegen import annotated_code, gather_full, recompute, shard_graph, shard_tensor
 from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
 from autopar.errors import AutoparError
 from autopar.ops import Axis, bound_axes
@@ -162,6 +162,8 @@ class PipelineModule(nn.Module):
         self._rank_of_stage = [stage.pp_rank for stage in plan.stages]
         graph_module = shard_graph(traced, plan.node_placements(), plan.tp)
         stages = split_plan_stages(graph_module, plan, traced)
+        for stage in stages:
+            recompute(stage.graph_module, plan.stages[stage.index].recompute)
         self._held = held_tensors(traced, graph_module, model, stages, self._rank_of_stage)
         mine = {key for key, held in self._held.items() if groups.pp_rank in held.holders}
         self.shards = nn.Module()
@@ -321,7 +323,7 @@ class PipelineModule(nn.Module):
         """The full tensor on every rank: gathered over tp by the holders, sent from the first."""
         if local is not None:
             placement = held.placement if self.tp_size > 1 else Replicate()
-            value = gather_full(local, placement, self.groups.tp_group).contiguous()
+            value = gather_full(local, placement, self.groups.tp_group, held.shape).contiguous()
         else:
             value = torch.empty(held.shape, dtype=held.dtype, device=self.groups.device)
         dist.broadcast(value, group=self.groups.pp_group, group_src=held.holders[0])

@@ -15,7 +15,7 @@ from autopar.cost.pricing import Collective
 from autopar.placement import DP, TP, NodePlacement, Shard
 from autopar.plan import Cost, Plan, PlanNode, Stage
 from autopar.solver.pipeline import unit_of_nodes
-from autopar.solver.sharding import PARAMETER_SYNC
+from autopar.solver.sharding import PARAMETER_SYNC, ZERO_SYNC
 from autopar.strategies import NORMS, SEQUENCE
 
 
@@ -70,7 +70,7 @@ def _stages(traced, best, unit_of) -> list[Stage]:
         layers = [u - 1 for u in range(i, j) if 1 <= u <= len(traced.analysis.layers)]
         stages.append(
             Stage(k, layers, nodes, split.stage_times[k], split.stage_memory[k],
-                  best.choice.rank_of_stage[k])
+                  best.choice.rank_of_stage[k], split.modes[k])
         )  # fmt: skip
     return stages
 
@@ -78,16 +78,21 @@ def _stages(traced, best, unit_of) -> list[Stage]:
 def _grad_syncs(best) -> list[Collective]:
     """The sums of partial gradients once per step, as the table runs them: over tp for the
     parameters whose f waits for the step, over dp for all (the fullest pipeline rank)."""
+    dp_entry = ZERO_SYNC if best.zero >= 1 else PARAMETER_SYNC
     syncs = (
-        (TP, "parameter gradients read by split work", best.tp_sync_bytes, best.tp_sync_s),
-        (DP, "gradients", best.grad_bytes, best.dp_sync_s),
-    )
-    return [
-        Collective(step.kind, phase, what, "optimizer", int(nbytes), seconds, None, axis)
-        for axis, what, nbytes, seconds in syncs
-        if seconds > 0
-        for phase, step in PARAMETER_SYNC.collectives()
-    ]  # fmt: skip
+        (TP, "parameter gradients read by split work", best.tp_sync_bytes, best.tp_sync_s,
+         PARAMETER_SYNC),
+        (DP, "gradients", best.grad_bytes, best.dp_sync_s, dp_entry),
+    )  # fmt: skip
+    found = []
+    for axis, what, nbytes, seconds, entry in syncs:
+        steps = entry.collectives() if seconds > 0 else []
+        found += [
+            Collective(step.kind, phase, what, "optimizer", int(nbytes), seconds / len(steps),
+                       None, axis)
+            for phase, step in steps
+        ]  # fmt: skip
+    return found
 
 
 def _cost(traced, mesh, sharding, best, training) -> Cost:
@@ -135,4 +140,9 @@ def to_plan(traced, mesh, sharding, best, training) -> Plan:
         layer_of=layer_of, param_fqns=dict(traced.param_fqns),
         tied_params=_unused_twins(traced), unit_times_s=best.unit_times_s,
         sequence_parallel=layout.tp > 1 and uses_sequence_parallelism(traced, sharding),
+        recompute=_recompute(choice.split.modes), zero=best.zero,
     )  # fmt: skip
+
+
+def _recompute(modes: tuple[str, ...]) -> str:
+    return modes[0] if len(set(modes)) == 1 else "mixed"

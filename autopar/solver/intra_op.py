@@ -14,7 +14,7 @@ Variables.  x[k,s] in {0,1}: key k runs strategy s.
                                seen, placement its gradient comes back in); codegen
                                shares it among all consumers that see q.
 
-    minimize   sum_k m_k sum_s x[k,s] (compute[k,s] + optimizer[k,s])        _node_terms
+    minimize   sum_k m_k sum_s x[k,s] (compute[k,s] + own[k,s] + optimizer[k,s])  _weighted
              + sum_k m_k sum_iq r[k,i,q] reshard(output_i -> q)              _edge_terms
              + extra                                                        ShardingProblem.solve
     subject to
@@ -26,7 +26,8 @@ Variables.  x[k,s] in {0,1}: key k runs strategy s.
                         strategy j that sees q (x itself when one end is fixed) ilp.at_least_one
       memory_*:         rows over the per-node memory expressions     ShardingProblem.solve
 
-compute, optimizer and memory come from the cost API (cost/pricing.py `node_price`),
+compute, an op's own collectives (own: the vocabulary-parallel cross-entropy's per-token
+reductions), optimizer and memory come from the cost API (cost/pricing.py `node_price`),
 reshard(output_i -> q) from the reshard table (`edge_reshard`, Megatron's f included),
 all in seconds of one training step on the traced batch. The caller adds the costs that
 depend on the layout (`extra`: the data-parallel gradient sync, priced per parameter
@@ -107,13 +108,26 @@ def _choice(c: _Context, key: str, index: int):
     return 1 if variables is None else variables[index]
 
 
-def _follow_map(c: _Context, node: fx.Node) -> list[int] | None:
+def _producer_keys(c: _Context) -> dict[str, set[str]]:
+    """Key -> the keys of its nodes' (first) producers: one for a node inside a block, two
+    for a block's first node (the prologue feeds block 0, block i - 1 feeds block i)."""
+    found = defaultdict(set)
+    for node in c.traced.graph_module.graph.nodes:
+        if node.op == "call_function" and node.all_input_nodes:
+            found[c.key_of[node.name]].add(c.key_of[node.all_input_nodes[0].name])
+    return found
+
+
+def _follow_map(c: _Context, node: fx.Node, producers: dict) -> list[int] | None:
     """For a one-input node whose strategies match its producer's one to one (views and
-    unary elementwise ops), strategy j -> the producer strategy it follows; else None."""
+    unary elementwise ops), strategy j -> the producer strategy it follows; else None.
+    Every node of its key must read that producer's key, or the fold would skip edges."""
     if node.op != "call_function" or len(node.all_input_nodes) != 1:
         return None
     producer = node.all_input_nodes[0]
     if producer.op != "call_function" or c.x.get(c.key_of[producer.name]) is None:
+        return None
+    if len(producers[c.key_of[node.name]]) != 1:
         return None
     produced = [s.output for s in c.strategies.candidates[producer.name]]
     seen = [s.inputs[0] for s in c.strategies.candidates[node.name]]
@@ -125,12 +139,13 @@ def _follow_map(c: _Context, node: fx.Node) -> list[int] | None:
 def _add_variables(c: _Context, representatives: dict[str, fx.Node]) -> None:
     """One binary per (key, strategy), except that a follower reuses its producer's
     binaries: the fold of view and elementwise chains into their producers."""
+    producers = _producer_keys(c)
     for key, node in representatives.items():
         candidates = c.strategies.candidates[node.name]
         if len(candidates) == 1:
             c.x[key] = None
             continue
-        follows = _follow_map(c, node)
+        follows = _follow_map(c, node, producers)
         if follows is not None:
             producer_vars = c.x[c.key_of[node.all_input_nodes[0].name]]
             c.x[key] = [producer_vars[i] for i in follows]
@@ -263,7 +278,8 @@ class ShardingProblem:
         representatives = _representatives(traced, key_of)
         _add_variables(c, representatives)
         prices = _prices(c, representatives)
-        self.base_s = _weighted(c, prices, lambda p: p.compute_s + p.optimizer_s) + _edge_terms(c)
+        own = _weighted(c, prices, lambda p: p.compute_s + p.comm_s + p.optimizer_s)
+        self.base_s = own + _edge_terms(c)
         self.param_bytes = _weighted(c, prices, lambda p: p.param_bytes)
         self.memory_bytes = _weighted(
             c, prices, lambda p: p.param_numel * state_bytes_per_param + p.activation_bytes

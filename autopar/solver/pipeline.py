@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import pulp
 
-from autopar.cost.memory import tensor_bytes
 from autopar.solver.stages import StageSplit, Unit, best_split, equal_bounds
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
@@ -70,8 +69,8 @@ def _from_state_only(traced) -> set[str]:
     return found
 
 
-def _crossing_bytes(traced, unit_of, num_units, dtype_bytes) -> list[float]:
-    """Bytes produced at or before unit u and read after it, for each cut u | u+1."""
+def _crossing_bytes(traced, unit_of, num_units, pricing) -> list[float]:
+    """This rank's bytes produced at or before unit u and read after it, per cut u | u+1."""
     crossing = [0.0] * num_units
     recomputed = _from_state_only(traced)
     for node in traced.graph_module.graph.nodes:
@@ -79,30 +78,87 @@ def _crossing_bytes(traced, unit_of, num_units, dtype_bytes) -> list[float]:
             continue
         last_reader = max((unit_of.get(u.name, num_units - 1) for u in node.users), default=0)
         for cut in range(unit_of[node.name], min(last_reader, num_units - 1)):
-            crossing[cut] += tensor_bytes(node, dtype_bytes)
+            crossing[cut] += pricing.nodes[node.name].output_bytes
     return crossing
 
 
-def build_units(
-    traced, pricing, unit_of, *, scale, dtype_bytes, state_bytes_per_param
-) -> list[Unit]:
-    num_units = len(traced.analysis.layers) + 2
-    time_s, params, kept = [0.0] * num_units, [0.0] * num_units, [0.0] * num_units
-    for name, price in pricing.nodes.items():
-        u = unit_of.get(name, 0)
-        time_s[u] += scale * price.compute_s
-        kept[u] += scale * price.activation_bytes
-        params[u] += price.param_numel * state_bytes_per_param
-    param_names = set(traced.param_fqns)
-    for c in pricing.collectives:
-        time_s[unit_of.get(c.producer, 0)] += c.seconds * (
-            1 if c.producer in param_names else scale
-        )
-    crossing = _crossing_bytes(traced, unit_of, num_units, dtype_bytes)
-    names = ["prologue", *(f"block {i}" for i in range(num_units - 2)), "epilogue"]
-    return [
-        Unit(names[u], time_s[u], params[u], kept[u], scale * crossing[u]) for u in range(num_units)
-    ]
+_QUANTITIES = (
+    "time", "forward", "core", "kept", "core_kept", "param_numel", "once", "once_forward",
+    "optimizer", "grad_bytes", "partial_bytes",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UnitTotals:
+    """One sharding's costs per pipeline unit for one traced batch, summed once and then
+    scaled for every configuration the search prices (`once`: collectives on parameters,
+    which do not grow with the microbatch; `partial_bytes`: gradients summed over tp
+    once per step)."""
+
+    values: dict[str, list[float]]
+    crossing: list[float]
+
+    @classmethod
+    def of(cls, traced, pricing, unit_of) -> UnitTotals:
+        num_units = len(traced.analysis.layers) + 2
+        values = {key: [0.0] * num_units for key in _QUANTITIES}
+        for name, price in pricing.nodes.items():
+            u = unit_of.get(name, 0)
+            for key, amount in (
+                ("time", price.compute_s), ("forward", price.forward_s),
+                ("kept", price.activation_bytes), ("param_numel", price.param_numel),
+                ("optimizer", price.optimizer_s), ("grad_bytes", price.param_bytes),
+            ):  # fmt: skip
+                values[key][u] += amount
+            if price.attention_core:
+                values["core"][u] += price.forward_s
+                values["core_kept"][u] += price.activation_bytes
+        for name, nbytes in pricing.deferred_grad_bytes.items():
+            values["partial_bytes"][unit_of.get(name, 0)] += nbytes
+        param_names = set(traced.param_fqns)
+        for c in pricing.collectives:
+            u, once = unit_of.get(c.producer, 0), c.producer in param_names
+            values["once" if once else "time"][u] += c.seconds
+            if c.phase == "forward":  # a recomputed forward runs them again
+                values["once_forward" if once else "forward"][u] += c.seconds
+        return cls(values, _crossing_bytes(traced, unit_of, num_units, pricing))
+
+    def _unit(self, u: int, mode: str, scale: float, state_bytes: float) -> Unit:
+        """Unit `u` under recomputation `mode` (the prologue and epilogue never recompute)."""
+        v, crossing = self.values, self.crossing
+        time = scale * v["time"][u] + v["once"][u]
+        kept, transient = scale * v["kept"][u], 0.0
+        block = 0 < u < len(crossing) - 1
+        if mode == "selective" and block:
+            time += scale * v["core"][u]
+            kept -= scale * v["core_kept"][u]
+        elif mode == "full" and block:
+            time += scale * v["forward"][u] + v["once_forward"][u]
+            kept, transient = scale * crossing[u - 1], kept
+        params = v["param_numel"][u] * state_bytes
+        name = "prologue" if u == 0 else "epilogue" if u == len(crossing) - 1 else f"block {u - 1}"
+        return Unit(name, time, params, kept, scale * crossing[u], transient)
+
+    def units(self, scale: float, state_bytes: float, modes=("none",)) -> dict[str, list[Unit]]:
+        """The units under each recomputation mode, for a microbatch `scale` times the
+        traced batch and `state_bytes` per parameter. Only blocks recompute: `selective`
+        runs the attention core's forward again and drops what only it keeps; `full` runs
+        the whole block's forward again (its in-graph collectives too) and keeps only the
+        block's input, plus its activations while its backward runs."""
+        count = len(self.crossing)
+        return {m: [self._unit(u, m, scale, state_bytes) for u in range(count)] for m in modes}
+
+    def per_rank(self, key: str, choice) -> list[float]:
+        """`key` summed over the units of each pipeline rank's stages."""
+        sums = [0.0] * (max(choice.rank_of_stage) + 1)
+        for (i, j), rank in zip(choice.split.bounds, choice.rank_of_stage, strict=True):
+            sums[rank] += sum(self.values[key][i:j])
+        return sums
+
+
+def build_units(traced, pricing, unit_of, *, scale, state_bytes_per_param) -> list[Unit]:
+    """The units of one sharding without recomputation."""
+    return UnitTotals.of(traced, pricing, unit_of).units(scale, state_bytes_per_param)["none"]
 
 
 def in_flight(schedule: str, pp: int, m: int, chunks: int):
@@ -142,10 +198,12 @@ def memory_rows(units_memory, pp, m, schedule, scale, budget) -> tuple[list, boo
 
 
 def evaluate(units, pp, m, schedule, p2p, budget) -> PipelineChoice | None:
-    """Best split of `units` for this schedule, or None if no split fits in memory."""
+    """Best split of `units` (a list, or recomputation mode -> units) for this schedule,
+    each stage in the fastest mode that fits; None if no split fits in memory."""
     chunks = _chunks(schedule)
     num_stages = pp * chunks
-    if not schedulable(len(units), pp, m, schedule):
+    count = len(next(iter(units.values()))) if isinstance(units, dict) else len(units)
+    if not schedulable(count, pp, m, schedule):
         return None
     try:
         split = best_split(units, num_stages, p2p, in_flight(schedule, pp, m, chunks), budget * 1.0)

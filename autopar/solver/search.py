@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from autopar.cost.memory import state_bytes_per_param
+from autopar.cost.memory import RECOMPUTE_MODES, state_bytes_per_param
 from autopar.errors import AutoparError, PlanError
 from autopar.placement import TP
 from autopar.plan import Plan
 from autopar.solver.assemble import to_plan
 from autopar.solver.pipeline import (
+    INTERLEAVED_CHUNKS,
     SCHEDULES,
-    build_units,
+    UnitTotals,
     evaluate,
     schedulable,
     unit_of_nodes,
@@ -52,6 +53,8 @@ class Pins:
     microbatch_size: int | None = None
     schedule: str | None = None
     sequence_parallel: bool | None = None
+    recompute: str | None = None  # "none", "selective" or "full"
+    zero: int | None = None  # ZeRO stage over dp: 0, 1 or 2
 
 
 def _divisors(n: int) -> list[int]:
@@ -125,8 +128,9 @@ def _check_pins(traced, mesh, pins: Pins) -> None:
         )
 
 
-def _microbatch_options(replica_batch: int, pp: int, pins: Pins) -> list[tuple[int, int]]:
-    """(microbatches, microbatch size) pairs that split one replica's batch evenly."""
+def _microbatch_options(replica_batch: int, pins: Pins) -> list[tuple[int, int]]:
+    """(microbatches, microbatch size) pairs that split one replica's batch evenly (with
+    one stage, more microbatches is gradient accumulation: slower, but less memory)."""
     options = []
     for m in _divisors(replica_batch):
         size = replica_batch // m
@@ -134,18 +138,21 @@ def _microbatch_options(replica_batch: int, pp: int, pins: Pins) -> list[tuple[i
             continue
         if pins.microbatch_size not in (None, size):
             continue
-        if pp == 1 and pins.microbatches is None and pins.microbatch_size is None and m > 1:
-            continue  # without a pipeline, splitting the batch only adds overhead
         options.append((m, size))
     return options
 
 
 def _p2p(mesh, layout: Layout):
+    """Seconds a stage boundary costs per microbatch: the forward activation and the
+    backward gradient cross it once each. The alpha-beta time of the link between
+    neighbouring stages (pp is the outermost mesh axis) is affine in the bytes, so it is
+    read once per layout rather than per boundary the stage DP prices."""
     if layout.pp == 1:
         return lambda nbytes: 0.0
-    neighbours = (0, layout.dp * layout.tp)  # pp is the outermost mesh axis
-    # forward activation and backward gradient cross each boundary once per microbatch
-    return lambda nbytes: 2 * mesh.collective_time("send_recv", nbytes, neighbours)
+    neighbours = (0, layout.dp * layout.tp)
+    latency = mesh.collective_time("send_recv", 0, neighbours)
+    per_byte = mesh.collective_time("send_recv", 2**30, neighbours) / 2**30 - latency / 2**30
+    return lambda nbytes: 2 * (latency + per_byte * nbytes)
 
 
 @dataclass
@@ -161,6 +168,7 @@ class _Candidate:
     tp_sync_bytes: float
     sharding: object  # the intra-op solution it runs (sharding.Sharding)
     unit_times_s: dict[str, float]  # per microbatch, forward and backward
+    zero: int  # the ZeRO stage over dp
 
     @property
     def seconds_per_sample(self) -> float:
@@ -176,60 +184,109 @@ def _schedules(layout: Layout, pins: Pins) -> list[str]:
     return ["gpipe"] if layout.pp == 1 else list(SCHEDULES)  # one stage: accumulation
 
 
-def _candidates_for(traced, mesh, solve, fastest, layout, pins, replica_batch, context):
-    """Every (microbatches, schedule) that fits: on the fastest sharding, else on one the
-    ILP solved under this configuration's memory rows."""
-    training, dtype_bytes, batch, unit_of, state_bytes = context
-    p2p, budget = _p2p(mesh, layout), mesh.device.memory_bytes
-    num_units = len(traced.analysis.layers) + 2
+def _zero_stages(layout: Layout, pins: Pins, training: bool) -> list[int]:
+    """ZeRO stages worth pricing: only data parallelism has states to shard."""
+    if layout.dp == 1 or not training:
+        return [0]
+    return [pins.zero] if pins.zero is not None else [0, 1, 2]
 
-    def units_of(sharding, size):
-        return build_units(
-            traced, sharding.pricing, unit_of, scale=size / batch, dtype_bytes=dtype_bytes,
-            state_bytes_per_param=state_bytes,
-        )  # fmt: skip
 
-    for m, size in _microbatch_options(replica_batch, layout.pp, pins):
-        units = units_of(fastest, size)
-        for schedule in _schedules(layout, pins):
-            if not schedulable(num_units, layout.pp, m, schedule):
-                continue
-            sharding, used = fastest, units
-            choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-            if choice is None:
-                sharding = solve.fitting(layout, m, size / batch, schedule, unit_of)
-                if sharding is None:
+@dataclass
+class _Search:
+    """One search's fixed inputs, its caches, and the best candidate found so far."""
+
+    traced: object
+    mesh: object
+    pins: Pins
+    solve: ShardingSolver
+    training: bool
+    dtype_bytes: int
+    optimizer: str
+    batch: int  # the traced example's rows
+    unit_of: dict
+    best: _Candidate | None = None
+    tried: int = 0
+    totals: dict = field(default_factory=dict)  # id(sharding) -> UnitTotals
+
+    def _totals(self, sharding) -> UnitTotals:
+        if id(sharding) not in self.totals:
+            self.totals[id(sharding)] = UnitTotals.of(self.traced, sharding.pricing, self.unit_of)
+        return self.totals[id(sharding)]
+
+    def _units(self, sharding, layout, size, zero) -> dict:
+        state = state_bytes_per_param(
+            self.training, self.dtype_bytes, self.optimizer, zero, layout.dp
+        )
+        modes = (self.pins.recompute,) if self.pins.recompute else RECOMPUTE_MODES
+        return self._totals(sharding).units(size / self.batch, state, modes)
+
+    def _hopeless(self, sharding, units: dict, layout, m: int, size: int, zero: int) -> bool:
+        """Can this configuration not beat the best? A lower bound on its step: its units'
+        time spread evenly over the pp ranks with the smallest pipeline bubble, plus the
+        optimizer step and the gradient sync of an evenly split model."""
+        if self.best is None:
+            return False
+        per_rank = sum(u.time_s for u in next(iter(units.values()))) / layout.pp
+        pipeline = per_rank * (m + (layout.pp - 1) / INTERLEAVED_CHUNKS)
+        totals, owned = self._totals(sharding).values, layout.dp if zero >= 1 else 1
+        optimizer = sum(totals["optimizer"]) / layout.pp / owned
+        grads = sum(totals["grad_bytes"]) / layout.pp
+        sync = grad_sync_seconds(self.mesh, layout, grads, zero=zero) if self.training else 0.0
+        bound = pipeline + optimizer + sync
+        return bound / (layout.dp * m * size) >= self.best.seconds_per_sample
+
+    def visit(self, layout: Layout, replica_batch: int) -> None:
+        """Price every (microbatches, ZeRO stage, schedule) of `layout` that fits: on the
+        fastest sharding, else on one the ILP solved under this configuration's memory."""
+        fastest = self.solve(layout)
+        if fastest is None:
+            return
+        p2p, budget = _p2p(self.mesh, layout), self.mesh.device.memory_bytes
+        num_units = len(self.traced.analysis.layers) + 2
+        for m, size in _microbatch_options(replica_batch, self.pins):
+            for zero in _zero_stages(layout, self.pins, self.training):
+                units = self._units(fastest, layout, size, zero)
+                if self._hopeless(fastest, units, layout, m, size, zero):
                     continue
-                used = units_of(sharding, size)
-                choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-            if choice is not None:
-                yield _finish(mesh, sharding, layout, choice, size, unit_of, training, used)
+                for schedule in _schedules(layout, self.pins):
+                    if schedulable(num_units, layout.pp, m, schedule):
+                        self._price(layout, m, size, zero, schedule, fastest, units, p2p, budget)
+
+    def _price(self, layout, m, size, zero, schedule, sharding, units, p2p, budget) -> None:
+        choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+        if choice is None:
+            sharding = self.solve.fitting(layout, m, size / self.batch, schedule, self.unit_of)
+            if sharding is None:
+                return
+            units = self._units(sharding, layout, size, zero)
+            choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+            if choice is None:
+                return
+        candidate = self._finish(sharding, layout, choice, size, units, zero)
+        self.tried += 1
+        if self.best is None or candidate.seconds_per_sample < self.best.seconds_per_sample:
+            self.best = candidate
+
+    def _finish(self, sharding, layout, choice, size, units, zero) -> _Candidate:
+        totals, mesh = self._totals(sharding), self.mesh
+        owned = layout.dp if zero >= 1 else 1  # ZeRO: each dp rank steps its slice
+        optimizer = max(totals.per_rank("optimizer", choice)) / owned
+        grads = max(totals.per_rank("grad_bytes", choice))
+        partial = max(totals.per_rank("partial_bytes", choice))
+        dp_sync = grad_sync_seconds(mesh, layout, grads, zero=zero) if self.training else 0.0
+        tp_sync = grad_sync_seconds(mesh, layout, partial, TP)
+        step = choice.step_s + optimizer + dp_sync + tp_sync
+        return _Candidate(layout, choice, size, step, optimizer, dp_sync, grads, tp_sync,
+                          partial, sharding, _unit_times(choice.split, units), zero)  # fmt: skip
 
 
-def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
-    """Sum `values` (node name -> amount) per pipeline rank, by the stage of each node."""
-    sums = [0.0] * pp
-    for name, amount in values.items():
-        stage = _stage_of_unit(choice.split, unit_of.get(name, 0))
-        sums[choice.rank_of_stage[stage]] += amount
-    return sums
-
-
-def _finish(mesh, solution, layout, choice, size, unit_of, training, units):
-    params = {n: p for n, p in solution.pricing.nodes.items() if p.param_numel}
-    optimizer = _per_rank({n: p.optimizer_s for n, p in params.items()}, choice, unit_of, layout.pp)
-    grads = _per_rank({n: p.param_bytes for n, p in params.items()}, choice, unit_of, layout.pp)
-    partial = _per_rank(solution.pricing.deferred_grad_bytes, choice, unit_of, layout.pp)
-    dp_sync = grad_sync_seconds(mesh, layout, max(grads)) if training else 0.0
-    tp_sync = max(grad_sync_seconds(mesh, layout, b, TP) for b in partial)
-    step = choice.step_s + max(optimizer) + dp_sync + tp_sync
-    return _Candidate(layout, choice, size, step, max(optimizer), dp_sync, max(grads),
-                      tp_sync, max(partial), solution,
-                      {u.name: u.time_s for u in units})  # fmt: skip
-
-
-def _stage_of_unit(split, unit: int) -> int:
-    return next(k for k, (i, j) in enumerate(split.bounds) if i <= unit < j)
+def _unit_times(split, units: dict) -> dict[str, float]:
+    """Each unit's time per microbatch under its stage's recomputation mode."""
+    return {
+        unit.name: unit.time_s
+        for (i, j), mode in zip(split.bounds, split.modes, strict=True)
+        for unit in units[mode][i:j]
+    }
 
 
 def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes=None,
@@ -241,30 +298,22 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     pins = Pins(**{**pins.__dict__, "schedule": normalize_schedule(pins.schedule)})
     candidates = layouts(traced, mesh, pins)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
-    unit_of = unit_of_nodes(traced)
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
-    context = (training, dtype_bytes, batch, unit_of, state_bytes)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
                            pins.sequence_parallel, input_roles)  # fmt: skip
-    best, tried = None, 0
+    run = _Search(traced, mesh, pins, solve, training, dtype_bytes, optimizer, batch,
+                  unit_of_nodes(traced))  # fmt: skip
     for layout in candidates:
         if progress:
             progress(layout)
-        solution = solve(layout)
         replica_batch = _replica_batch(global_batch_size, batch, layout.dp)
-        if solution is None or replica_batch is None:
-            continue
-        for candidate in _candidates_for(
-            traced, mesh, solve, solution, layout, pins, replica_batch, context
-        ):
-            tried += 1
-            if best is None or candidate.seconds_per_sample < best.seconds_per_sample:
-                best = candidate
-    if best is None:
+        if replica_batch is not None:
+            run.visit(layout, replica_batch)
+    if run.best is None:
         raise PlanError(_nothing_fits(mesh, pins, solve.failures))
-    plan = to_plan(traced, mesh, best.sharding, best, training)
+    plan = to_plan(traced, mesh, run.best.sharding, run.best, training)
     plan.solver.update(
-        search_time_s=time.perf_counter() - start, layouts_tried=tried,
+        search_time_s=time.perf_counter() - start, layouts_tried=run.tried,
         ilp_time_s=solve.ilp_time_s,
     )  # fmt: skip
     return plan

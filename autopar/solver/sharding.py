@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.pricing import ShardingPrice, price_sharding
 from autopar.errors import PlanError, SolverTimeLimit
-from autopar.placement import DP, TP, Partial, Replicate
+from autopar.placement import DP, TP, Partial, Replicate, Shard
 from autopar.reshard import reshard
 from autopar.solver.intra_op import IntraOpResult, ShardingProblem
 from autopar.solver.pipeline import memory_rows
 from autopar.strategies import GraphStrategies, default_input_roles, graph_strategies
 
-# the dp axis' table entry for a parameter: replicated, its gradient a partial sum
+# the dp axis' table entries for a parameter: replicated, its gradient a partial sum
+# (an all-reduce); under ZeRO each rank's slice of it, gathered for the forward and its
+# gradient reduce-scattered (the same traffic: Rajbhandari et al. 2020, sec. 7)
 PARAMETER_SYNC = reshard(Replicate(), Replicate(), Partial())
+ZERO_SYNC = reshard(Shard(0), Replicate(), Partial())
 _PROBE_BYTES = 2**30
 
 
@@ -40,14 +43,13 @@ def group_of(layout, axis: str) -> range:
     return range(0, layout.dp * layout.tp, layout.tp)
 
 
-def grad_sync_seconds(mesh, layout, grad_bytes: float, axis: str = DP) -> float:
+def grad_sync_seconds(mesh, layout, grad_bytes: float, axis: str = DP, zero: int = 0) -> float:
     """One sum of `grad_bytes` of partial gradients over `axis`, from the reshard table."""
     group = group_of(layout, axis)
     if len(group) == 1 or grad_bytes == 0:
         return 0.0
-    return reshard_seconds(
-        PARAMETER_SYNC, grad_bytes, lambda kind, n: mesh.collective_time(kind, n, group)
-    )
+    entry = ZERO_SYNC if zero >= 1 else PARAMETER_SYNC
+    return reshard_seconds(entry, grad_bytes, lambda kind, n: mesh.collective_time(kind, n, group))
 
 
 def grad_sync_per_byte(mesh, layout) -> float:

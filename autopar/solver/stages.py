@@ -33,10 +33,11 @@ class Unit:
     """A contiguous run of the graph no stage boundary may cut."""
 
     name: str
-    time_s: float  # forward + backward of one microbatch
+    time_s: float  # forward + backward of one microbatch (a recomputed forward included)
     param_bytes: float  # parameters, gradients and optimizer state
     activation_bytes: float  # kept for backward, one microbatch
     out_bytes: float  # what crosses to the next unit, one microbatch
+    transient_bytes: float = 0.0  # held while its own backward runs (a recomputed block)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class StageSplit:
     bounds: tuple[tuple[int, int], ...]  # [i, j) unit ranges, one per stage
     stage_times: tuple[float, ...]
     stage_memory: tuple[float, ...]
+    modes: tuple[str, ...] = ()  # each stage's recomputation mode (the keys of the units)
 
     @property
     def slowest_s(self) -> float:
@@ -57,7 +59,8 @@ def _stage_cost(units, i, j, p2p: Callable[[float], float]) -> float:
 
 
 def _stage_memory(units, i, j, in_flight: float) -> float:
-    return sum(u.param_bytes + in_flight * u.activation_bytes for u in units[i:j])
+    kept = sum(u.param_bytes + in_flight * u.activation_bytes for u in units[i:j])
+    return kept + max(u.transient_bytes for u in units[i:j])
 
 
 def _range_table(values: np.ndarray) -> np.ndarray:
@@ -78,39 +81,86 @@ def _cost_table(units, p2p) -> np.ndarray:
     return cost + cut_after[:, None] + cut_after[None, :]
 
 
+def _max_table(values: np.ndarray) -> np.ndarray:
+    """table[i, j] = max(values[i:j]) for i < j, 0 elsewhere."""
+    n = len(values)
+    table = np.zeros((n + 1, n + 1))
+    for i in range(n):
+        table[i, i + 1 :] = np.maximum.accumulate(values[i:])
+    return table
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """One recomputation mode's units as range tables: cost[i, j] and memory parts."""
+
+    cost: np.ndarray
+    params: np.ndarray
+    activations: np.ndarray
+    transient: np.ndarray
+
+    @classmethod
+    def of(cls, units, p2p) -> _Tables:
+        return cls(
+            _cost_table(units, p2p),
+            _range_table(np.array([u.param_bytes for u in units])),
+            _range_table(np.array([u.activation_bytes for u in units])),
+            _max_table(np.array([u.transient_bytes for u in units])),
+        )
+
+
 def best_split(units, num_stages, p2p, in_flight: Callable[[int], float], budget) -> StageSplit:
     """Minimize the slowest stage under each stage's memory budget (ValueError if none fits).
 
-    best[k][j] is the slowest stage of the best split of units [0, j) into k stages;
-    best[k][j] = min_i max(best[k-1][i], cost[i, j]) over memory-feasible [i, j).
+    `units` is a list, or a dict of recomputation mode -> the units under it; each stage
+    then takes the fastest mode that fits it. best[k][j] is the slowest stage of the best
+    split of units [0, j) into k stages; best[k][j] = min_{i, mode} max(best[k-1][i],
+    cost_mode[i, j]) over memory-feasible [i, j).
     """
-    cost = _cost_table(units, p2p)
-    params = _range_table(np.array([u.param_bytes for u in units]))
-    activations = _range_table(np.array([u.activation_bytes for u in units]))
-    best = np.full(len(units) + 1, INFEASIBLE)
+    by_mode = units if isinstance(units, dict) else {"none": units}
+    tables = {mode: _Tables.of(us, p2p) for mode, us in by_mode.items()}
+    size = len(next(iter(by_mode.values())))
+    best = np.full(size + 1, INFEASIBLE)
     best[0] = 0.0
     choices = []
     for k in range(num_stages):
-        fits = params + in_flight(k) * activations <= budget
-        candidates = np.where(fits, np.maximum(best[:, None], cost), INFEASIBLE)
-        choices.append(np.argmin(candidates, axis=0))
-        best = candidates.min(axis=0)
-    if best[len(units)] == INFEASIBLE:
+        per_mode = [
+            np.where(t.params + in_flight(k) * t.activations + t.transient <= budget,
+                     np.maximum(best[:, None], t.cost), INFEASIBLE)
+            for t in tables.values()
+        ]  # fmt: skip
+        stacked = np.stack(per_mode)  # (mode, i, j)
+        flat = stacked.reshape(len(per_mode) * (size + 1), size + 1)
+        choices.append(np.argmin(flat, axis=0))
+        best = flat.min(axis=0)
+    if best[size] == INFEASIBLE:
         raise ValueError("no split fits the memory budget")
-    bounds, j = [], len(units)
-    for k in range(num_stages - 1, -1, -1):
-        i = int(choices[k][j])
+    return _traced_back(by_mode, choices, size, p2p, in_flight)
+
+
+def _traced_back(by_mode, choices, size, p2p, in_flight) -> StageSplit:
+    modes, bounds, picked, j = list(by_mode), [], [], size
+    for k in range(len(choices) - 1, -1, -1):
+        mode_index, i = divmod(int(choices[k][j]), size + 1)
         bounds.append((i, j))
+        picked.append(modes[mode_index])
         j = i
-    bounds.reverse()
-    return _describe(units, bounds, p2p, in_flight)
+    return _describe(by_mode, bounds[::-1], p2p, in_flight, tuple(picked[::-1]))
 
 
-def _describe(units, bounds, p2p, in_flight) -> StageSplit:
+def _describe(by_mode, bounds, p2p, in_flight, modes=None) -> StageSplit:
+    """The split's stage times and memory; `by_mode` a list of units (one mode) or a dict."""
+    if not isinstance(by_mode, dict):
+        by_mode, modes = {"none": by_mode}, ("none",) * len(bounds)
+    units = [by_mode[mode] for mode in modes]
     return StageSplit(
         tuple(bounds),
-        tuple(_stage_cost(units, i, j, p2p) for i, j in bounds),
-        tuple(_stage_memory(units, i, j, in_flight(k)) for k, (i, j) in enumerate(bounds)),
+        tuple(_stage_cost(us, i, j, p2p) for us, (i, j) in zip(units, bounds, strict=True)),
+        tuple(
+            _stage_memory(us, i, j, in_flight(k))
+            for k, (us, (i, j)) in enumerate(zip(units, bounds, strict=True))
+        ),
+        tuple(modes),
     )
 
 

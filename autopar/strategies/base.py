@@ -24,6 +24,9 @@ class Strategy:
 
     output: Placement
     inputs: tuple[Placement, ...]  # one per node.all_input_nodes, in that order
+    # collectives the op's own sharded form runs, (kind, bytes of the full value), forward
+    # (the vocabulary-parallel cross-entropy's per-token reductions: ops/vocab.py)
+    collectives: tuple[tuple[str, int], ...] = ()
 
     @property
     def splits_work(self) -> bool:
@@ -78,6 +81,15 @@ def _divides(size: int, tp: int, groups: int) -> bool:
     return size % (tp * groups) == 0
 
 
+def _pads(link: DimLink, shapes: NodeShapes, tp: int) -> bool:
+    """May this link shard a dim that does not divide by tp, padded (a vocabulary)? Only
+    when every linked input dim has the output dim's size: each index is then computed
+    on its own, so the padding stays in the padded tail and never mixes into real values."""
+    size = shapes.out[link.out_dim]
+    same = all(d is None or shapes.inputs[i][d] == size for i, d in enumerate(link.in_dims))
+    return same and size >= tp
+
+
 def _link_strategies(spec: OpSpec, shapes: NodeShapes, tp: int, group_options) -> list:
     found = []
     for link in spec.links:
@@ -88,7 +100,7 @@ def _link_strategies(spec: OpSpec, shapes: NodeShapes, tp: int, group_options) -
                 d is None or _divides(shapes.inputs[i][d], tp, groups)
                 for i, d in enumerate(link.in_dims)
             )
-            if not sizes_ok:
+            if not sizes_ok and not (groups == 1 and _pads(link, shapes, tp)):
                 continue
             inputs = tuple(R if d is None else Shard(d, groups) for d in link.in_dims)
             found.append(Strategy(Shard(link.out_dim, groups), inputs))
@@ -104,11 +116,14 @@ def _contraction_strategies(spec: OpSpec, shapes: NodeShapes, tp: int) -> list:
 
 
 def _fits(placement: Placement, shape: tuple[int, ...], tp: int, roles=None, kept=()) -> bool:
+    """A placement an op-specific strategy may take: grouped shards divide, ungrouped ones
+    may pad (every rank holds at least one real element)."""
     if not isinstance(placement, Shard):
         return True
     if roles is not None and roles[placement.dim] in kept:
         return False
-    return _divides(shape[placement.dim], tp, placement.groups)
+    size = shape[placement.dim]
+    return size >= tp if placement.groups == 1 else _divides(size, tp, placement.groups)
 
 
 def _extra_strategies(spec: OpSpec, shapes: NodeShapes, tp: int) -> list:

@@ -1,0 +1,102 @@
+"""ZeRO stages 1 and 2 over the data-parallel axis (Rajbhandari et al., SC'20).
+
+Each dp rank owns 1/dp of every parameter it holds (its tp shard, flattened, the last
+rank's tail padded): `DataParallelShards.shards` are those slices as parameters, the
+only ones the optimizer sees, so any torch.optim optimizer keeps only its share of
+the states. After backward, `scatter_grads` reduce-scatters the gradients over dp
+(their mean) into the slices' `.grad` and drops the full gradients (ZeRO-2 keeps
+only the slice; ZeRO-1 is the same traffic, priced with the full gradients kept);
+before the next forward, `gather_params` all-gathers the updated slices back into
+the parameters the graph reads, once per optimizer step. One collective per dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from autopar.ops.layout import padded
+
+
+class DataParallelShards(nn.Module):
+    """This dp rank's slice of each of `params`, kept in step with them."""
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, rank: int, size: int):
+        super().__init__()
+        self.params, self.group, self.rank, self.size = params, group, rank, size
+        self.chunks = [padded(p.numel(), size) // size for p in params]
+        self.shards = nn.ParameterList(
+            nn.Parameter(self._slice(p.detach(), chunk), p.requires_grad)
+            for p, chunk in zip(params, self.chunks, strict=True)
+        )
+        self._versions = self._current_versions()
+
+    def _slice(self, full: torch.Tensor, chunk: int) -> torch.Tensor:
+        flat = full.reshape(-1)
+        flat = torch.cat([flat, flat.new_zeros(chunk * self.size - flat.numel())])
+        return flat[self.rank * chunk : (self.rank + 1) * chunk].clone()
+
+    def _current_versions(self) -> list[int]:
+        return [shard._version for shard in self.shards]
+
+    def _by_dtype(self, with_grad: bool = False) -> dict[torch.dtype, list[int]]:
+        found: dict[torch.dtype, list[int]] = {}
+        for index, param in enumerate(self.params):
+            if not with_grad or param.grad is not None:
+                found.setdefault(param.dtype, []).append(index)
+        return found
+
+    def scatter_grads(self) -> None:
+        """Mean over dp of every gradient, this rank's slice into each shard's `.grad` (a
+        parameter the step left without gradient, the same on every replica, keeps none)."""
+        for indices in self._by_dtype(with_grad=True).values():
+            rows = [self._padded_grad(i).view(self.size, self.chunks[i]) for i in indices]
+            full = torch.cat(rows, dim=1).contiguous()  # (dp, sum of chunks): rank r's row
+            mine = full.new_empty(full.shape[1])
+            dist.reduce_scatter_tensor(mine, full.view(-1), group=self.group)
+            mine.div_(self.size)
+            for i, piece in zip(
+                indices, mine.split([self.chunks[i] for i in indices]), strict=True
+            ):
+                self.shards[i].grad = piece.clone()
+                self.params[i].grad = None
+
+    def _padded_grad(self, index: int) -> torch.Tensor:
+        param, chunk = self.params[index], self.chunks[index]
+        flat = param.grad.reshape(-1)
+        return torch.cat([flat, flat.new_zeros(chunk * self.size - flat.numel())])
+
+    def gather_params(self, force: bool = False) -> None:
+        """Copy the slices back into the full parameters, if the optimizer changed them."""
+        if not force and self._current_versions() == self._versions:
+            return
+        for indices in self._by_dtype().values():
+            mine = torch.cat([self.shards[i].detach() for i in indices])
+            full = mine.new_empty(self.size * mine.numel())
+            dist.all_gather_into_tensor(full, mine, group=self.group)
+            rows = full.view(self.size, -1).split([self.chunks[i] for i in indices], dim=1)
+            with torch.no_grad():
+                for i, row in zip(indices, rows, strict=True):
+                    param = self.params[i]
+                    param.copy_(row.reshape(-1)[: param.numel()].view_as(param))
+        self._versions = self._current_versions()
+
+    def reset_from_params(self) -> None:
+        """After the full parameters were loaded: each shard takes its slice again."""
+        with torch.no_grad():
+            for shard, param, chunk in zip(self.shards, self.params, self.chunks, strict=True):
+                shard.copy_(self._slice(param.detach(), chunk))
+        self._versions = self._current_versions()
+
+    def gathered_grads(self) -> list[torch.Tensor | None]:
+        """Each parameter's full (mean) gradient, rebuilt from every rank's slice."""
+        found = []
+        for shard, param, chunk in zip(self.shards, self.params, self.chunks, strict=True):
+            if shard.grad is None:
+                found.append(None)
+                continue
+            full = shard.grad.new_empty(self.size * chunk)
+            dist.all_gather_into_tensor(full, shard.grad.contiguous(), group=self.group)
+            found.append(full[: param.numel()].view_as(param))
+        return found

@@ -1,0 +1,80 @@
+"""Train a small GPT with autopar under torchrun: the README's snippet, complete.
+
+    torchrun --nproc-per-node 4 examples/train_torchrun.py                 # autopar picks the layout
+    torchrun --nproc-per-node 4 examples/train_torchrun.py --tp 2 --pp 2   # or pin degrees
+    torchrun --nproc-per-node 8 examples/train_torchrun.py --steps 20
+
+Every rank builds the same nanoGPT-style model from a config (same seed, no
+download; the model is examples/nanogpt.py), autopar plans it on rank 0 for this
+machine's ranks and sends the plan to every rank, each rank builds its own part,
+and AdamW trains the parts on random tokens. Rank 0 prints the plan's degrees and
+the loss of each step, which equals the unsplit model's. This runs on CPU with
+gloo; NCCL on GPUs is not checked yet (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+from nanogpt import GPT, GPTConfig  # examples/nanogpt.py, beside this script
+from torch.nn import functional as F
+
+import autopar
+
+CONFIG = GPTConfig(block_size=64, vocab_size=256, n_layer=4, n_head=4, n_embd=64)
+GLOBAL_BATCH, SEQ = 8, 32  # each step trains on 8 rows of 32 tokens, split over the ranks
+
+
+def build_model() -> GPT:
+    """The same weights on every rank: each rank keeps its shards of this one model."""
+    torch.manual_seed(0)
+    return GPT(CONFIG)
+
+
+def batches(steps: int) -> list[torch.Tensor]:
+    """Random token ids, the same global batch on every rank (a replica takes its rows)."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (GLOBAL_BATCH, SEQ)
+    return [torch.randint(0, CONFIG.vocab_size, shape, generator=generator) for _ in range(steps)]
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Predict token t+1 from tokens up to t; logits (B, T, vocab), ids (B, T)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def train(steps: int, lr: float, pins: dict) -> None:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mesh = autopar.Mesh.local(world_size)  # this machine's ranks (see `autopar calibrate`)
+    example = (batches(1)[0][:1],)  # fixes the shapes; the global batch sets the sizes
+    pm = autopar.parallelize(build_model(), mesh, example, global_batch_size=GLOBAL_BATCH, **pins)
+    optimizer = torch.optim.AdamW(pm.parameters(), lr=lr)  # this rank's shards
+    if rank == 0:
+        print(pm.plan.summary().splitlines()[0], flush=True)
+    for step, ids in enumerate(batches(steps)):
+        loss = pm.train_step((ids,), ids, next_token_loss)  # schedule, dp gradient averaging
+        optimizer.step()
+        optimizer.zero_grad()
+        if rank == 0:
+            print(f"step {step} loss {float(loss):.6f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    for degree in ("dp", "tp", "pp"):
+        parser.add_argument(f"--{degree}", type=int, help=f"pin the {degree} degree")
+    args = parser.parse_args()
+    pins = {k: v for k, v in vars(args).items() if k in ("dp", "tp", "pp") and v is not None}
+    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...
+    try:
+        train(args.steps, args.lr, pins)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
