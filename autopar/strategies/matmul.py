@@ -104,13 +104,17 @@ def baddbmm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
 
 def conv_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     """x (B, C, ...) * w (O, C, ...) -> (B, O, ...): output channels shard with the weight
-    (column-parallel, a bias with them); input channels are contracted when there is no bias."""
+    (column-parallel, a bias with them); input channels are contracted when there is no
+    bias. Spatial dims do not shard (windows overlap) but keep their roles (patches)."""
     if len(shapes.inputs) not in (2, 3) or get_arg(node, "groups") != 1:
         return OpSpec()
     bias = (0,) if len(shapes.inputs) == 3 else ()
     no_bias = (None,) if bias else ()
+    spatial = tuple(
+        DimLink(d, (d, None, *no_bias), shardable=False) for d in range(2, len(shapes.out))
+    )
     return OpSpec(
-        links=(DimLink(0, (0, None, *no_bias)), DimLink(1, (None, 0, *bias))),
+        links=(DimLink(0, (0, None, *no_bias)), DimLink(1, (None, 0, *bias)), *spatial),
         contractions=() if bias else ((1, 1),),
     )
 

@@ -7,6 +7,7 @@ the outermost dim of a group lands on the outermost dim of its partner group.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -230,9 +231,12 @@ def repeat_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
 
 
 def cat_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    # the joined dim does not shard, but keeps its role (ViT's [CLS] + patches: a sequence)
     rank = len(shapes.out)
     dim = (node.args[1] if len(node.args) > 1 else 0) % rank
-    return _other_dims_rule(rank, dim, len(shapes.inputs))
+    spec = _other_dims_rule(rank, dim, len(shapes.inputs))
+    joined = DimLink(dim, (dim,) * len(shapes.inputs), shardable=False)
+    return dataclasses.replace(spec, links=(*spec.links, joined))
 
 
 def identity_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
