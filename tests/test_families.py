@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import pytest
 from families import FAMILIES, PP_BATCH, RTOL, TP_BATCH, parity_worker, plan_family
-from family_layouts import FUSED, NOT_MEGATRON, ROUTERS, ROW_PARALLEL, weight_layout
+from family_layouts import (
+    FUSED,
+    NOT_MEGATRON,
+    ROUTERS,
+    ROW_PARALLEL,
+    Deviation,
+    weight_layout,
+)
 
 from autopar.launch import run_local
 from autopar.runtime.pipeline import split_plan_stages
@@ -42,8 +49,9 @@ def test_every_family_traces_and_every_op_has_a_rule(planned):
 def test_tp2_layout_is_megatron_s(planned, name):
     traced, tp, _ = planned[name]
     layout = weight_layout(tp, traced)
-    deviations = layout.megatron_deviations(ROW_PARALLEL[name], ROUTERS.get(name, set()))
-    assert deviations == (NOT_MEGATRON[name].found if name in NOT_MEGATRON else [])
+    expected = NOT_MEGATRON.get(name, Deviation("", []))
+    rows, routers = ROW_PARALLEL[name], ROUTERS.get(name, set())
+    assert layout.megatron_deviations(rows, routers, expected.ties) == expected.found
     assert layout.column and layout.row
     assert layout.fused == FUSED.get(name, {})
 
