@@ -157,7 +157,7 @@ def cmd_plan(args) -> int:
             traced, inputs, mesh, dtype=_dtype(args.dtype, args.mesh), dp=args.dp, tp=args.tp,
             pp=args.pp, microbatches=args.microbatches, schedule=schedule,
             global_batch_size=args.global_batch, time_limit_s=args.time_limit,
-            progress=layout_progress(update),
+            progress=layout_progress(update), model_name=args.model,
         )  # fmt: skip
     _print_plan(plan, args.json)
     write_plan_files(plan, args.out, args.html, file=sys.stderr if args.json else None)
