@@ -11,6 +11,7 @@ schedule can be pinned.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from autopar.cost.memory import RECOMPUTE_MODES, state_bytes_per_param
 from autopar.errors import AutoparError, PlanError
 from autopar.placement import TP
 from autopar.plan import Plan
+from autopar.solver import shortfall
 from autopar.solver.assemble import to_plan
 from autopar.solver.pipeline import SCHEDULES, evaluate, schedulable, unit_modes, unit_of_nodes
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
@@ -259,6 +261,7 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     pins = pins or Pins()
     pins = Pins(**{**pins.__dict__, "schedule": normalize_schedule(pins.schedule)})
     candidates = layouts(traced, mesh, pins)
+    _check_batch_splits(candidates, pins, batch, global_batch_size)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
     unit_of = unit_of_nodes(traced)
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
@@ -280,11 +283,11 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
             if best is None or candidate.seconds_per_sample < best.seconds_per_sample:
                 best = candidate
     if best is None:
-        raise PlanError(_nothing_fits(mesh, pins, solve.failures))
+        raise PlanError(_nothing_fits(traced, mesh, pins, solve, context, global_batch_size))
     plan = to_plan(traced, mesh, best.sharding, best, training)
     plan.solver.update(
         search_time_s=time.perf_counter() - start, layouts_tried=tried,
-        ilp_time_s=solve.ilp_time_s,
+        layouts_searched=len(candidates), ilp_time_s=solve.ilp_time_s,
     )  # fmt: skip
     return plan
 
@@ -295,8 +298,69 @@ def _replica_batch(global_batch_size, batch, dp) -> int | None:
     return global_batch_size // dp if global_batch_size % dp == 0 else None
 
 
-def _nothing_fits(mesh, pins, failures) -> str:
-    detail = "".join(f"\n  {f}" for f in failures)
+def _check_batch_splits(candidates, pins: Pins, batch: int, global_batch_size) -> None:
+    """Before the search: some layout's batch splits over dp and into the pinned
+    microbatches, or an AutoparError saying which numbers do not divide."""
+    replicas = {c.dp: _replica_batch(global_batch_size, batch, c.dp) for c in candidates}
+    if all(rows is None for rows in replicas.values()):
+        raise AutoparError(
+            f"the global batch of {global_batch_size} rows does not split over dp = "
+            f"{', '.join(map(str, sorted(replicas)))} replicas; pick a global batch one of "
+            "them divides, or pin dp"
+        )
+    if any(_microbatch_options(replicas[c.dp] or 0, c.pp, pins) for c in candidates):
+        return
+    pinned = [f"{pins.microbatches} microbatches"] if pins.microbatches else []
+    pinned += [f"microbatches of {pins.microbatch_size}"] if pins.microbatch_size else []
+    rows = sorted({r for r in replicas.values() if r is not None}, reverse=True)
+    per_dp = ", ".join(f"{replicas[d]} at dp={d}" for d in sorted(replicas) if replicas[d])
+    raise AutoparError(
+        f"{rows[0] if len(rows) == 1 else 'the'} rows of one replica's batch"
+        f"{'' if len(rows) == 1 else f' ({per_dp})'} do not split into {' of '.join(pinned)}; "
+        f"pin a microbatch count that divides {rows[0]} (at most {MAX_MICROBATCHES}), or change "
+        "the batch"
+    )
+
+
+def _options(pins: Pins, batch: int, global_batch_size):
+    """layout -> the (microbatches, microbatch size, schedule) the search tries on it."""
+
+    def options(layout):
+        replica = _replica_batch(global_batch_size, batch, layout.dp)
+        for m, size in _microbatch_options(replica, layout.pp, pins) if replica else ():
+            yield from ((m, size, schedule) for schedule in _schedules(layout, pins))
+
+    return options
+
+
+def _fastest_units(traced, solve, context):
+    """(tp, microbatch size) -> the units of the fastest sharding solved at that tp."""
+    _, dtype_bytes, batch, unit_of, state_bytes = context
+    fastest = {key[0]: s for key, s in solve.solutions.items() if s is not None and not key[2]}
+
+    @functools.cache
+    def units_of(tp: int, size: int):
+        if tp not in fastest:
+            return None
+        return build_units(
+            traced, fastest[tp].pricing, unit_of, scale=size / batch, dtype_bytes=dtype_bytes,
+            state_bytes_per_param=state_bytes,
+        )  # fmt: skip
+
+    return units_of
+
+
+def _nothing_fits(traced, mesh, pins, solve, context, global_batch_size) -> str:
+    """The least memory a layout needs and the nodes that would fit it (or why not)."""
+    options = _options(pins, context[2], global_batch_size)
+    units_of = _fastest_units(traced, solve, context)
+    least = shortfall.least_need(layouts(traced, mesh, pins), options, units_of)
+    if least is not None and least.memory_bytes > mesh.device.memory_bytes:
+        bigger = shortfall.nodes_that_fit(
+            mesh, lambda m: layouts(traced, m, pins), options, units_of
+        )
+        return shortfall.explain(mesh, least, bigger)
+    detail = "".join(f"; {f}" for f in solve.failures)
     return (
         f"no plan fits in {mesh.device.memory_bytes / 2**30:.0f} GiB per device with "
         f"{', '.join(f'{k}={v}' for k, v in pins.__dict__.items() if v is not None) or 'no pins'}; "

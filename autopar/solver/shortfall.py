@@ -1,0 +1,90 @@
+"""When no plan fits: the least memory any layout needs, and how many nodes would hold it.
+
+Both are read off the fastest sharding of each tp degree the search solved, split into
+stages by the stage DP (`pipeline.evaluate`): first with no memory bound on this mesh
+(the least memory a layout needs per device), then under the device's memory on meshes
+of more nodes, until one fits. The memory-bounded ILP may shave a little off the first
+figure; it could not bring it under the device's memory, or the search would have
+found a plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from autopar.errors import AutoparError
+from autopar.solver.pipeline import evaluate
+
+MAX_NODES = 4096  # where the search for a mesh that fits gives up
+
+
+@dataclass(frozen=True)
+class Need:
+    """A layout and pipeline configuration, and the memory per device it needs."""
+
+    layout: object  # search.Layout
+    num_microbatches: int
+    microbatch_size: int
+    schedule: str
+    memory_bytes: float
+
+    def describe(self) -> str:
+        layout = self.layout
+        return (
+            f"dp={layout.dp} tp={layout.tp} pp={layout.pp}, {self.num_microbatches} "
+            f"microbatch(es) of {self.microbatch_size}, {self.schedule}"
+        )
+
+
+Options = Callable[[object], Iterable[tuple[int, int, str]]]  # layout -> (m, size, schedule)
+UnitsOf = Callable[[int, int], list | None]  # (tp, microbatch size) -> units, None if unsolved
+
+
+def least_need(layouts, options: Options, units_of: UnitsOf, budget=math.inf) -> Need | None:
+    """The configuration needing the least memory per device among those within `budget`."""
+    best = None
+    for layout in layouts:
+        for m, size, schedule in options(layout):
+            units = units_of(layout.tp, size)
+            if units is None:
+                continue
+            choice = evaluate(units, layout.pp, m, schedule, lambda nbytes: 0.0, budget)
+            if choice is not None and (best is None or choice.memory_bytes < best.memory_bytes):
+                best = Need(layout, m, size, schedule, choice.memory_bytes)
+    return best
+
+
+def nodes_that_fit(mesh, layouts_of, options: Options, units_of: UnitsOf):
+    """(nodes, Need) for the smallest mesh of more nodes on which some layout fits, or None.
+    `layouts_of(mesh)` lists a mesh's layouts (AutoparError where the pins rule all out)."""
+    budget = mesh.device.memory_bytes
+    for nodes in range(mesh.nodes + 1, MAX_NODES + 1):
+        try:
+            layouts = layouts_of(dataclasses.replace(mesh, nodes=nodes))
+        except AutoparError:
+            continue
+        need = least_need(layouts, options, units_of, budget)
+        if need is not None:
+            return nodes, need
+    return None
+
+
+def explain(mesh, least: Need, bigger) -> str:
+    """One line: what the least-memory layout needs, and what mesh would hold a plan."""
+    gib = 2**30
+    text = (
+        f"no plan fits in {mesh.device.memory_bytes / gib:.0f} GiB per device on "
+        f"{mesh.world_size} devices: the layout needing the least memory ({least.describe()}) "
+        f"needs {least.memory_bytes / gib:.1f} GiB per device"
+    )
+    if bigger is None:
+        return text + f"; no mesh of up to {MAX_NODES} nodes fits it with these pins"
+    nodes, need = bigger
+    world = nodes * mesh.devices_per_node
+    return text + (
+        f"; {nodes} nodes ({world} devices) would hold a plan: {need.describe()} needs "
+        f"{need.memory_bytes / gib:.1f} GiB per device there"
+    )
