@@ -19,7 +19,16 @@ from pathlib import Path
 
 from autopar.errors import AutoparError
 from autopar.fileio import write_atomic
-from autopar.plan.summary import human_bytes, human_seconds, parameter_role, plan_summary
+from autopar.plan.roles import Roles
+from autopar.plan.summary import (
+    communication_parts,
+    human_bytes,
+    human_seconds,
+    model_line,
+    plan_summary,
+    search_line,
+    throughput,
+)
 from autopar.viz import graph, timeline
 
 CSS = """
@@ -132,23 +141,17 @@ def layer_ranges(layers) -> str:
 
 
 def _header(plan) -> str:
-    solver = plan.solver
     degrees = "".join(
         f"<span><b>{name}</b> = {value}</span>"
         for name, value in (("dp", plan.dp), ("tp", plan.tp), ("pp", plan.pp))
     )
-    status = (
-        f"solver: {_e(solver.get('status'))}, {solver.get('layouts_tried', 1)} layouts searched "
-        f"in {solver.get('search_time_s', solver.get('solve_time_s', 0.0)):.2f} s "
-        f"({solver.get('num_variables')} variables, {solver.get('num_constraints')} constraints)"
-        if solver
-        else "solver: no record"
-    )
+    status = f"solver: {search_line(plan.solver)}" if plan.solver else "solver: no record"
     return (
         f"<h1>autopar plan</h1>\n<div class='degrees'>{degrees}</div>\n"
         f"<p>{plan.num_microbatches} microbatch(es) of {plan.microbatch_size}, schedule "
-        f"<code>{_e(plan.schedule)}</code><br>mesh: {_e(plan.mesh.get('description', ''))}"
-        f"<br><span class='muted'>{status}; model fingerprint "
+        f"<code>{_e(plan.schedule)}</code><br>{_e(model_line(plan))}"
+        f"<br>mesh: {_e(plan.mesh.get('description', ''))}"
+        f"<br><span class='muted'>{_e(status)}; model fingerprint "
         f"<code>{_e(plan.model_fingerprint[:12])}</code></span></p>"
     )
 
@@ -156,14 +159,14 @@ def _header(plan) -> str:
 def _cost_section(plan) -> str:
     cost = plan.cost
     step = cost.step_time_s or 1.0
+    parts = [("compute", cost.compute_s, "compute"), ("communication", cost.comm_s, "comm")]
+    parts += [(f"&nbsp;&nbsp;{what}", s, "comm") for what, s in communication_parts(cost) if s]
+    parts.append(("pipeline bubble", cost.bubble_s, "bubble"))
     rows = [
-        [part, human_seconds(seconds), f"{100 * seconds / step:.1f}%", _bar(seconds / step, css)]
-        for part, seconds, css in (
-            ("compute", cost.compute_s, "compute"),
-            ("communication", cost.comm_s, "comm"),
-            ("pipeline bubble", cost.bubble_s, "bubble"),
-        )
-    ]
+        [_Html(part), human_seconds(seconds), f"{100 * seconds / step:.1f}%",
+         _bar(seconds / step, css)]
+        for part, seconds, css in parts
+    ]  # fmt: skip
     capacity = plan.mesh.get("device", {}).get("memory_bytes")
     share = cost.memory_per_device_bytes / capacity if capacity else 0.0
     of = f"{100 * share:.1f}% of {human_bytes(capacity)}" if capacity else ""
@@ -171,8 +174,7 @@ def _cost_section(plan) -> str:
         ["memory per device", human_bytes(cost.memory_per_device_bytes), of, _bar(share, "memory")]
     )
     body = (
-        f"<p>predicted step <b>{human_seconds(cost.step_time_s)}</b>, "
-        f"{cost.tflops_per_device:.1f} TFLOP/s per device</p>\n"
+        f"<p>predicted step <b>{human_seconds(cost.step_time_s)}</b>, {_e(throughput(plan))}</p>\n"
         + _table(["", "predicted", "share", ""], rows, numeric={1, 2})
     )
     return _section("Predicted cost", body)
@@ -181,20 +183,21 @@ def _cost_section(plan) -> str:
 def _pictures_section(plan) -> str:
     if not graph.matplotlib_available():
         return _section("Pictures", f"<p class='muted'>{_e(graph.MISSING)}.</p>")
-    parts = [_img(graph.layer_time_figure(plan))]
+    parts = [_img(graph.layer_time_figure(plan), "layer-time", "time per block")]
     if plan.layer_of:
-        parts.append(_img(graph.block_dataflow_figure(plan)))
+        parts.append(_img(graph.block_dataflow_figure(plan), "block-graph", "block dataflow"))
     if plan.pp > 1:
         try:
-            parts.append(_img(timeline.timeline_figure(plan)))
+            parts.append(_img(timeline.timeline_figure(plan), "timeline", "pipeline timeline"))
         except AutoparError as error:
             parts.append(f"<p class='muted'>No pipeline timeline: {_e(error)}</p>")
     return _section("Pictures", "\n".join(parts))
 
 
-def _img(figure) -> str:
+def _img(figure, name: str, alt: str) -> str:
+    """A picture as an inline PNG, with an id a browser test can find it by."""
     data = base64.b64encode(graph.figure_png(figure)).decode()
-    return f'<p><img alt="plan picture" src="data:image/png;base64,{data}"></p>'
+    return f'<p><img id="{name}" alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
 
 
 def _block_groups(plan) -> list[tuple[list[int], list[str]]]:
@@ -212,8 +215,10 @@ def _block_groups(plan) -> list[tuple[list[int], list[str]]]:
 
 
 def _param_rows(plan, placeholders) -> list[list]:
+    """Name, placement and role; a tied parameter shows the placement it shares."""
+    roles = Roles(plan)
     return [
-        [plan.param_fqns[p], _tag(plan.strategies[p].output()), parameter_role(plan, p)]
+        [plan.param_fqns[p], _tag(roles.placement(p)), roles.role(p) + roles.tied_note(p)]
         for p in placeholders
     ]
 
