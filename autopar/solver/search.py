@@ -356,10 +356,12 @@ def _nothing_fits(traced, mesh, pins, solve, context, global_batch_size) -> str:
     units_of = _fastest_units(traced, solve, context)
     least = shortfall.least_need(layouts(traced, mesh, pins), options, units_of)
     if least is not None and least.memory_bytes > mesh.device.memory_bytes:
-        bigger = shortfall.nodes_that_fit(
-            mesh, lambda m: layouts(traced, m, pins), options, units_of
-        )
-        return shortfall.explain(mesh, least, bigger)
+        # past tp x pp = tp x units, more devices only add replicas (useless past one row each)
+        useful = max(pins.tp or 1, mesh.devices_per_node) * (len(traced.analysis.layers) + 2)
+        max_nodes = -(-useful * (global_batch_size or 1) // mesh.devices_per_node)
+        layouts_of = functools.partial(layouts, traced, pins=pins)
+        bigger = shortfall.nodes_that_fit(mesh, layouts_of, options, units_of, max_nodes)
+        return shortfall.explain(mesh, least, bigger, max_nodes)
     detail = "".join(f"; {f}" for f in solve.failures)
     return (
         f"no plan fits in {mesh.device.memory_bytes / 2**30:.0f} GiB per device with "

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from autopar.errors import AutoparError
+from autopar.plan.summary import human_bytes
 from autopar.solver.pipeline import evaluate
 
 MAX_NODES = 4096  # where the search for a mesh that fits gives up
@@ -43,48 +44,54 @@ Options = Callable[[object], Iterable[tuple[int, int, str]]]  # layout -> (m, si
 UnitsOf = Callable[[int, int], list | None]  # (tp, microbatch size) -> units, None if unsolved
 
 
-def least_need(layouts, options: Options, units_of: UnitsOf, budget=math.inf) -> Need | None:
-    """The configuration needing the least memory per device among those within `budget`."""
-    best = None
+def least_need(layouts, options: Options, units_of: UnitsOf, budget=math.inf, memo=None):
+    """The configuration needing the least memory per device among those within `budget`
+    (a Need, or None). Memory does not depend on dp: `memo` keeps each split's."""
+    best, memo = None, {} if memo is None else memo
     for layout in layouts:
         for m, size, schedule in options(layout):
-            units = units_of(layout.tp, size)
-            if units is None:
-                continue
-            choice = evaluate(units, layout.pp, m, schedule, lambda nbytes: 0.0, budget)
-            if choice is not None and (best is None or choice.memory_bytes < best.memory_bytes):
-                best = Need(layout, m, size, schedule, choice.memory_bytes)
+            key = (layout.tp, layout.pp, m, size, schedule, budget)
+            if key not in memo:
+                units = units_of(layout.tp, size)
+                choice = units and evaluate(units, layout.pp, m, schedule, lambda b: 0.0, budget)
+                memo[key] = choice.memory_bytes if choice else None
+            if memo[key] is not None and (best is None or memo[key] < best.memory_bytes):
+                best = Need(layout, m, size, schedule, memo[key])
     return best
 
 
-def nodes_that_fit(mesh, layouts_of, options: Options, units_of: UnitsOf):
-    """(nodes, Need) for the smallest mesh of more nodes on which some layout fits, or None.
-    `layouts_of(mesh)` lists a mesh's layouts (AutoparError where the pins rule all out)."""
-    budget = mesh.device.memory_bytes
-    for nodes in range(mesh.nodes + 1, MAX_NODES + 1):
+def nodes_that_fit(mesh, layouts_of, options: Options, units_of: UnitsOf, max_nodes: int):
+    """(nodes, Need) for the smallest mesh of up to `max_nodes` on which some layout fits,
+    or None. `layouts_of(mesh)` lists a mesh's layouts (AutoparError if the pins rule
+    every one out)."""
+    budget, memo = mesh.device.memory_bytes, {}
+    for nodes in range(mesh.nodes + 1, min(max_nodes, MAX_NODES) + 1):
         try:
             layouts = layouts_of(dataclasses.replace(mesh, nodes=nodes))
         except AutoparError:
             continue
-        need = least_need(layouts, options, units_of, budget)
+        need = least_need(layouts, options, units_of, budget, memo)
         if need is not None:
             return nodes, need
     return None
 
 
-def explain(mesh, least: Need, bigger) -> str:
+def explain(mesh, least: Need, bigger, max_nodes: int) -> str:
     """One line: what the least-memory layout needs, and what mesh would hold a plan."""
-    gib = 2**30
     text = (
-        f"no plan fits in {mesh.device.memory_bytes / gib:.0f} GiB per device on "
+        f"no plan fits in {human_bytes(mesh.device.memory_bytes)} per device on "
         f"{mesh.world_size} devices: the layout needing the least memory ({least.describe()}) "
-        f"needs {least.memory_bytes / gib:.1f} GiB per device"
+        f"needs {human_bytes(least.memory_bytes)} per device"
     )
     if bigger is None:
-        return text + f"; no mesh of up to {MAX_NODES} nodes fits it with these pins"
+        return text + (
+            f"; no mesh of up to {min(max_nodes, MAX_NODES)} nodes holds a plan either (past "
+            "that, more nodes only add replicas): use a smaller batch or sequence, fewer pins "
+            "or devices with more memory"
+        )
     nodes, need = bigger
     world = nodes * mesh.devices_per_node
     return text + (
         f"; {nodes} nodes ({world} devices) would hold a plan: {need.describe()} needs "
-        f"{need.memory_bytes / gib:.1f} GiB per device there"
+        f"{human_bytes(need.memory_bytes)} per device there"
     )
