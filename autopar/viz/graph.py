@@ -82,14 +82,15 @@ def layer_label(layer: int | None) -> str:
     return "outside" if layer is None else str(layer)
 
 
-def communication_by_layer(plan) -> dict[int | None, dict[str, float]]:
-    """Seconds of collectives per block and phase (see `Plan.collectives` for their scope);
-    None holds what no block owns."""
+def communication_by_layer(plan, axis: str = "tp") -> dict[int | None, dict[str, float]]:
+    """Seconds of the collectives on `axis` per block and phase (see `Plan.collectives`
+    for their scope); None holds what no block owns."""
     table: dict[int | None, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for layer in set(plan.layer_of.values()):
         table[layer]["forward"] += 0.0  # blocks without collectives still get a bar
     for c in plan.collectives:
-        table[c.layer][c.phase] += c.seconds
+        if c.axis == axis:
+            table[c.layer][c.phase] += c.seconds
     return table
 
 
@@ -137,7 +138,8 @@ def layer_time_figure(plan, compute_by_layer: dict[int | None, float] | None = N
     axes.set_xlabel("transformer block" + (f" (1 in {step} labelled)" if step > 1 else ""))
     axes.set_ylabel("ms")
     what = "time" if compute_by_layer else "tensor-parallel communication"
-    axes.set_title(f"Predicted {what} per block, one pass of the example batch (tp={plan.tp})")
+    axes.set_title(f"Predicted {what} per block\n(one pass of the example batch, tp={plan.tp})",
+                   fontsize=9)  # fmt: skip
     axes.legend(fontsize=8)
     return figure
 

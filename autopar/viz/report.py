@@ -52,8 +52,8 @@ img { max-width: 100%; }
 
 # What Plan.collectives holds, said wherever they are summed.
 COLLECTIVES_SCOPE = (
-    "Tensor-parallel collectives of the whole model for one forward and backward pass of the "
-    "example batch; each pipeline stage runs only its own blocks' share, once per microbatch"
+    "the collectives of the whole model for one forward and backward pass of the example "
+    "batch (each pipeline stage runs only its own blocks' share, once per microbatch)"
 )
 
 
@@ -242,31 +242,34 @@ def _placement_section(plan) -> str:
     return _section("Parameter placements", legend + "\n".join(parts))
 
 
-def collective_totals(plan) -> dict[tuple[str, str], tuple[int, int, float]]:
-    """(kind, phase) -> (count, bytes, seconds) over the plan's collectives, per step."""
+def collective_totals(plan, axis: str | None = None) -> dict[tuple[str, str], tuple]:
+    """(kind, phase) -> (count, bytes, seconds) over the plan's collectives (those on
+    `axis` when given)."""
     totals: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0])
     for c in plan.collectives:
-        entry = totals[c.kind, c.phase]
-        entry[0] += 1
-        entry[1] += c.nbytes
-        entry[2] += c.seconds
+        if axis in (None, c.axis):
+            entry = totals[c.kind, c.phase]
+            entry[0] += 1
+            entry[1] += c.nbytes
+            entry[2] += c.seconds
     return {key: tuple(value) for key, value in totals.items()}
 
 
 def _communication_section(plan) -> str:
-    totals = collective_totals(plan)
-    largest = max((t[2] for t in totals.values()), default=0.0) or 1.0
+    totals = {axis: collective_totals(plan, axis) for axis in ("tp", "dp")}
+    largest = max((t[2] for by in totals.values() for t in by.values()), default=0.0) or 1.0
     rows = [
-        [kind, phase, n, human_bytes(nbytes), human_seconds(s), _bar(s / largest, "comm")]
-        for (kind, phase), (n, nbytes, s) in sorted(totals.items())
+        [axis, kind, phase, n, human_bytes(nbytes), human_seconds(s), _bar(s / largest, "comm")]
+        for axis, by in totals.items()
+        for (kind, phase), (n, nbytes, s) in sorted(by.items())
     ]
-    headers = ["collective", "phase", "count", "bytes", "time", ""]
+    headers = ["axis", "collective", "phase", "count", "bytes", "time", ""]
     note = (
-        f"<p class='muted'>{COLLECTIVES_SCOPE}. The data-parallel gradient sync is part of the "
-        "predicted communication above but not listed here.</p>"
+        f"<p class='muted'>tp: {COLLECTIVES_SCOPE}, and the sums of parameter gradients "
+        "once per step. dp: the gradient sync, once per step.</p>"
     )
-    body = _table(headers, rows, numeric={2, 3, 4}) if rows else "<p>No collectives.</p>"
-    return _section("Communication by kind and phase", note + body)
+    body = _table(headers, rows, numeric={3, 4, 5}) if rows else "<p>No collectives.</p>"
+    return _section("Communication by axis, kind and phase", note + body)
 
 
 def _stage_section(plan) -> str:
