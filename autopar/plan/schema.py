@@ -33,51 +33,46 @@ def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _object_of(test):
+    return lambda v: isinstance(v, dict) and all(map(test, v.values()))
+
+
+def _kind(*types):
+    return lambda v: isinstance(v, types)
+
+
+def _mesh(v) -> bool:
+    return isinstance(v, dict) and all(
+        _is_whole(v.get(k), 1) for k in ("nodes", "devices_per_node")
+    )
+
+
+COUNT = (lambda v: _is_whole(v, 1), POSITIVE)
+TEXT = (_kind(str), "a string")
 # field -> (test of its value, what it must be), for every field of a plan file
 FIELDS = {
-    "dp": (lambda v: _is_whole(v, 1), POSITIVE),
-    "tp": (lambda v: _is_whole(v, 1), POSITIVE),
-    "pp": (lambda v: _is_whole(v, 1), POSITIVE),
-    "num_microbatches": (lambda v: _is_whole(v, 1), POSITIVE),
-    "microbatch_size": (lambda v: _is_whole(v, 1), POSITIVE),
-    "schedule": (lambda v: isinstance(v, str), "a schedule name (a string)"),
-    "strategies": (lambda v: isinstance(v, dict), "an object of node name -> node"),
-    "stages": (
-        lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
-        "a list of stage objects",
-    ),  # fmt: skip
-    "cost": (
-        lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
-        "an object of finite numbers",
-    ),  # fmt: skip
-    "collectives": (lambda v: isinstance(v, list), "a list of collectives"),
-    "unsupported_ops": (lambda v: isinstance(v, list), "a list of op names"),
-    "model_fingerprint": (lambda v: isinstance(v, str), "a string"),
-    "mesh": (
-        lambda v: isinstance(v, dict)
-        and _is_whole(v.get("nodes"), 1)
-        and _is_whole(v.get("devices_per_node"), 1),
-        "an object with positive whole numbers nodes and devices_per_node",
-    ),  # fmt: skip
-    "mesh_fingerprint": (lambda v: isinstance(v, str), "a string"),
-    "solver": (lambda v: isinstance(v, dict), "an object"),
-    "layer_of": (
-        lambda v: isinstance(v, dict) and all(_is_whole(x) for x in v.values()),
-        "an object of node name -> block index",
-    ),  # fmt: skip
-    "param_fqns": (lambda v: isinstance(v, dict), "an object of placeholder -> parameter"),
-    "tied_params": (lambda v: isinstance(v, dict), "an object of placeholder -> placeholder"),
-    "unit_times_s": (
-        lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
-        "an object of unit -> seconds",
-    ),  # fmt: skip
-    "sequence_parallel": (lambda v: isinstance(v, bool), "true or false"),
-    "model": (lambda v: isinstance(v, str), "a string"),
-    "dtype": (lambda v: isinstance(v, str), "a string"),
+    "dp": COUNT, "tp": COUNT, "pp": COUNT, "num_microbatches": COUNT, "microbatch_size": COUNT,
+    "schedule": (_kind(str), "a schedule name (a string)"),
+    "strategies": (_kind(dict), "an object of node name -> node"),
+    "stages": (lambda v: isinstance(v, list) and all(map(_kind(dict), v)), "a list of objects"),
+    "cost": (_object_of(_is_number), "an object of finite numbers"),
+    "collectives": (_kind(list), "a list of collectives"),
+    "unsupported_ops": (_kind(list), "a list of op names"),
+    "model_fingerprint": TEXT,
+    "mesh": (_mesh, "an object with positive whole numbers nodes and devices_per_node"),
+    "mesh_fingerprint": TEXT,
+    "solver": (_kind(dict), "an object"),
+    "layer_of": (_object_of(_is_whole), "an object of node name -> block index"),
+    "param_fqns": (_object_of(_kind(str)), "an object of placeholder -> parameter name"),
+    "tied_params": (_object_of(_kind(str)), "an object of placeholder -> placeholder"),
+    "unit_times_s": (_object_of(_is_number), "an object of unit -> seconds"),
+    "sequence_parallel": (_kind(bool), "true or false"),
+    "model": TEXT,
+    "dtype": TEXT,
     "seq_len": (lambda v: v is None or _is_whole(v, 1), f"null or {POSITIVE}"),
-    "global_batch_size": (lambda v: _is_whole(v), WHOLE),
-    "schema_version": (lambda v: _is_whole(v), WHOLE),
-}
+    "global_batch_size": (_is_whole, WHOLE),
+    "schema_version": (_is_whole, WHOLE),
+}  # fmt: skip
 
 
 def _wrong(field: str, value, must: str) -> PlanError:
