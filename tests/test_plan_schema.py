@@ -107,6 +107,14 @@ EDITS = {
         lambda d: d.update(global_batch_size=12),
         ["global_batch_size is 12", "dp * num_microbatches * microbatch_size = 8"],
     ),
+    "an unknown recomputation": (
+        lambda d: d["stages"][0].update(recompute="some"),
+        ["stages[0].recompute is 'some'", "one of none, selective, full"],
+    ),
+    "a recomputation its stages do not say": (
+        lambda d: d.update(recompute="full"),
+        ["field recompute is 'full'", "'none', as its stages say"],
+    ),
     "a missing field": (lambda d: d.pop("stages"), ["lacks field(s) stages"]),
     "an unknown field": (
         lambda d: d.update(zero=3),

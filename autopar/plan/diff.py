@@ -1,7 +1,7 @@
 """What differs between two plans, and where each one's predicted time goes.
 
 `plan_diff(a, b)` is a plain dict (what `autopar diff --json` prints): the settings that
-differ (degrees, schedule, sequence parallelism, ...) and those that agree, the nodes
+differ (degrees, schedule, sequence parallelism, recomputation, ...) and those that agree, the nodes
 whose placement differs per mesh axis, grouped by block (runs of blocks that differ
 alike are one group, so 96 identical blocks read as one), and the predicted step's
 parts side by side. `format_diff` is the text `autopar diff` prints.
@@ -31,6 +31,8 @@ SETTINGS = {
     "schedule": lambda p: p.schedule,
     "pipeline stages": lambda p: len(p.stages),
     "sequence parallelism": lambda p: p.sequence_parallel,
+    "recomputation": lambda p: p.recompute,
+    "recomputation per stage": lambda p: " ".join(s.recompute for s in p.stages),
 }
 SHOWN_NODES = 8  # per group in the text; --json lists them all
 

@@ -8,7 +8,8 @@ codegen with a message about some node's input:
    schedule a string, ...), and no field is unknown.
 2. `check_plan`: the values agree: dp * tp * pp is the world size of the plan's mesh;
    the schedule is known; the stages are a multiple of pp (one per pp rank unless
-   interleaved), stage k on pp rank k % pp; each node's placements name the axes the
+   interleaved), stage k on pp rank k % pp, each with a known recomputation mode that
+   the plan's `recompute` sums up; each node's placements name the axes the
    plan splits, fit its tensor's rank, and a grouped shard `S(d,gk)` divides dim d by
    k x tp (an ungrouped shard pads, which is allowed).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+from autopar.cost.memory import RECOMPUTE_MODES
 from autopar.errors import PlanError
 from autopar.placement import DP, TP, Shard
 
@@ -67,6 +69,7 @@ FIELDS = {
     "tied_params": (_object_of(_kind(str)), "an object of placeholder -> placeholder"),
     "unit_times_s": (_object_of(_is_number), "an object of unit -> seconds"),
     "sequence_parallel": (_kind(bool), "true or false"),
+    "recompute": (_kind(str), "a recomputation mode (a string)"),
     "model": TEXT,
     "dtype": TEXT,
     "seq_len": (lambda v: v is None or _is_whole(v, 1), f"null or {POSITIVE}"),
@@ -106,6 +109,7 @@ def check_plan(plan, schedules) -> None:
         raise _wrong("schedule", plan.schedule, f"one of {', '.join(schedules)}")
     _check_batch(plan)
     _check_stages(plan)
+    _check_recompute(plan)
     for name, node in plan.strategies.items():
         _check_node(plan, name, node)
 
@@ -150,6 +154,18 @@ def _check_stages(plan) -> None:
             raise _wrong(
                 f"stages[{k}].pp_rank", stage.pp_rank, f"{k % pp} (stage k on pp rank k % pp)"
             )
+
+
+def _check_recompute(plan) -> None:
+    for k, stage in enumerate(plan.stages):
+        if stage.recompute not in RECOMPUTE_MODES:
+            raise _wrong(
+                f"stages[{k}].recompute", stage.recompute, f"one of {', '.join(RECOMPUTE_MODES)}"
+            )
+    modes = {stage.recompute for stage in plan.stages}
+    overall = modes.pop() if len(modes) == 1 else "mixed"
+    if plan.recompute != overall:
+        raise _wrong("recompute", plan.recompute, f"{overall!r}, as its stages say")
 
 
 # ----------------------------------------------------------------------------- placements

@@ -60,6 +60,7 @@ def _parallelism(plan) -> str:
     stages = len(plan.stages)
     on = f" on {plan.pp} pipeline ranks (interleaved)" if stages > plan.pp else ""
     parts.append(f"{stages} pipeline stage{'s' if stages > 1 else ''}{on}")
+    parts.append(f"activation recomputation {plan.recompute}")
     return "parallelism: " + "; ".join(parts)
 
 

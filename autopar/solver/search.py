@@ -333,18 +333,20 @@ def _options(pins: Pins, batch: int, global_batch_size):
     return options
 
 
-def _fastest_units(traced, solve, context):
-    """(tp, microbatch size) -> the units of the fastest sharding solved at that tp."""
-    _, dtype_bytes, batch, unit_of, state_bytes = context
+def _fastest_units(traced, solve, pins: Pins, context):
+    """(tp, microbatch size) -> the units (per recomputation mode the pins allow) of the
+    fastest sharding solved at that tp."""
+    _, _, batch, unit_of, state_bytes = context
     fastest = {key[0]: s for key, s in solve.solutions.items() if s is not None and not key[2]}
 
     @functools.cache
     def units_of(tp: int, size: int):
         if tp not in fastest:
             return None
-        return build_units(
-            traced, fastest[tp].pricing, unit_of, scale=size / batch, dtype_bytes=dtype_bytes,
+        return unit_modes(
+            traced, fastest[tp].pricing, unit_of, scale=size / batch,
             state_bytes_per_param=state_bytes,
+            modes=(pins.recompute,) if pins.recompute else RECOMPUTE_MODES,
         )  # fmt: skip
 
     return units_of
@@ -353,7 +355,7 @@ def _fastest_units(traced, solve, context):
 def _nothing_fits(traced, mesh, pins, solve, context, global_batch_size) -> str:
     """The least memory a layout needs and the nodes that would fit it (or why not)."""
     options = _options(pins, context[2], global_batch_size)
-    units_of = _fastest_units(traced, solve, context)
+    units_of = _fastest_units(traced, solve, pins, context)
     least = shortfall.least_need(layouts(traced, mesh, pins), options, units_of)
     if least is not None and least.memory_bytes > mesh.device.memory_bytes:
         # past tp x pp = tp x units, more devices only add replicas (useless past one row each)
