@@ -1,10 +1,10 @@
 """What differs between two plans, and where each one's predicted time goes.
 
-`plan_diff(a, b)` is a plain dict (what `autopar diff --json` prints): the settings that
-differ (degrees, schedule, sequence parallelism, recomputation, ...) and those that agree, the nodes
-whose placement differs per mesh axis, grouped by block (runs of blocks that differ
-alike are one group, so 96 identical blocks read as one), and the predicted step's
-parts side by side. `format_diff` is the text `autopar diff` prints.
+`plan_diff(a, b)` is a plain dict (what `autopar diff --json` prints): the settings
+that differ (degrees, schedule, sequence parallelism, recomputation, ...) and those
+that agree, the nodes whose placement differs per mesh axis, grouped by block (runs of
+blocks that differ alike are one group, so 96 identical blocks read as one), and the
+predicted step's parts side by side. `format_diff` is the text `autopar diff` prints.
 """
 
 from __future__ import annotations
