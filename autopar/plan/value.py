@@ -113,7 +113,7 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = asdict(dataclasses.replace(self, strategies={}))  # nodes print their own way
         data["strategies"] = {name: node.to_dict() for name, node in self.strategies.items()}
         return data
 
@@ -216,9 +216,12 @@ def _why(error: Exception) -> str:
 def readable_json(value, indent: str = "", width: int = 100) -> str:
     """JSON that reads: a value that fits in `width` on one line, else one key (or list
     entry) per line, and long lists of plain values packed into lines of `width`."""
-    text, inner = json.dumps(value), indent + " "
-    if len(indent) + len(text) <= width or not isinstance(value, dict | list) or not value:
-        return text
+    inner = indent + " "
+    container = isinstance(value, dict | list)
+    if not container or 3 * len(value) <= width:  # n entries take >= 3n characters
+        text = json.dumps(value)
+        if len(indent) + len(text) <= width or not container or not value:
+            return text
     if isinstance(value, dict):
         items = (f"{inner}{json.dumps(k)}: {readable_json(v, inner)}" for k, v in value.items())
         return "{\n" + ",\n".join(items) + f"\n{indent}}}"
