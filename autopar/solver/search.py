@@ -27,6 +27,7 @@ from autopar.solver.assemble import to_plan
 from autopar.solver.pipeline import SCHEDULES, evaluate, schedulable, unit_modes, unit_of_nodes
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
 
+ZERO_DP = 64  # where ZeRO's 1/dp of the states stops mattering to "how many nodes would fit"
 MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
 
 
@@ -308,7 +309,7 @@ def _check_batch_splits(candidates, pins: Pins, batch: int, global_batch_size) -
             f"{', '.join(map(str, sorted(replicas)))} replicas; pick a global batch one of "
             "them divides, or pin dp"
         )
-    if any(_microbatch_options(replicas[c.dp] or 0, c.pp, pins) for c in candidates):
+    if any(_microbatch_options(replicas[c.dp] or 0, pins) for c in candidates):
         return
     pinned = [f"{pins.microbatches} microbatches"] if pins.microbatches else []
     pinned += [f"microbatches of {pins.microbatch_size}"] if pins.microbatch_size else []
@@ -322,45 +323,53 @@ def _check_batch_splits(candidates, pins: Pins, batch: int, global_batch_size) -
     )
 
 
-def _options(pins: Pins, batch: int, global_batch_size):
-    """layout -> the (microbatches, microbatch size, schedule) the search tries on it."""
+def _options(pins: Pins, batch: int, global_batch_size, training: bool):
+    """layout -> the (microbatches, microbatch size, schedule, ZeRO stage) the search
+    tries on it."""
 
     def options(layout):
         replica = _replica_batch(global_batch_size, batch, layout.dp)
-        for m, size in _microbatch_options(replica, layout.pp, pins) if replica else ():
-            yield from ((m, size, schedule) for schedule in _schedules(layout, pins))
+        for m, size in _microbatch_options(replica, pins) if replica else ():
+            for zero in _zero_stages(layout, pins, training):
+                yield from ((m, size, s, zero) for s in _schedules(layout, pins))
 
     return options
 
 
 def _fastest_units(traced, solve, pins: Pins, context):
-    """(tp, microbatch size) -> the units (per recomputation mode the pins allow) of the
-    fastest sharding solved at that tp."""
-    _, _, batch, unit_of, state_bytes = context
+    """(layout, microbatch size, ZeRO stage) -> the units (per recomputation mode the pins
+    allow) of the fastest sharding solved at the layout's tp, None if none was."""
+    training, dtype_bytes, batch, unit_of, optimizer = context
     fastest = {key[0]: s for key, s in solve.solutions.items() if s is not None and not key[2]}
 
     @functools.cache
-    def units_of(tp: int, size: int):
-        if tp not in fastest:
-            return None
+    def units(tp: int, dp: int, size: int, zero: int):
+        state = state_bytes_per_param(training, dtype_bytes, optimizer, zero, dp)
         return unit_modes(
             traced, fastest[tp].pricing, unit_of, scale=size / batch,
-            state_bytes_per_param=state_bytes,
+            state_bytes_per_param=state,
             modes=(pins.recompute,) if pins.recompute else RECOMPUTE_MODES,
         )  # fmt: skip
+
+    def units_of(layout, size: int, zero: int):
+        if layout.tp not in fastest:
+            return None
+        return units(layout.tp, layout.dp if zero else 1, size, zero)  # dp matters under ZeRO
 
     return units_of
 
 
 def _nothing_fits(traced, mesh, pins, solve, context, global_batch_size) -> str:
     """The least memory a layout needs and the nodes that would fit it (or why not)."""
-    options = _options(pins, context[2], global_batch_size)
+    options = _options(pins, context[2], global_batch_size, context[0])
     units_of = _fastest_units(traced, solve, pins, context)
     least = shortfall.least_need(layouts(traced, mesh, pins), options, units_of)
     if least is not None and least.memory_bytes > mesh.device.memory_bytes:
-        # past tp x pp = tp x units, more devices only add replicas (useless past one row each)
+        # past tp x pp = tp x units, more devices only add replicas: useless past one row
+        # each, and past ZERO_DP for the states ZeRO divides among them
         useful = max(pins.tp or 1, mesh.devices_per_node) * (len(traced.analysis.layers) + 2)
-        max_nodes = -(-useful * (global_batch_size or 1) // mesh.devices_per_node)
+        replicas = max(global_batch_size or 1, ZERO_DP if context[0] and pins.zero != 0 else 1)
+        max_nodes = -(-useful * replicas // mesh.devices_per_node)
         layouts_of = functools.partial(layouts, traced, pins=pins)
         bigger = shortfall.nodes_that_fit(mesh, layouts_of, options, units_of, max_nodes)
         return shortfall.explain(mesh, least, bigger, max_nodes)

@@ -30,50 +30,61 @@ class Need:
     num_microbatches: int
     microbatch_size: int
     schedule: str
+    zero: int
     memory_bytes: float
 
     def describe(self) -> str:
         layout = self.layout
+        zero = f", ZeRO-{self.zero}" if self.zero else ""
         return (
             f"dp={layout.dp} tp={layout.tp} pp={layout.pp}, {self.num_microbatches} "
-            f"microbatch(es) of {self.microbatch_size}, {self.schedule}"
+            f"microbatch(es) of {self.microbatch_size}, {self.schedule}{zero}"
         )
 
 
-Options = Callable[[object], Iterable[tuple[int, int, str]]]  # layout -> (m, size, schedule)
-UnitsOf = Callable[[int, int], list | None]  # (tp, microbatch size) -> units, None if unsolved
+Options = Callable[[object], Iterable[tuple[int, int, str, int]]]  # layout -> (m, size,
+# schedule, ZeRO stage); (layout, size, ZeRO stage) -> units, None where tp was not solved
+UnitsOf = Callable[[object, int, int], list | dict | None]
 
 
 def least_need(layouts, options: Options, units_of: UnitsOf, budget=math.inf, memo=None):
     """The configuration needing the least memory per device among those within `budget`
-    (a Need, or None). Memory does not depend on dp: `memo` keeps each split's."""
+    (a Need, or None). Memory depends on dp only under ZeRO: `memo` keeps each split's."""
     best, memo = None, {} if memo is None else memo
     for layout in layouts:
-        for m, size, schedule in options(layout):
-            key = (layout.tp, layout.pp, m, size, schedule, budget)
+        for m, size, schedule, zero in options(layout):
+            key = (layout.tp, layout.pp, layout.dp if zero else 1, m, size, schedule, zero)
             if key not in memo:
-                units = units_of(layout.tp, size)
+                units = units_of(layout, size, zero)
                 choice = units and evaluate(units, layout.pp, m, schedule, lambda b: 0.0, budget)
                 memo[key] = choice.memory_bytes if choice else None
             if memo[key] is not None and (best is None or memo[key] < best.memory_bytes):
-                best = Need(layout, m, size, schedule, memo[key])
+                best = Need(layout, m, size, schedule, zero, memo[key])
     return best
 
 
 def nodes_that_fit(mesh, layouts_of, options: Options, units_of: UnitsOf, max_nodes: int):
     """(nodes, Need) for the smallest mesh of up to `max_nodes` on which some layout fits,
     or None. `layouts_of(mesh)` lists a mesh's layouts (AutoparError if the pins rule
-    every one out)."""
-    budget, memo = mesh.device.memory_bytes, {}
-    for nodes in range(mesh.nodes + 1, min(max_nodes, MAX_NODES) + 1):
-        try:
-            layouts = layouts_of(dataclasses.replace(mesh, nodes=nodes))
-        except AutoparError:
-            continue
-        need = least_need(layouts, options, units_of, budget, memo)
+    every one out). The largest mesh is tried first (it has the most stages and replicas
+    to spread memory over): if even it holds no plan, the search stops there."""
+    memo, largest = {}, min(max_nodes, MAX_NODES)
+    if largest <= mesh.nodes or not _need_on(mesh, largest, layouts_of, options, units_of, memo):
+        return None
+    for nodes in range(mesh.nodes + 1, largest + 1):
+        need = _need_on(mesh, nodes, layouts_of, options, units_of, memo)
         if need is not None:
             return nodes, need
-    return None
+    raise AssertionError("the largest mesh fits, so the search ends there")
+
+
+def _need_on(mesh, nodes, layouts_of, options, units_of, memo) -> Need | None:
+    """The least memory a layout of `nodes` nodes needs, when within the device's."""
+    try:
+        layouts = layouts_of(dataclasses.replace(mesh, nodes=nodes))
+    except AutoparError:
+        return None
+    return least_need(layouts, options, units_of, mesh.device.memory_bytes, memo)
 
 
 def explain(mesh, least: Need, bigger, max_nodes: int) -> str:
