@@ -11,6 +11,7 @@ schedule can be pinned.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -323,45 +324,48 @@ def _check_batch_splits(candidates, pins: Pins, batch: int, global_batch_size) -
     )
 
 
-def _options(pins: Pins, batch: int, global_batch_size, training: bool):
-    """layout -> the (microbatches, microbatch size, schedule, ZeRO stage) the search
-    tries on it."""
+def _frugal_options(pins: Pins, batch: int, global_batch_size, training: bool):
+    """layout -> its configuration needing the least memory that the pins allow: the most
+    microbatches, 1F1B (the fewest in flight) and the highest ZeRO stage."""
 
     def options(layout):
         replica = _replica_batch(global_batch_size, batch, layout.dp)
-        for m, size in _microbatch_options(replica, pins) if replica else ():
-            for zero in _zero_stages(layout, pins, training):
-                yield from ((m, size, s, zero) for s in _schedules(layout, pins))
+        splits = _microbatch_options(replica, pins) if replica else []
+        if splits:
+            schedules = _schedules(layout, pins)
+            schedule = "1f1b" if "1f1b" in schedules else schedules[0]
+            yield *max(splits), schedule, max(_zero_stages(layout, pins, training))
 
     return options
 
 
 def _fastest_units(traced, solve, pins: Pins, context):
-    """(layout, microbatch size, ZeRO stage) -> the units (per recomputation mode the pins
-    allow) of the fastest sharding solved at the layout's tp, None if none was."""
+    """(layout, microbatch size, ZeRO stage) -> the units of the fastest sharding solved at
+    the layout's tp (None if none was), recomputed as fully as the pins allow."""
     training, dtype_bytes, batch, unit_of, optimizer = context
     fastest = {key[0]: s for key, s in solve.solutions.items() if s is not None and not key[2]}
+    frugal = (pins.recompute or RECOMPUTE_MODES[-1],)  # "full" keeps the least
 
     @functools.cache
-    def units(tp: int, dp: int, size: int, zero: int):
-        state = state_bytes_per_param(training, dtype_bytes, optimizer, zero, dp)
-        return unit_modes(
-            traced, fastest[tp].pricing, unit_of, scale=size / batch,
-            state_bytes_per_param=state,
-            modes=(pins.recompute,) if pins.recompute else RECOMPUTE_MODES,
-        )  # fmt: skip
+    def per_parameter(tp: int, size: int) -> dict:  # param_bytes counts parameters here
+        return unit_modes(traced, fastest[tp].pricing, unit_of, scale=size / batch,
+                          state_bytes_per_param=1.0, modes=frugal)  # fmt: skip
 
     def units_of(layout, size: int, zero: int):
         if layout.tp not in fastest:
             return None
-        return units(layout.tp, layout.dp if zero else 1, size, zero)  # dp matters under ZeRO
+        state = state_bytes_per_param(training, dtype_bytes, optimizer, zero, layout.dp)
+        return {
+            mode: [dataclasses.replace(u, param_bytes=u.param_bytes * state) for u in units]
+            for mode, units in per_parameter(layout.tp, size).items()
+        }
 
     return units_of
 
 
 def _nothing_fits(traced, mesh, pins, solve, context, global_batch_size) -> str:
     """The least memory a layout needs and the nodes that would fit it (or why not)."""
-    options = _options(pins, context[2], global_batch_size, context[0])
+    options = _frugal_options(pins, context[2], global_batch_size, context[0])
     units_of = _fastest_units(traced, solve, pins, context)
     least = shortfall.least_need(layouts(traced, mesh, pins), options, units_of)
     if least is not None and least.memory_bytes > mesh.device.memory_bytes:

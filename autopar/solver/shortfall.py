@@ -1,10 +1,12 @@
 """When no plan fits: the least memory any layout needs, and how many nodes would hold it.
 
 Both are read off the fastest sharding of each tp degree the search solved, split into
-stages by the stage DP (`pipeline.evaluate`): first with no memory bound on this mesh
-(the least memory a layout needs per device), then under the device's memory on meshes
-of more nodes, until one fits. The memory-bounded ILP may shave a little off the first
-figure; it could not bring it under the device's memory, or the search would have
+stages by the stage DP (`pipeline.evaluate`), each layout in its most frugal
+configuration (the caller's `options`: most microbatches, 1F1B, the highest ZeRO
+stage, full recomputation where the pins allow): first with no memory bound on this
+mesh (the least memory a layout needs per device), then under the device's memory on
+meshes of more nodes, until one fits. The memory-bounded ILP may shave a little off the
+first figure; it could not bring it under the device's memory, or the search would have
 found a plan.
 """
 
@@ -31,14 +33,16 @@ class Need:
     microbatch_size: int
     schedule: str
     zero: int
+    recompute: str  # the stages' recomputation mode
     memory_bytes: float
 
     def describe(self) -> str:
         layout = self.layout
         zero = f", ZeRO-{self.zero}" if self.zero else ""
+        recompute = f", {self.recompute} recomputation" if self.recompute != "none" else ""
         return (
             f"dp={layout.dp} tp={layout.tp} pp={layout.pp}, {self.num_microbatches} "
-            f"microbatch(es) of {self.microbatch_size}, {self.schedule}{zero}"
+            f"microbatch(es) of {self.microbatch_size}, {self.schedule}{zero}{recompute}"
         )
 
 
@@ -57,10 +61,14 @@ def least_need(layouts, options: Options, units_of: UnitsOf, budget=math.inf, me
             if key not in memo:
                 units = units_of(layout, size, zero)
                 choice = units and evaluate(units, layout.pp, m, schedule, lambda b: 0.0, budget)
-                memo[key] = choice.memory_bytes if choice else None
-            if memo[key] is not None and (best is None or memo[key] < best.memory_bytes):
-                best = Need(layout, m, size, schedule, zero, memo[key])
+                memo[key] = choice and (choice.memory_bytes, _mode(choice.split.modes))
+            if memo[key] and (best is None or memo[key][0] < best.memory_bytes):
+                best = Need(layout, m, size, schedule, zero, memo[key][1], memo[key][0])
     return best
+
+
+def _mode(modes: tuple[str, ...]) -> str:
+    return modes[0] if len(set(modes)) == 1 else "mixed"
 
 
 def nodes_that_fit(mesh, layouts_of, options: Options, units_of: UnitsOf, max_nodes: int):
