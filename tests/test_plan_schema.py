@@ -115,10 +115,15 @@ EDITS = {
         lambda d: d.update(recompute="full"),
         ["field recompute is 'full'", "'none', as its stages say"],
     ),
+    "ZeRO-3": (lambda d: d.update(zero=3), ["field zero is 3", "0, 1 or 2"]),
+    "ZeRO without replicas": (
+        lambda d: d.update(dp=1, pp=4, global_batch_size=0, zero=1),
+        ["field zero is 1", "0 at dp=1"],
+    ),
     "a missing field": (lambda d: d.pop("stages"), ["lacks field(s) stages"]),
     "an unknown field": (
-        lambda d: d.update(zero=3),
-        ["unknown field(s) zero", "the fields are dp"],
+        lambda d: d.update(zeros=3),
+        ["unknown field(s) zeros", "the fields are dp"],
     ),
     "a cost that is not a number": (
         lambda d: d["cost"].update(step_time_s="fast"),

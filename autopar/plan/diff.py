@@ -31,6 +31,7 @@ SETTINGS = {
     "schedule": lambda p: p.schedule,
     "pipeline stages": lambda p: len(p.stages),
     "sequence parallelism": lambda p: p.sequence_parallel,
+    "ZeRO stage": lambda p: p.zero,
     "recomputation": lambda p: p.recompute,
     "recomputation per stage": lambda p: " ".join(s.recompute for s in p.stages),
 }

@@ -70,6 +70,7 @@ FIELDS = {
     "unit_times_s": (_object_of(_is_number), "an object of unit -> seconds"),
     "sequence_parallel": (_kind(bool), "true or false"),
     "recompute": (_kind(str), "a recomputation mode (a string)"),
+    "zero": (lambda v: _is_whole(v) and v <= 2, "a ZeRO stage: 0, 1 or 2"),
     "model": TEXT,
     "dtype": TEXT,
     "seq_len": (lambda v: v is None or _is_whole(v, 1), f"null or {POSITIVE}"),
@@ -107,6 +108,7 @@ def check_plan(plan, schedules) -> None:
     _check_degrees(plan)
     if plan.schedule not in schedules:
         raise _wrong("schedule", plan.schedule, f"one of {', '.join(schedules)}")
+    _check_zero(plan)
     _check_batch(plan)
     _check_stages(plan)
     _check_recompute(plan)
@@ -123,6 +125,11 @@ def _check_degrees(plan) -> None:
             f"{plan.dp * plan.tp * plan.pp}); they must multiply to the world size of the "
             f"plan's mesh, {world} ({nodes} node(s) x {per_node})"
         )
+
+
+def _check_zero(plan) -> None:
+    if plan.zero and plan.dp == 1:
+        raise _wrong("zero", plan.zero, "0 at dp=1 (ZeRO shards states over dp replicas)")
 
 
 def _check_batch(plan) -> None:

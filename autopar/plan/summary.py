@@ -41,9 +41,10 @@ def human_seconds(s: float) -> str:
 
 def _parallelism(plan) -> str:
     cost = plan.cost
+    zero = f", ZeRO-{plan.zero} (states sharded over dp)" if plan.zero else ""
     parts = [
-        f"data parallel over {plan.dp} replicas (gradient all-reduce "
-        f"{human_seconds(cost.dp_sync_s)})"
+        f"data parallel over {plan.dp} replicas (gradient sync {human_seconds(cost.dp_sync_s)}"
+        f"{zero})"
         if plan.dp > 1
         else "no data parallelism"
     ]

@@ -83,68 +83,83 @@ def _crossing_bytes(traced, unit_of, num_units, pricing) -> list[float]:
     return crossing
 
 
-_QUANTITIES = ("time", "forward", "core", "kept", "core_kept", "params", "once", "once_forward")
+_QUANTITIES = (
+    "time", "forward", "core", "kept", "core_kept", "param_numel", "once", "once_forward",
+    "optimizer", "grad_bytes", "partial_bytes",
+)  # fmt: skip
 
 
-def _totals(traced, pricing, unit_of, num_units, state_bytes_per_param) -> dict[str, list]:
-    """Per unit, what one traced batch costs (`once`: collectives on parameters, which do
-    not grow with the microbatch) and what each recomputation mode reads."""
-    totals = {key: [0.0] * num_units for key in _QUANTITIES}
-    for name, price in pricing.nodes.items():
-        u = unit_of.get(name, 0)
-        totals["time"][u] += price.compute_s
-        totals["forward"][u] += price.forward_s
-        totals["kept"][u] += price.activation_bytes
-        totals["params"][u] += price.param_numel * state_bytes_per_param
-        if price.attention_core:
-            totals["core"][u] += price.forward_s
-            totals["core_kept"][u] += price.activation_bytes
-    param_names = set(traced.param_fqns)
-    for c in pricing.collectives:
-        u, once = unit_of.get(c.producer, 0), c.producer in param_names
-        totals["once" if once else "time"][u] += c.seconds
-        if c.phase == "forward":  # a recomputed forward runs them again
-            totals["once_forward" if once else "forward"][u] += c.seconds
-    return totals
+@dataclass(frozen=True)
+class UnitTotals:
+    """One sharding's costs per pipeline unit for one traced batch, summed once and then
+    scaled for every configuration the search prices (`once`: collectives on parameters,
+    which do not grow with the microbatch; `partial_bytes`: gradients summed over tp
+    once per step)."""
 
+    values: dict[str, list[float]]
+    crossing: list[float]
 
-def _unit(u, mode, totals, crossing, scale, name) -> Unit:
-    """Unit `u` under recomputation `mode` (units 0 and the last, no block, never recompute)."""
-    time = scale * totals["time"][u] + totals["once"][u]
-    kept, transient = scale * totals["kept"][u], 0.0
-    block = 0 < u < len(crossing) - 1
-    if mode == "selective" and block:
-        time += scale * totals["core"][u]
-        kept -= scale * totals["core_kept"][u]
-    elif mode == "full" and block:
-        time += scale * totals["forward"][u] + totals["once_forward"][u]
-        kept, transient = scale * crossing[u - 1], kept
-    return Unit(name, time, totals["params"][u], kept, scale * crossing[u], transient)
+    @classmethod
+    def of(cls, traced, pricing, unit_of) -> UnitTotals:
+        num_units = len(traced.analysis.layers) + 2
+        values = {key: [0.0] * num_units for key in _QUANTITIES}
+        for name, price in pricing.nodes.items():
+            u = unit_of.get(name, 0)
+            for key, amount in (
+                ("time", price.compute_s), ("forward", price.forward_s),
+                ("kept", price.activation_bytes), ("param_numel", price.param_numel),
+                ("optimizer", price.optimizer_s), ("grad_bytes", price.param_bytes),
+            ):  # fmt: skip
+                values[key][u] += amount
+            if price.attention_core:
+                values["core"][u] += price.forward_s
+                values["core_kept"][u] += price.activation_bytes
+        for name, nbytes in pricing.deferred_grad_bytes.items():
+            values["partial_bytes"][unit_of.get(name, 0)] += nbytes
+        param_names = set(traced.param_fqns)
+        for c in pricing.collectives:
+            u, once = unit_of.get(c.producer, 0), c.producer in param_names
+            values["once" if once else "time"][u] += c.seconds
+            if c.phase == "forward":  # a recomputed forward runs them again
+                values["once_forward" if once else "forward"][u] += c.seconds
+        return cls(values, _crossing_bytes(traced, unit_of, num_units, pricing))
 
+    def _unit(self, u: int, mode: str, scale: float, state_bytes: float) -> Unit:
+        """Unit `u` under recomputation `mode` (the prologue and epilogue never recompute)."""
+        v, crossing = self.values, self.crossing
+        time = scale * v["time"][u] + v["once"][u]
+        kept, transient = scale * v["kept"][u], 0.0
+        block = 0 < u < len(crossing) - 1
+        if mode == "selective" and block:
+            time += scale * v["core"][u]
+            kept -= scale * v["core_kept"][u]
+        elif mode == "full" and block:
+            time += scale * v["forward"][u] + v["once_forward"][u]
+            kept, transient = scale * crossing[u - 1], kept
+        params = v["param_numel"][u] * state_bytes
+        name = "prologue" if u == 0 else "epilogue" if u == len(crossing) - 1 else f"block {u - 1}"
+        return Unit(name, time, params, kept, scale * crossing[u], transient)
 
-def unit_modes(
-    traced, pricing, unit_of, *, scale, state_bytes_per_param, modes=("none",)
-) -> dict[str, list[Unit]]:
-    """The units under each recomputation mode, for a microbatch `scale` times the traced
-    batch. Only blocks recompute: `selective` runs the attention core's forward again and
-    drops what only it keeps; `full` runs the whole block's forward again (its in-graph
-    collectives too) and keeps only the block's input, plus its activations while its
-    backward runs."""
-    num_units = len(traced.analysis.layers) + 2
-    totals = _totals(traced, pricing, unit_of, num_units, state_bytes_per_param)
-    crossing = _crossing_bytes(traced, unit_of, num_units, pricing)
-    names = ["prologue", *(f"block {i}" for i in range(num_units - 2)), "epilogue"]
-    return {
-        mode: [_unit(u, mode, totals, crossing, scale, names[u]) for u in range(num_units)]
-        for mode in modes
-    }
+    def units(self, scale: float, state_bytes: float, modes=("none",)) -> dict[str, list[Unit]]:
+        """The units under each recomputation mode, for a microbatch `scale` times the
+        traced batch and `state_bytes` per parameter. Only blocks recompute: `selective`
+        runs the attention core's forward again and drops what only it keeps; `full` runs
+        the whole block's forward again (its in-graph collectives too) and keeps only the
+        block's input, plus its activations while its backward runs."""
+        count = len(self.crossing)
+        return {m: [self._unit(u, m, scale, state_bytes) for u in range(count)] for m in modes}
+
+    def per_rank(self, key: str, choice) -> list[float]:
+        """`key` summed over the units of each pipeline rank's stages."""
+        sums = [0.0] * (max(choice.rank_of_stage) + 1)
+        for (i, j), rank in zip(choice.split.bounds, choice.rank_of_stage, strict=True):
+            sums[rank] += sum(self.values[key][i:j])
+        return sums
 
 
 def build_units(traced, pricing, unit_of, *, scale, state_bytes_per_param) -> list[Unit]:
-    """The units without recomputation."""
-    return unit_modes(
-        traced, pricing, unit_of, scale=scale, state_bytes_per_param=state_bytes_per_param
-    )["none"]
+    """The units of one sharding without recomputation."""
+    return UnitTotals.of(traced, pricing, unit_of).units(scale, state_bytes_per_param)["none"]
 
 
 def in_flight(schedule: str, pp: int, m: int, chunks: int):

@@ -11,11 +11,10 @@ schedule can be pinned.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +24,14 @@ from autopar.placement import TP
 from autopar.plan import Plan
 from autopar.solver import shortfall
 from autopar.solver.assemble import to_plan
-from autopar.solver.pipeline import SCHEDULES, evaluate, schedulable, unit_modes, unit_of_nodes
+from autopar.solver.pipeline import (
+    INTERLEAVED_CHUNKS,
+    SCHEDULES,
+    UnitTotals,
+    evaluate,
+    schedulable,
+    unit_of_nodes,
+)
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
 
 ZERO_DP = 64  # where ZeRO's 1/dp of the states stops mattering to "how many nodes would fit"
@@ -140,11 +146,16 @@ def _microbatch_options(replica_batch: int, pins: Pins) -> list[tuple[int, int]]
 
 
 def _p2p(mesh, layout: Layout):
+    """Seconds a stage boundary costs per microbatch: the forward activation and the
+    backward gradient cross it once each. The alpha-beta time of the link between
+    neighbouring stages (pp is the outermost mesh axis) is affine in the bytes, so it is
+    read once per layout rather than per boundary the stage DP prices."""
     if layout.pp == 1:
         return lambda nbytes: 0.0
-    neighbours = (0, layout.dp * layout.tp)  # pp is the outermost mesh axis
-    # forward activation and backward gradient cross each boundary once per microbatch
-    return lambda nbytes: 2 * mesh.collective_time("send_recv", nbytes, neighbours)
+    neighbours = (0, layout.dp * layout.tp)
+    latency = mesh.collective_time("send_recv", 0, neighbours)
+    per_byte = mesh.collective_time("send_recv", 2**30, neighbours) / 2**30 - latency / 2**30
+    return lambda nbytes: 2 * (latency + per_byte * nbytes)
 
 
 @dataclass
@@ -183,63 +194,93 @@ def _zero_stages(layout: Layout, pins: Pins, training: bool) -> list[int]:
     return [pins.zero] if pins.zero is not None else [0, 1, 2]
 
 
-def _candidates_for(traced, mesh, solve, fastest, layout, pins, replica_batch, context):
-    """Every (microbatches, schedule, ZeRO stage) that fits: on the fastest sharding, else
-    on one the ILP solved under this configuration's memory rows."""
-    training, dtype_bytes, batch, unit_of, optimizer = context
-    p2p, budget = _p2p(mesh, layout), mesh.device.memory_bytes
-    num_units = len(traced.analysis.layers) + 2
-    modes = (pins.recompute,) if pins.recompute else RECOMPUTE_MODES
+@dataclass
+class _Search:
+    """One search's fixed inputs, its caches, and the best candidate found so far."""
 
-    def units_of(sharding, size, zero):
-        state = state_bytes_per_param(training, dtype_bytes, optimizer, zero, layout.dp)
-        return unit_modes(
-            traced, sharding.pricing, unit_of, scale=size / batch,
-            state_bytes_per_param=state, modes=modes,
-        )  # fmt: skip
+    traced: object
+    mesh: object
+    pins: Pins
+    solve: ShardingSolver
+    training: bool
+    dtype_bytes: int
+    optimizer: str
+    batch: int  # the traced example's rows
+    unit_of: dict
+    best: _Candidate | None = None
+    tried: int = 0
+    totals: dict = field(default_factory=dict)  # id(sharding) -> UnitTotals
 
-    for m, size in _microbatch_options(replica_batch, pins):
-        for zero in _zero_stages(layout, pins, training):
-            units = units_of(fastest, size, zero)
-            for schedule in _schedules(layout, pins):
-                if not schedulable(num_units, layout.pp, m, schedule):
+    def _totals(self, sharding) -> UnitTotals:
+        if id(sharding) not in self.totals:
+            self.totals[id(sharding)] = UnitTotals.of(self.traced, sharding.pricing, self.unit_of)
+        return self.totals[id(sharding)]
+
+    def _units(self, sharding, layout, size, zero) -> dict:
+        state = state_bytes_per_param(
+            self.training, self.dtype_bytes, self.optimizer, zero, layout.dp
+        )
+        modes = (self.pins.recompute,) if self.pins.recompute else RECOMPUTE_MODES
+        return self._totals(sharding).units(size / self.batch, state, modes)
+
+    def _hopeless(self, sharding, units: dict, layout, m: int, size: int, zero: int) -> bool:
+        """Can this configuration not beat the best? A lower bound on its step: its units'
+        time spread evenly over the pp ranks with the smallest pipeline bubble, plus the
+        optimizer step and the gradient sync of an evenly split model."""
+        if self.best is None:
+            return False
+        per_rank = sum(u.time_s for u in next(iter(units.values()))) / layout.pp
+        pipeline = per_rank * (m + (layout.pp - 1) / INTERLEAVED_CHUNKS)
+        totals, owned = self._totals(sharding).values, layout.dp if zero >= 1 else 1
+        optimizer = sum(totals["optimizer"]) / layout.pp / owned
+        grads = sum(totals["grad_bytes"]) / layout.pp
+        sync = grad_sync_seconds(self.mesh, layout, grads, zero=zero) if self.training else 0.0
+        bound = pipeline + optimizer + sync
+        return bound / (layout.dp * m * size) >= self.best.seconds_per_sample
+
+    def visit(self, layout: Layout, replica_batch: int) -> None:
+        """Price every (microbatches, ZeRO stage, schedule) of `layout` that fits: on the
+        fastest sharding, else on one the ILP solved under this configuration's memory."""
+        fastest = self.solve(layout)
+        if fastest is None:
+            return
+        p2p, budget = _p2p(self.mesh, layout), self.mesh.device.memory_bytes
+        num_units = len(self.traced.analysis.layers) + 2
+        for m, size in _microbatch_options(replica_batch, self.pins):
+            for zero in _zero_stages(layout, self.pins, self.training):
+                units = self._units(fastest, layout, size, zero)
+                if self._hopeless(fastest, units, layout, m, size, zero):
                     continue
-                sharding, used = fastest, units
-                choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-                if choice is None:
-                    sharding = solve.fitting(layout, m, size / batch, schedule, unit_of)
-                    if sharding is None:
-                        continue
-                    used = units_of(sharding, size, zero)
-                    choice = evaluate(used, layout.pp, m, schedule, p2p, budget)
-                if choice is not None:
-                    yield _finish(mesh, sharding, layout, choice, size, unit_of, training,
-                                  used, zero)  # fmt: skip
+                for schedule in _schedules(layout, self.pins):
+                    if schedulable(num_units, layout.pp, m, schedule):
+                        self._price(layout, m, size, zero, schedule, fastest, units, p2p, budget)
 
+    def _price(self, layout, m, size, zero, schedule, sharding, units, p2p, budget) -> None:
+        choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+        if choice is None:
+            sharding = self.solve.fitting(layout, m, size / self.batch, schedule, self.unit_of)
+            if sharding is None:
+                return
+            units = self._units(sharding, layout, size, zero)
+            choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+            if choice is None:
+                return
+        candidate = self._finish(sharding, layout, choice, size, units, zero)
+        self.tried += 1
+        if self.best is None or candidate.seconds_per_sample < self.best.seconds_per_sample:
+            self.best = candidate
 
-def _per_rank(values: dict, choice, unit_of, pp: int) -> list[float]:
-    """Sum `values` (node name -> amount) per pipeline rank, by the stage of each node."""
-    sums = [0.0] * pp
-    for name, amount in values.items():
-        stage = _stage_of_unit(choice.split, unit_of.get(name, 0))
-        sums[choice.rank_of_stage[stage]] += amount
-    return sums
-
-
-def _finish(mesh, solution, layout, choice, size, unit_of, training, units, zero):
-    params = {n: p for n, p in solution.pricing.nodes.items() if p.param_numel}
-    owned = layout.dp if zero >= 1 else 1  # ZeRO: each dp rank steps its slice
-    optimizer = _per_rank(
-        {n: p.optimizer_s / owned for n, p in params.items()}, choice, unit_of, layout.pp
-    )
-    grads = _per_rank({n: p.param_bytes for n, p in params.items()}, choice, unit_of, layout.pp)
-    partial = _per_rank(solution.pricing.deferred_grad_bytes, choice, unit_of, layout.pp)
-    dp_sync = grad_sync_seconds(mesh, layout, max(grads), zero=zero) if training else 0.0
-    tp_sync = max(grad_sync_seconds(mesh, layout, b, TP) for b in partial)
-    step = choice.step_s + max(optimizer) + dp_sync + tp_sync
-    return _Candidate(layout, choice, size, step, max(optimizer), dp_sync, max(grads),
-                      tp_sync, max(partial), solution, _unit_times(choice.split, units),
-                      zero)  # fmt: skip
+    def _finish(self, sharding, layout, choice, size, units, zero) -> _Candidate:
+        totals, mesh = self._totals(sharding), self.mesh
+        owned = layout.dp if zero >= 1 else 1  # ZeRO: each dp rank steps its slice
+        optimizer = max(totals.per_rank("optimizer", choice)) / owned
+        grads = max(totals.per_rank("grad_bytes", choice))
+        partial = max(totals.per_rank("partial_bytes", choice))
+        dp_sync = grad_sync_seconds(mesh, layout, grads, zero=zero) if self.training else 0.0
+        tp_sync = grad_sync_seconds(mesh, layout, partial, TP)
+        step = choice.step_s + optimizer + dp_sync + tp_sync
+        return _Candidate(layout, choice, size, step, optimizer, dp_sync, grads, tp_sync,
+                          partial, sharding, _unit_times(choice.split, units), zero)  # fmt: skip
 
 
 def _unit_times(split, units: dict) -> dict[str, float]:
@@ -249,10 +290,6 @@ def _unit_times(split, units: dict) -> dict[str, float]:
         for (i, j), mode in zip(split.bounds, split.modes, strict=True)
         for unit in units[mode][i:j]
     }
-
-
-def _stage_of_unit(split, unit: int) -> int:
-    return next(k for k, (i, j) in enumerate(split.bounds) if i <= unit < j)
 
 
 def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes=None,
@@ -265,30 +302,22 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     candidates = layouts(traced, mesh, pins)
     _check_batch_splits(candidates, pins, batch, global_batch_size)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
-    unit_of = unit_of_nodes(traced)
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
-    context = (training, dtype_bytes, batch, unit_of, optimizer)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
                            pins.sequence_parallel, input_roles)  # fmt: skip
-    best, tried = None, 0
+    run = _Search(traced, mesh, pins, solve, training, dtype_bytes, optimizer, batch,
+                  unit_of_nodes(traced))  # fmt: skip
     for layout in candidates:
         if progress:
             progress(layout)
-        solution = solve(layout)
         replica_batch = _replica_batch(global_batch_size, batch, layout.dp)
-        if solution is None or replica_batch is None:
-            continue
-        for candidate in _candidates_for(
-            traced, mesh, solve, solution, layout, pins, replica_batch, context
-        ):
-            tried += 1
-            if best is None or candidate.seconds_per_sample < best.seconds_per_sample:
-                best = candidate
-    if best is None:
-        raise PlanError(_nothing_fits(traced, mesh, pins, solve, context, global_batch_size))
-    plan = to_plan(traced, mesh, best.sharding, best, training)
+        if replica_batch is not None:
+            run.visit(layout, replica_batch)
+    if run.best is None:
+        raise PlanError(_nothing_fits(run, global_batch_size))
+    plan = to_plan(traced, mesh, run.best.sharding, run.best, training)
     plan.solver.update(
-        search_time_s=time.perf_counter() - start, layouts_tried=tried,
+        search_time_s=time.perf_counter() - start, layouts_tried=run.tried,
         layouts_searched=len(candidates), ilp_time_s=solve.ilp_time_s,
     )  # fmt: skip
     return plan
@@ -339,45 +368,37 @@ def _frugal_options(pins: Pins, batch: int, global_batch_size, training: bool):
     return options
 
 
-def _fastest_units(traced, solve, pins: Pins, context):
+def _fastest_units(run: _Search):
     """(layout, microbatch size, ZeRO stage) -> the units of the fastest sharding solved at
     the layout's tp (None if none was), recomputed as fully as the pins allow."""
-    training, dtype_bytes, batch, unit_of, optimizer = context
-    fastest = {key[0]: s for key, s in solve.solutions.items() if s is not None and not key[2]}
-    frugal = (pins.recompute or RECOMPUTE_MODES[-1],)  # "full" keeps the least
-
-    @functools.cache
-    def per_parameter(tp: int, size: int) -> dict:  # param_bytes counts parameters here
-        return unit_modes(traced, fastest[tp].pricing, unit_of, scale=size / batch,
-                          state_bytes_per_param=1.0, modes=frugal)  # fmt: skip
+    fastest = {k[0]: s for k, s in run.solve.solutions.items() if s is not None and not k[2]}
+    frugal = (run.pins.recompute or RECOMPUTE_MODES[-1],)  # "full" keeps the least
 
     def units_of(layout, size: int, zero: int):
         if layout.tp not in fastest:
             return None
-        state = state_bytes_per_param(training, dtype_bytes, optimizer, zero, layout.dp)
-        return {
-            mode: [dataclasses.replace(u, param_bytes=u.param_bytes * state) for u in units]
-            for mode, units in per_parameter(layout.tp, size).items()
-        }
+        state = state_bytes_per_param(run.training, run.dtype_bytes, run.optimizer, zero, layout.dp)
+        return run._totals(fastest[layout.tp]).units(size / run.batch, state, frugal)
 
     return units_of
 
 
-def _nothing_fits(traced, mesh, pins, solve, context, global_batch_size) -> str:
+def _nothing_fits(run: _Search, global_batch_size) -> str:
     """The least memory a layout needs and the nodes that would fit it (or why not)."""
-    options = _frugal_options(pins, context[2], global_batch_size, context[0])
-    units_of = _fastest_units(traced, solve, pins, context)
+    traced, mesh, pins = run.traced, run.mesh, run.pins
+    options = _frugal_options(pins, run.batch, global_batch_size, run.training)
+    units_of = _fastest_units(run)
     least = shortfall.least_need(layouts(traced, mesh, pins), options, units_of)
     if least is not None and least.memory_bytes > mesh.device.memory_bytes:
         # past tp x pp = tp x units, more devices only add replicas: useless past one row
         # each, and past ZERO_DP for the states ZeRO divides among them
         useful = max(pins.tp or 1, mesh.devices_per_node) * (len(traced.analysis.layers) + 2)
-        replicas = max(global_batch_size or 1, ZERO_DP if context[0] and pins.zero != 0 else 1)
+        replicas = max(global_batch_size or 1, ZERO_DP if run.training and pins.zero != 0 else 1)
         max_nodes = -(-useful * replicas // mesh.devices_per_node)
         layouts_of = functools.partial(layouts, traced, pins=pins)
         bigger = shortfall.nodes_that_fit(mesh, layouts_of, options, units_of, max_nodes)
         return shortfall.explain(mesh, least, bigger, max_nodes)
-    detail = "".join(f"; {f}" for f in solve.failures)
+    detail = "".join(f"; {f}" for f in run.solve.failures)
     return (
         f"no plan fits in {mesh.device.memory_bytes / 2**30:.0f} GiB per device with "
         f"{', '.join(f'{k}={v}' for k, v in pins.__dict__.items() if v is not None) or 'no pins'}; "
