@@ -19,7 +19,7 @@ from autopar.cost.pricing import Collective
 from autopar.errors import PlanError
 from autopar.fileio import write_atomic
 from autopar.placement import TP, NodePlacement
-from autopar.plan import schema
+from autopar.plan.schema import check_fields, check_plan
 from autopar.plan.summary import plan_summary
 
 SCHEMA_VERSION = 3  # 3: node shapes; model, dtype, sequence length, global batch; p2p time
@@ -128,11 +128,11 @@ class Plan:
             )
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING}  # fmt: skip
-        schema.check_fields(data, required)
+        check_fields(data, required)
         plan = cls(**{**data, **_parsed(data)})
         from autopar.solver.pipeline import SCHEDULES
 
-        schema.check_plan(plan, SCHEDULES)
+        check_plan(plan, SCHEDULES)
         return plan
 
     def save(self, path: str | os.PathLike) -> None:

@@ -34,7 +34,6 @@ from autopar.solver.pipeline import (
 )
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
 
-ZERO_DP = 64  # where ZeRO's 1/dp of the states stops mattering to "how many nodes would fit"
 MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
 
 
@@ -368,39 +367,8 @@ def _frugal_options(pins: Pins, batch: int, global_batch_size, training: bool):
     return options
 
 
-def _fastest_units(run: _Search):
-    """(layout, microbatch size, ZeRO stage) -> the units of the fastest sharding solved at
-    the layout's tp (None if none was), recomputed as fully as the pins allow."""
-    fastest = {k[0]: s for k, s in run.solve.solutions.items() if s is not None and not k[2]}
-    frugal = (run.pins.recompute or RECOMPUTE_MODES[-1],)  # "full" keeps the least
-
-    def units_of(layout, size: int, zero: int):
-        if layout.tp not in fastest:
-            return None
-        state = state_bytes_per_param(run.training, run.dtype_bytes, run.optimizer, zero, layout.dp)
-        return run._totals(fastest[layout.tp]).units(size / run.batch, state, frugal)
-
-    return units_of
-
-
 def _nothing_fits(run: _Search, global_batch_size) -> str:
-    """The least memory a layout needs and the nodes that would fit it (or why not)."""
-    traced, mesh, pins = run.traced, run.mesh, run.pins
-    options = _frugal_options(pins, run.batch, global_batch_size, run.training)
-    units_of = _fastest_units(run)
-    least = shortfall.least_need(layouts(traced, mesh, pins), options, units_of)
-    if least is not None and least.memory_bytes > mesh.device.memory_bytes:
-        # past tp x pp = tp x units, more devices only add replicas: useless past one row
-        # each, and past ZERO_DP for the states ZeRO divides among them
-        useful = max(pins.tp or 1, mesh.devices_per_node) * (len(traced.analysis.layers) + 2)
-        replicas = max(global_batch_size or 1, ZERO_DP if run.training and pins.zero != 0 else 1)
-        max_nodes = -(-useful * replicas // mesh.devices_per_node)
-        layouts_of = functools.partial(layouts, traced, pins=pins)
-        bigger = shortfall.nodes_that_fit(mesh, layouts_of, options, units_of, max_nodes)
-        return shortfall.explain(mesh, least, bigger, max_nodes)
-    detail = "".join(f"; {f}" for f in run.solve.failures)
-    return (
-        f"no plan fits in {mesh.device.memory_bytes / 2**30:.0f} GiB per device with "
-        f"{', '.join(f'{k}={v}' for k, v in pins.__dict__.items() if v is not None) or 'no pins'}; "
-        "use more devices, allow a larger pp, more microbatches or a smaller batch" + detail
-    )
+    """Why no plan fits (solver/shortfall.py), each layout in its most frugal configuration."""
+    options = _frugal_options(run.pins, run.batch, global_batch_size, run.training)
+    layouts_of = functools.partial(layouts, run.traced, pins=run.pins)
+    return shortfall.nothing_fits(run, options, layouts_of, global_batch_size)

@@ -17,11 +17,13 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from autopar.cost.memory import RECOMPUTE_MODES, state_bytes_per_param
 from autopar.errors import AutoparError
 from autopar.plan.summary import human_bytes
 from autopar.solver.pipeline import evaluate
 
 MAX_NODES = 4096  # where the search for a mesh that fits gives up
+ZERO_DP = 64  # where ZeRO's 1/dp of the states stops mattering to "how many nodes would fit"
 
 
 @dataclass(frozen=True)
@@ -114,3 +116,40 @@ def explain(mesh, least: Need, bigger, max_nodes: int) -> str:
         f"; {nodes} nodes ({world} devices) would hold a plan: {need.describe()} needs "
         f"{human_bytes(need.memory_bytes)} per device there"
     )
+
+
+def nothing_fits(run, options: Options, layouts_of, global_batch_size) -> str:
+    """The search's error when no configuration fit: the least memory a layout of this
+    mesh needs and the nodes that would hold a plan, or the ILP's own reasons. `run` is
+    the search (`search._Search`: its mesh, pins, solver and unit totals)."""
+    mesh, pins, units_of = run.mesh, run.pins, _fastest_units(run)
+    least = least_need(layouts_of(mesh), options, units_of)
+    if least is not None and least.memory_bytes > mesh.device.memory_bytes:
+        # past tp x pp = tp x units, more devices only add replicas: useless past one row
+        # each, and past ZERO_DP for the states ZeRO divides among them
+        useful = max(pins.tp or 1, mesh.devices_per_node) * (len(run.traced.analysis.layers) + 2)
+        replicas = max(global_batch_size or 1, ZERO_DP if run.training and pins.zero != 0 else 1)
+        max_nodes = -(-useful * replicas // mesh.devices_per_node)
+        bigger = nodes_that_fit(mesh, layouts_of, options, units_of, max_nodes)
+        return explain(mesh, least, bigger, max_nodes)
+    pinned = ", ".join(f"{k}={v}" for k, v in pins.__dict__.items() if v is not None)
+    return (
+        f"no plan fits in {human_bytes(mesh.device.memory_bytes)} per device with "
+        f"{pinned or 'no pins'}; use more devices, allow a larger pp, more microbatches or a "
+        "smaller batch" + "".join(f"; {f}" for f in run.solve.failures)
+    )
+
+
+def _fastest_units(run) -> UnitsOf:
+    """(layout, microbatch size, ZeRO stage) -> the units of the fastest sharding solved at
+    the layout's tp (None if none was), recomputed as fully as the pins allow."""
+    fastest = {k[0]: s for k, s in run.solve.solutions.items() if s is not None and not k[2]}
+    frugal = (run.pins.recompute or RECOMPUTE_MODES[-1],)  # "full" keeps the least
+
+    def units_of(layout, size: int, zero: int):
+        if layout.tp not in fastest:
+            return None
+        state = state_bytes_per_param(run.training, run.dtype_bytes, run.optimizer, zero, layout.dp)
+        return run._totals(fastest[layout.tp]).units(size / run.batch, state, frugal)
+
+    return units_of
