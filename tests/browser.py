@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ class _DevTools:
             [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", f"--window-size={WIDTH},900"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             pass_fds=(3, 4), preexec_fn=lambda: _as_fds_3_and_4(to_browser, from_browser),
+            start_new_session=True,  # its own process group: its helpers end with it
         )  # fmt: skip
         os.close(to_browser)
         os.close(from_browser)
@@ -93,7 +95,17 @@ class _DevTools:
         return json.loads(message)
 
     def close(self) -> None:
-        self.process.kill()
+        """Ask Chromium to quit, then end its process group, so that no helper still
+        writes into the profile folder when it is removed."""
+        try:
+            self.call("Browser.close")
+            self.process.wait(timeout=10)
+        except (RuntimeError, TimeoutError, subprocess.TimeoutExpired):
+            pass  # it may close the pipe before answering
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait(timeout=10)
         os.close(self._send)
         os.close(self._receive)
