@@ -37,6 +37,7 @@ class PipelineChoice:
     bubble_s: float
     memory_bytes: float  # the fullest rank
     rank_of_stage: tuple[int, ...]
+    p2p_s: float = 0.0  # the sends and receives in step_s: the slowest rank's, m times
 
 
 def unit_of_nodes(traced) -> dict[str, int]:
@@ -222,4 +223,6 @@ def evaluate(units, pp, m, schedule, p2p, budget) -> PipelineChoice | None:
         return None
     step = m * max(rank_time) + (pp - 1) * split.slowest_s
     bubble = step - m * max(rank_time)
-    return PipelineChoice(schedule, m, split, step, bubble, max(rank_memory), ranks)
+    slowest = rank_time.index(max(rank_time))
+    p2p_s = m * sum(t for t, r in zip(split.stage_p2p, ranks, strict=True) if r == slowest)
+    return PipelineChoice(schedule, m, split, step, bubble, max(rank_memory), ranks, p2p_s)

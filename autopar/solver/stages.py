@@ -43,19 +43,24 @@ class Unit:
 @dataclass(frozen=True)
 class StageSplit:
     bounds: tuple[tuple[int, int], ...]  # [i, j) unit ranges, one per stage
-    stage_times: tuple[float, ...]
+    stage_times: tuple[float, ...]  # sends and receives included
     stage_memory: tuple[float, ...]
     modes: tuple[str, ...] = ()  # each stage's recomputation mode (the keys of the units)
+    stage_p2p: tuple[float, ...] = ()  # the sends and receives in stage_times
 
     @property
     def slowest_s(self) -> float:
         return max(self.stage_times)
 
 
-def _stage_cost(units, i, j, p2p: Callable[[float], float]) -> float:
+def _stage_p2p(units, i, j, p2p: Callable[[float], float]) -> float:
     inbound = p2p(units[i - 1].out_bytes) if i > 0 else 0.0
     outbound = p2p(units[j - 1].out_bytes) if j < len(units) else 0.0
-    return sum(u.time_s for u in units[i:j]) + inbound + outbound
+    return inbound + outbound
+
+
+def _stage_cost(units, i, j, p2p: Callable[[float], float]) -> float:
+    return sum(u.time_s for u in units[i:j]) + _stage_p2p(units, i, j, p2p)
 
 
 def _stage_memory(units, i, j, in_flight: float) -> float:
@@ -153,14 +158,13 @@ def _describe(by_mode, bounds, p2p, in_flight, modes=None) -> StageSplit:
     if not isinstance(by_mode, dict):
         by_mode, modes = {"none": by_mode}, ("none",) * len(bounds)
     units = [by_mode[mode] for mode in modes]
+    stages = list(zip(units, bounds, strict=True))
     return StageSplit(
         tuple(bounds),
-        tuple(_stage_cost(us, i, j, p2p) for us, (i, j) in zip(units, bounds, strict=True)),
-        tuple(
-            _stage_memory(us, i, j, in_flight(k))
-            for k, (us, (i, j)) in enumerate(zip(units, bounds, strict=True))
-        ),
+        tuple(_stage_cost(us, i, j, p2p) for us, (i, j) in stages),
+        tuple(_stage_memory(us, i, j, in_flight(k)) for k, (us, (i, j)) in enumerate(stages)),
         tuple(modes),
+        tuple(_stage_p2p(us, i, j, p2p) for us, (i, j) in stages),
     )
 
 
