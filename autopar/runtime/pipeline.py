@@ -385,7 +385,7 @@ def _output_nodes(last: StageGraph) -> list[fx.Node]:
 
 
 def _check_outputs(traced: TracedModel) -> None:
-    kinds = [spec.kind for spec in traced.exported_program.graph_signature.output_specs]
+    kinds = [spec.kind for spec in traced.exported.graph_signature.output_specs]
     other = [kind.name for kind in kinds if kind not in (OutputKind.USER_OUTPUT,)]
     if other:
         raise AutoparError(
