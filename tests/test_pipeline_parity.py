@@ -259,7 +259,7 @@ def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> lis
 @pytest.mark.multiprocess
 def test_parallelize_matches_single_device_training_on_8_ranks():
     references = {name: reference_run(name) for name in MODELS}
-    results = run_local(_parity_worker, WORLD, CASES, timeout_s=400)
+    results = run_local(_parity_worker, WORLD, CASES, timeout_s=600)
     failures = [
         failure
         for rank, per_case in enumerate(results)
