@@ -66,12 +66,16 @@ InputRoles = Callable[[str, tuple[int, ...], torch.dtype], tuple[str | None, ...
 
 def default_input_roles(name: str, shape: tuple[int, ...], dtype: torch.dtype):
     """Dim 0 of every user input is its batch; dim 1 of an integer input (token ids,
-    attention masks, positions) is its sequence. Other dims have no role."""
+    attention masks, positions) is its sequence, and so are the height and width of a
+    4-d floating input (an image: a vision transformer's patches are its tokens, split
+    only under sequence parallelism). Other dims have no role."""
     roles: list[str | None] = [None] * len(shape)
     if roles:
         roles[0] = BATCH
     if len(roles) > 1 and not dtype.is_floating_point:
         roles[1] = SEQUENCE
+    if len(roles) == 4 and dtype.is_floating_point:
+        roles[2:] = [SEQUENCE, SEQUENCE]
     return tuple(roles)
 
 
