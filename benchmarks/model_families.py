@@ -50,8 +50,8 @@ on 2 gloo ranks against one device (tolerance 1e-5), at tp=2 and at pp=2 (GPipe,
 microbatches).
 
 Mixture-of-experts layers: transformers registers its CPU grouped-matmul op when its
-MoE integration is imported; import transformers (or build the model) before
-autopar, or autopar has no rule for the op and keeps the experts replicated.
+MoE integration is imported; autopar finds the op's rule by name, whichever is
+imported first.
 """
 
 
