@@ -140,3 +140,40 @@ def test_checkpoint_from_3d_layout_resumes_under_other_layouts_and_world_sizes(t
     resumed = run_local(resume_elsewhere, 4, path, timeout_s=300)
     failures += _failures(resumed, expected, SAVED_AT)
     assert not failures, "\n".join(failures[:20])
+
+
+def bad_loads(rank: int, world_size: int, path: str) -> list[str]:
+    """A checkpoint of GPT-2 (model only) loaded wrongly: the AutoparError each gives."""
+    import autopar
+
+    def single(model_and_example):
+        model, example = model_and_example
+        return autopar.parallelize(model, free_comm_mesh(1), example)
+
+    pm = single(gpt2(2))
+    autopar.save_checkpoint(path, pm)
+    other = single(conftest.tiny_llama(n_layer=1, batch=2, seq=SEQ))
+    attempts = [
+        lambda: autopar.load_checkpoint(path, other),
+        lambda: autopar.load_checkpoint(path, pm, adamw(pm.parameters())),
+        lambda: autopar.load_checkpoint(path + "-missing", pm),
+    ]
+    messages = []
+    for attempt in attempts:
+        try:
+            attempt()
+            messages.append("no error")
+        except autopar.AutoparError as error:
+            messages.append(str(error))
+    return messages
+
+
+@pytest.mark.multiprocess
+def test_loading_a_checkpoint_wrongly_says_what_is_wrong(tmp_path):
+    (messages,) = run_local(bad_loads, 1, str(tmp_path / "gpt2"), timeout_s=120)
+    other_model, no_optimizer, missing = messages
+    assert "is not of this model" in other_model and "model.embed_tokens.weight" in other_model
+    assert "keys it does not have (transformer.h.0" in other_model, other_model
+    assert "same model" in other_model
+    assert "holds no optimizer state" in no_optimizer
+    assert "no checkpoint at" in missing and "save_checkpoint" in missing

@@ -324,6 +324,10 @@ def _read_metadata(path):
     return dcp.FileSystemReader(os.fspath(path)).read_metadata()
 
 
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
 def _check_model(path, metadata, shapes: dict[str, torch.Size]) -> None:
     stored = {
         fqn[len("model.") :]: md.size
@@ -332,9 +336,9 @@ def _check_model(path, metadata, shapes: dict[str, torch.Size]) -> None:
     }
     problems = []
     if missing := sorted(set(shapes) - set(stored)):
-        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        problems.append(f"{len(missing)} keys of the model missing ({_some(missing)})")
     if unexpected := sorted(set(stored) - set(shapes)):
-        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        problems.append(f"{len(unexpected)} keys it does not have ({_some(unexpected)})")
     wrong = [
         f"{name}: stored {tuple(stored[name])}, model {tuple(shape)}"
         for name, shape in shapes.items()
