@@ -1,6 +1,7 @@
 """Checkpoints saved under one plan continue training under another (gloo ranks, fp32).
 
-One 8-rank launch trains GPT-2 (tied LM head, fused QKV: a block-interleaved shard)
+One 8-rank launch trains GPT-2 (tied LM head, fused QKV: a block-interleaved shard,
+a vocabulary of 127 that tp=2 pads)
 for `SAVED_AT` AdamW steps under dp=2 tp=2 pp=2 and saves; the same ranks then load
 it under dp=4 tp=2 pp=1 and train on. One 4-rank launch loads it under dp=2 tp=1 pp=2
 with ZeRO-1 and trains on. Both must give the losses, and the final state, of the
@@ -22,8 +23,11 @@ STEPS, SAVED_AT = 4, 2
 RTOL = 1e-5
 
 
+VOCAB = 127  # at tp=2 the vocabulary shards are padded (64 + 63 rows)
+
+
 def gpt2(batch: int):
-    return conftest.tiny_gpt2(n_layer=2, n_head=4, batch=batch, seq=SEQ)
+    return conftest.tiny_gpt2(n_layer=2, n_head=4, batch=batch, seq=SEQ, vocab_size=VOCAB)
 
 
 def lm_loss(output, ids: torch.Tensor) -> torch.Tensor:
@@ -33,7 +37,7 @@ def lm_loss(output, ids: torch.Tensor) -> torch.Tensor:
 
 def batches() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
-    return [torch.randint(0, 128, (GLOBAL_BATCH, SEQ), generator=generator) for _ in range(STEPS)]
+    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=generator) for _ in range(STEPS)]
 
 
 def adamw(parameters) -> torch.optim.AdamW:
@@ -93,8 +97,10 @@ def _numpy(state: dict) -> dict:
 def save_then_resume(rank: int, world_size: int, path: str) -> dict:
     """dp=2 tp=2 pp=2: train and save; dp=4 tp=2 pp=1: load and train on."""
     import autopar
+    from autopar.runtime.checkpoint import held_slots
 
     pm = parallel(world_size, (2, 2, 2), 2)
+    layouts = sorted({str(slot.placement) for slot in held_slots(pm).values()})
     optimizer = adamw(pm.parameters())
     before = train(pm, optimizer, batches()[:SAVED_AT])
     autopar.save_checkpoint(path, pm, optimizer, extra={"step": SAVED_AT})
@@ -102,7 +108,8 @@ def save_then_resume(rank: int, world_size: int, path: str) -> dict:
     optimizer = adamw(pm.parameters())
     extra = autopar.load_checkpoint(path, pm, optimizer)
     after = train(pm, optimizer, batches()[extra["step"] :])
-    return {"losses": before + after, "state": _numpy(pm.full_state_dict()), "extra": extra}
+    state = _numpy(pm.full_state_dict())
+    return {"losses": before + after, "state": state, "extra": extra, "layouts": layouts}
 
 
 def resume_elsewhere(rank: int, world_size: int, path: str) -> dict:
@@ -136,6 +143,8 @@ def test_checkpoint_from_3d_layout_resumes_under_other_layouts_and_world_sizes(t
     path = str(tmp_path / "ckpt")
     saved = run_local(save_then_resume, 8, path, timeout_s=300)
     assert saved[0]["extra"] == {"step": SAVED_AT}
+    # stored as DTensor chunks (S(0): the padded vocabulary too) and whole (S(0,g3): fused QKV)
+    assert {"S(0)", "S(0,g3)"} <= set(saved[0]["layouts"]), saved[0]["layouts"]
     failures = _failures(saved, expected, 0)
     resumed = run_local(resume_elsewhere, 4, path, timeout_s=300)
     failures += _failures(resumed, expected, SAVED_AT)
