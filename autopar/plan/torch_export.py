@@ -31,6 +31,7 @@ from autopar.plan.roles import Roles
 
 LINEAR = "aten.linear.default"
 EMBEDDING = "aten.embedding.default"
+CROSS_ENTROPY = "aten.cross_entropy_loss.default"
 TORCH_SCHEDULES = {
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
@@ -47,7 +48,7 @@ class TorchPlan:
     split_points: dict  # module path -> SplitPoint.BEGINNING, for pipelining.pipeline
     schedule: str  # torch.distributed.pipelining schedule class name
     num_microbatches: int
-    loss_parallel: bool  # run the loss under torch.distributed.tensor.parallel.loss_parallel()
+    loss_parallel: bool  # the plan's traced loss is vocabulary-parallel (torch: loss_parallel())
     not_expressible: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -66,6 +67,13 @@ def to_torch(plan) -> TorchPlan:
     missing: list[str] = []
     tp_plan = _tp_plan(plan, missing) if plan.tp > 1 else {}
     splits = {path: SplitPoint.BEGINNING for path in _split_paths(plan, missing)}
+    loss_parallel = _vocab_parallel_loss(plan)
+    if loss_parallel:
+        missing.append(
+            "the traced loss runs vocabulary-parallel: give the LM head "
+            "ColwiseParallel(output_layouts=Shard(-1), use_local_output=False) and compute "
+            "the loss under loss_parallel() to keep it so; tp_plan gathers the logits"
+        )
     if plan.sequence_parallel:
         missing.append(
             "sequence parallelism (norms and residuals split on the sequence dim): torch "
@@ -84,8 +92,17 @@ def to_torch(plan) -> TorchPlan:
     return TorchPlan(
         mesh_shape=(plan.pp, plan.dp, plan.tp), tp_plan=tp_plan, split_points=splits,
         schedule=TORCH_SCHEDULES[plan.schedule], num_microbatches=plan.num_microbatches,
-        loss_parallel=False, not_expressible=missing,
+        loss_parallel=loss_parallel, not_expressible=missing,
     )  # fmt: skip
+
+
+def _vocab_parallel_loss(plan) -> bool:
+    """Does a traced cross-entropy see its logits sharded over the classes on tp?"""
+    for node in plan.strategies.values():
+        placement = node.placements.get(TP)
+        if node.op == CROSS_ENTROPY and placement and isinstance(placement.inputs[0], Shard):
+            return True
+    return False
 
 
 # --- tensor parallel ----------------------------------------------------------------------

@@ -211,10 +211,10 @@ def _hyperparameters(optimizer) -> str:
 
 def _optimizer_buffers(pm, optimizer, metadata) -> dict:
     """What `dcp.load` fills: the state tensors the checkpoint has for this rank's parameters."""
-    stored = metadata.state_dict_metadata
+    stored, optimized = metadata.state_dict_metadata, _optimized(pm)
     state: dict[str, dict] = {}
     for param in _params(optimizer):
-        slot, index = _slot_of(_optimized(pm), param)
+        slot, _ = _slot_of(optimized, param)
         local_shape = slot.local().shape
         prefix = f"optim.state.{slot.name}."
         entry = {}
@@ -242,24 +242,24 @@ def load_optimizer_state_dict(pm, optimizer, state_dict: Mapping) -> None:
     for param in _params(optimizer):
         slot, index = _slot_of(optimized, param)
         entry = state_dict["state"].get(slot.name)
-        if entry is None:
-            continue
-        mine = {}
-        for key, value in entry.items():
-            if (
-                isinstance(value, torch.Tensor)
-                and (isinstance(value, DTensor) or value.shape == slot.shape)
-                and value.dim() > 0
-            ):
-                local = torch.zeros_like(slot.local())
-                _restore(pm, slot, value, local)
-                mine[key] = (
-                    local if index is None else pm.shards._slice(local, pm.shards.chunks[index])
-                )
-            else:
-                mine[key] = value
-        optimizer.state[param] = mine
+        if entry is not None:
+            optimizer.state[param] = {
+                key: _local_state(pm, slot, index, value) for key, value in entry.items()
+            }
     _load_hyperparameters(optimizer, state_dict["param_groups"])
+
+
+def _local_state(pm, slot: Slot, index: int | None, value):
+    """A loaded state value as this rank's optimizer keeps it: a per-element state cut to
+    the tp shard (and to the dp slice under ZeRO); anything else as it was saved."""
+    per_element = isinstance(value, DTensor) or (
+        isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == slot.shape
+    )
+    if not per_element:
+        return value
+    local = torch.zeros(slot.local().shape, dtype=value.dtype, device=slot.local().device)
+    _restore(pm, slot, value, local)
+    return local if index is None else pm.shards._slice(local, pm.shards.chunks[index])
 
 
 def _load_hyperparameters(optimizer, text: str) -> None:
