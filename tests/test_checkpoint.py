@@ -152,7 +152,8 @@ def test_checkpoint_from_3d_layout_resumes_under_other_layouts_and_world_sizes(t
 
 
 def bad_loads(rank: int, world_size: int, path: str) -> list[str]:
-    """A checkpoint of GPT-2 (model only) loaded wrongly: the AutoparError each gives."""
+    """A checkpoint of GPT-2 (model only) loaded wrongly: the AutoparError each gives
+    (after a round trip of pm.state_dict() through dcp.save and dcp.load)."""
     import autopar
 
     def single(model_and_example):
@@ -161,6 +162,7 @@ def bad_loads(rank: int, world_size: int, path: str) -> list[str]:
 
     pm = single(gpt2(2))
     autopar.save_checkpoint(path, pm)
+    _round_trip_through_dcp(pm, path + "-dcp")
     other = single(conftest.tiny_llama(n_layer=1, batch=2, seq=SEQ))
     attempts = [
         lambda: autopar.load_checkpoint(path, other),
@@ -177,8 +179,22 @@ def bad_loads(rank: int, world_size: int, path: str) -> list[str]:
     return messages
 
 
+def _round_trip_through_dcp(pm, path: str) -> None:
+    """pm.state_dict() with dcp.save / dcp.load directly: the values come back."""
+    import torch.distributed.checkpoint as dcp
+
+    original = pm.full_state_dict()
+    dcp.save({"model": pm.state_dict()}, checkpoint_id=path)
+    pm.load_full_state_dict({key: torch.zeros_like(value) for key, value in original.items()})
+    state = {"model": pm.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    pm.load_state_dict(state["model"])
+    for key, value in pm.full_state_dict().items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.multiprocess
-def test_loading_a_checkpoint_wrongly_says_what_is_wrong(tmp_path):
+def test_state_dict_round_trips_and_loading_a_checkpoint_wrongly_says_what_is_wrong(tmp_path):
     (messages,) = run_local(bad_loads, 1, str(tmp_path / "gpt2"), timeout_s=120)
     other_model, no_optimizer, missing = messages
     assert "is not of this model" in other_model and "model.embed_tokens.weight" in other_model
