@@ -21,8 +21,10 @@ _EXPORTS = {
     "TraceError": "autopar.errors",
     "TracedModel": "autopar.capture",
     "capture": "autopar.capture",
+    "load_checkpoint": "autopar.runtime.checkpoint",
     "parallelize": "autopar.api",
     "plan": "autopar.api",
+    "save_checkpoint": "autopar.runtime.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -3,13 +3,19 @@
     torchrun --nproc-per-node 4 examples/train_torchrun.py                 # autopar picks the layout
     torchrun --nproc-per-node 4 examples/train_torchrun.py --tp 2 --pp 2   # or pin degrees
     torchrun --nproc-per-node 8 examples/train_torchrun.py --steps 20
+    torchrun --nproc-per-node 4 examples/train_torchrun.py --steps 4 --checkpoint ckpt
+    torchrun --nproc-per-node 4 examples/train_torchrun.py --steps 8 --checkpoint ckpt --resume
 
 Every rank builds the same nanoGPT-style model from a config (same seed, no
 download; the model is examples/nanogpt.py), autopar plans it on rank 0 for this
 machine's ranks and sends the plan to every rank, each rank builds its own part,
 and AdamW trains the parts on random tokens. Rank 0 prints the plan's degrees and
-the loss of each step, which equals the unsplit model's. This runs on CPU with
-gloo; NCCL on GPUs is not checked yet (see the README).
+the loss of each step, which equals the unsplit model's. With --checkpoint DIR
+every rank writes its shards of the model and of AdamW's state to DIR (a
+torch.distributed.checkpoint directory) every --save-every steps and after the
+last; --resume loads DIR first and trains on from the step it was saved at, under
+whatever layout this run gets (another world size or other degrees are fine). This
+runs on CPU with gloo; NCCL on GPUs is not checked yet (see the README).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def train(steps: int, lr: float, pins: dict) -> None:
+def train(steps: int, lr: float, pins: dict, checkpoint: str | None, save_every: int,
+          resume: bool) -> None:  # fmt: skip
     rank, world_size = dist.get_rank(), dist.get_world_size()
     mesh = autopar.Mesh.local(world_size)  # this machine's ranks (see `autopar calibrate`)
     example = (batches(1)[0][:1],)  # fixes the shapes; the global batch sets the sizes
@@ -53,12 +60,19 @@ def train(steps: int, lr: float, pins: dict) -> None:
     optimizer = torch.optim.AdamW(pm.parameters(), lr=lr)  # this rank's shards
     if rank == 0:
         print(pm.plan.summary().splitlines()[0], flush=True)
-    for step, ids in enumerate(batches(steps)):
+    start = 0
+    if resume:  # shards saved under any plan, read back into this one's
+        start = autopar.load_checkpoint(checkpoint, pm, optimizer)["step"]
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {start}", flush=True)
+    for step, ids in enumerate(batches(steps)[start:], start):
         loss = pm.train_step((ids,), ids, next_token_loss)  # schedule, dp gradient averaging
         optimizer.step()
         optimizer.zero_grad()
         if rank == 0:
             print(f"step {step} loss {float(loss):.6f}", flush=True)
+        if checkpoint and ((step + 1) % save_every == 0 or step + 1 == steps):
+            autopar.save_checkpoint(checkpoint, pm, optimizer, extra={"step": step + 1})
 
 
 def main() -> None:
@@ -67,11 +81,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     for degree in ("dp", "tp", "pp"):
         parser.add_argument(f"--{degree}", type=int, help=f"pin the {degree} degree")
+    parser.add_argument("--checkpoint", help="a directory to save checkpoints in (and resume from)")
+    parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="load --checkpoint first")
     args = parser.parse_args()
+    if args.resume and not args.checkpoint:
+        parser.error("--resume needs --checkpoint DIR")
     pins = {k: v for k, v in vars(args).items() if k in ("dp", "tp", "pp") and v is not None}
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...
     try:
-        train(args.steps, args.lr, pins)
+        train(args.steps, args.lr, pins, args.checkpoint, args.save_every, args.resume)
     finally:
         dist.destroy_process_group()
 

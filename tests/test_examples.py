@@ -28,20 +28,37 @@ def single_device_losses(example) -> list[float]:
     return losses
 
 
-@pytest.mark.multiprocess
-def test_train_torchrun_under_torchrun_matches_the_unsplit_model(request, monkeypatch):
-    root = request.config.rootpath
+def torchrun(root, *args: str) -> list[str]:
+    """examples/train_torchrun.py on 4 ranks; rank 0's output lines."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        str(root / "examples" / "train_torchrun.py"), "--steps", str(STEPS), "--dp", "2", "--tp", "2",
+        str(root / "examples" / "train_torchrun.py"), *args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("autopar plan: dp=2 tp=2 pp=1"), result.stdout
-    losses = [float(line.split()[-1]) for line in lines if line.startswith("step ")]
+    return result.stdout.splitlines()
+
+
+def step_losses(lines: list[str]) -> list[float]:
+    return [float(line.split()[-1]) for line in lines if line.startswith("step ")]
+
+
+@pytest.mark.multiprocess
+def test_train_torchrun_under_torchrun_matches_the_unsplit_model_and_resumes(
+    request, monkeypatch, tmp_path
+):
+    """Steps 0-1 under dp=2 tp=2, saved; step 2 resumed from the checkpoint under tp=2 pp=2."""
+    root, checkpoint = request.config.rootpath, str(tmp_path / "ckpt")
+    lines = torchrun(root, "--steps", str(STEPS - 1), "--dp", "2", "--tp", "2",
+                     "--checkpoint", checkpoint)  # fmt: skip
+    assert lines[0].startswith("autopar plan: dp=2 tp=2 pp=1"), lines
+    resumed = torchrun(root, "--steps", str(STEPS), "--tp", "2", "--pp", "2",
+                       "--checkpoint", checkpoint, "--resume")  # fmt: skip
+    assert resumed[0].startswith("autopar plan: dp=1 tp=2 pp=2"), resumed
+    assert resumed[1] == f"resumed from {checkpoint} at step {STEPS - 1}", resumed
+    losses = step_losses(lines) + step_losses(resumed)
     monkeypatch.syspath_prepend(str(root / "examples"))
     import train_torchrun
 

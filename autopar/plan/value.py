@@ -186,6 +186,13 @@ class Plan:
     def summary(self) -> str:
         return plan_summary(self)
 
+    def to_torch(self):
+        """This plan as torch's `parallelize_module` plan and pipeline split points, with
+        what they cannot express listed (`TorchPlan`, plan/torch_export.py)."""
+        from autopar.plan.torch_export import to_torch
+
+        return to_torch(self)
+
 
 def _parsed(data: dict) -> dict:
     """The nested values of a plan file as their types; PlanError naming what is wrong."""

@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
 from autopar.errors import AutoparError
+from autopar.runtime.checkpoint import load_model_state_dict, model_state_dict
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
 from autopar.runtime.module import ParallelModule, flatten_inputs
 from autopar.runtime.pipeline import PipelineModule
@@ -219,6 +220,16 @@ class DistributedModule(nn.Module):
         self.part.load_full_state_dict(state_dict)
         if self.shards is not None:
             self.shards.reset_from_params()
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """This rank's part of the single-device state dict, for `torch.distributed.checkpoint`
+        (tp-sharded tensors as DTensors; runtime/checkpoint.py). Every rank calls it."""
+        return model_state_dict(self)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a `pm.state_dict()` that `dcp.load` filled (the checkpoint may come from any
+        plan of the same model); with an optimizer use `autopar.load_checkpoint`."""
+        load_model_state_dict(self, state_dict)
 
     def full_grads(self) -> dict[str, torch.Tensor | None]:
         """Full gradients of the parameters on every rank (for tests and debugging)."""
