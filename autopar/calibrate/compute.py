@@ -1,0 +1,117 @@
+"""What one rank's compute costs: the constants of the roofline in cost/compute.py.
+
+Measured on the ops a transformer runs, as the generated code calls them (ATen
+operator overloads, one thread per rank on CPU):
+
+- per-node overhead: a chain of tiny ops (elementwise, views, transposes) through
+  autograd, forward and then backward, per op. This is what a graph node costs whatever
+  its size, and it dominates the small ops of a small model.
+- matmul rate: the forward and both backward products of a transformer block's
+  matmuls (tokens x hidden against hidden x 3 hidden, x 4 hidden, 4 hidden x hidden),
+  with the per-node overhead taken off each call.
+- memory bandwidth: the elementwise and normalization ops of a block (add, scale,
+  tanh, pow, softmax, layer norm) on activation-sized tensors, bytes read plus
+  written, the overhead again taken off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from autopar.calibrate.timing import item_seconds
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ComputeSizes:
+    matmul_tokens: tuple[int, ...] = (256, 1024)
+    matmul_hidden: tuple[int, ...] = (256, 512)
+    elementwise_numel: int = 2**20
+    overhead_chain: int = 64
+    window_s: float = 0.4
+    windows: int = 3
+
+
+def measure_compute(sizes: ComputeSizes, device: torch.device, dtype: torch.dtype) -> dict:
+    """This rank's per-node overheads, matmul FLOP/s and memory bytes/s."""
+    forward, backward = _overheads(sizes, device, dtype)
+    items, flops = _matmuls(sizes, device, dtype)
+    seconds = item_seconds(items, sizes.window_s, sizes.windows, device)
+    matmul = sum(flops) / sum(max(s - forward, 1e-9) for s in seconds)
+    items, nbytes = _elementwise(sizes, device, dtype)
+    seconds = item_seconds(items, sizes.window_s, sizes.windows, device)
+    bandwidth = sum(nbytes) / sum(max(s - forward, 1e-9) for s in seconds)
+    return {
+        "matmul_flops": matmul,
+        "memory_bandwidth": bandwidth,
+        "op_overhead_s": forward,
+        "backward_op_overhead_s": backward,
+    }
+
+
+def _overheads(sizes: ComputeSizes, device, dtype) -> tuple[float, float]:
+    """Seconds per node of a chain of tiny ops: forward (recording autograd), backward."""
+    x = torch.ones(4, 4, device=device, dtype=dtype, requires_grad=True)
+    steps = (
+        lambda t: aten.mul.Tensor(t, 1.0001),
+        lambda t: aten.view.default(t, [16]),
+        lambda t: aten.add.Tensor(t, 1.0),
+        lambda t: aten.view.default(t, [4, 4]),
+        lambda t: aten.transpose.int(t, 0, 1),
+        lambda t: aten.transpose.int(t, 0, 1),  # contiguous again for the next view
+    )
+    length = sizes.overhead_chain
+
+    def chain() -> torch.Tensor:
+        y = x
+        for i in range(length):
+            y = steps[i % len(steps)](y)
+        return y
+
+    def forward_and_backward() -> None:
+        chain().sum().backward()
+
+    fwd, both = item_seconds(
+        [chain, forward_and_backward], sizes.window_s, sizes.windows, device
+    )  # fmt: skip
+    return fwd / length, max(both - fwd, 0.0) / length
+
+
+def _matmuls(sizes: ComputeSizes, device, dtype) -> tuple[list[Callable], list[float]]:
+    """A block's matmuls forward (X W) and backward (dY W^T, X^T dY) at each size."""
+    items, flops = [], []
+    for tokens in sizes.matmul_tokens:
+        for hidden in sizes.matmul_hidden:
+            for k, n in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
+                x = torch.randn(tokens, k, device=device, dtype=dtype)
+                w = torch.randn(k, n, device=device, dtype=dtype)
+                dy = torch.randn(tokens, n, device=device, dtype=dtype)
+                items += [
+                    lambda x=x, w=w: aten.mm.default(x, w),
+                    lambda dy=dy, w=w: aten.mm.default(dy, w.t()),
+                    lambda x=x, dy=dy: aten.mm.default(x.t(), dy),
+                ]
+                flops += [2.0 * tokens * k * n] * 3
+    return items, flops
+
+
+def _elementwise(sizes: ComputeSizes, device, dtype) -> tuple[list[Callable], list[float]]:
+    """A block's memory-bound ops on activation-sized tensors, and the bytes each moves."""
+    numel, width = sizes.elementwise_numel, torch.tensor([], dtype=dtype).element_size()
+    a = torch.randn(numel // 256, 256, device=device, dtype=dtype)
+    b = torch.randn_like(a)
+    weight, bias = torch.ones(256, device=device, dtype=dtype), torch.zeros(256, device=device)
+    bias = bias.to(dtype)
+    ops = (
+        (lambda: aten.add.Tensor(a, b), 3),
+        (lambda: aten.mul.Tensor(a, 0.5), 2),
+        (lambda: aten.tanh.default(a), 2),
+        (lambda: aten.pow.Tensor_Scalar(a, 3.0), 2),
+        (lambda: aten._softmax.default(a, -1, False), 2),
+        (lambda: aten.native_layer_norm.default(a, [256], weight, bias, 1e-5), 2),
+    )
+    return [op for op, _ in ops], [float(tensors * numel * width) for _, tensors in ops]
