@@ -14,7 +14,7 @@ from autopar.profile import COMPUTE_KEYS
 
 TINY = CalibrationSizes(
     compute=ComputeSizes(
-        matmul_tokens=(32,), matmul_hidden=(32,), elementwise_numel=2**12, overhead_chain=8,
+        matmul_sizes=((32, 32),), elementwise_numel=2**12, overhead_chain=8,
         window_s=0.01, windows=1,
     ),
     message_bytes=(256, 4096),

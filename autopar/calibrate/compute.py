@@ -7,8 +7,8 @@ operator overloads, one thread per rank on CPU):
   autograd, forward and then backward, per op. This is what a graph node costs whatever
   its size, and it dominates the small ops of a small model.
 - matmul rate: the forward and both backward products of a transformer block's
-  matmuls (tokens x hidden against hidden x 3 hidden, x 4 hidden, 4 hidden x hidden),
-  with the per-node overhead taken off each call.
+  matmuls (tokens x hidden against hidden x 3 hidden, x 4 hidden, 4 hidden x hidden)
+  at a few (tokens, hidden) sizes, with the per-node overhead taken off each call.
 - memory bandwidth: the elementwise and normalization ops of a block (add, scale,
   tanh, pow, softmax, layer norm) on activation-sized tensors, bytes read plus
   written, the overhead again taken off.
@@ -21,30 +21,28 @@ from dataclasses import dataclass
 
 import torch
 
-from autopar.calibrate.timing import item_seconds
+from autopar.calibrate.timing import suite_seconds
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class ComputeSizes:
-    matmul_tokens: tuple[int, ...] = (256, 1024)
-    matmul_hidden: tuple[int, ...] = (256, 512)
+    matmul_sizes: tuple[tuple[int, int], ...] = ((512, 256), (128, 512))  # (tokens, hidden)
     elementwise_numel: int = 2**20
     overhead_chain: int = 64
-    window_s: float = 0.4
+    window_s: float = 0.5
     windows: int = 3
 
 
 def measure_compute(sizes: ComputeSizes, device: torch.device, dtype: torch.dtype) -> dict:
     """This rank's per-node overheads, matmul FLOP/s and memory bytes/s."""
     forward, backward = _overheads(sizes, device, dtype)
-    items, flops = _matmuls(sizes, device, dtype)
-    seconds = item_seconds(items, sizes.window_s, sizes.windows, device)
-    matmul = sum(flops) / sum(max(s - forward, 1e-9) for s in seconds)
-    items, nbytes = _elementwise(sizes, device, dtype)
-    seconds = item_seconds(items, sizes.window_s, sizes.windows, device)
-    bandwidth = sum(nbytes) / sum(max(s - forward, 1e-9) for s in seconds)
+    rates = []
+    for items, amounts in (_matmuls(sizes, device, dtype), _elementwise(sizes, device, dtype)):
+        seconds = suite_seconds(items, sizes.window_s, sizes.windows, device)
+        rates.append(sum(amounts) / max(seconds - len(items) * forward, 1e-9))
+    matmul, bandwidth = rates
     return {
         "matmul_flops": matmul,
         "memory_bandwidth": bandwidth,
@@ -75,27 +73,25 @@ def _overheads(sizes: ComputeSizes, device, dtype) -> tuple[float, float]:
     def forward_and_backward() -> None:
         chain().sum().backward()
 
-    fwd, both = item_seconds(
-        [chain, forward_and_backward], sizes.window_s, sizes.windows, device
-    )  # fmt: skip
+    fwd, both = (suite_seconds([f], sizes.window_s, sizes.windows, device)
+                 for f in (chain, forward_and_backward))  # fmt: skip
     return fwd / length, max(both - fwd, 0.0) / length
 
 
 def _matmuls(sizes: ComputeSizes, device, dtype) -> tuple[list[Callable], list[float]]:
     """A block's matmuls forward (X W) and backward (dY W^T, X^T dY) at each size."""
     items, flops = [], []
-    for tokens in sizes.matmul_tokens:
-        for hidden in sizes.matmul_hidden:
-            for k, n in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
-                x = torch.randn(tokens, k, device=device, dtype=dtype)
-                w = torch.randn(k, n, device=device, dtype=dtype)
-                dy = torch.randn(tokens, n, device=device, dtype=dtype)
-                items += [
-                    lambda x=x, w=w: aten.mm.default(x, w),
-                    lambda dy=dy, w=w: aten.mm.default(dy, w.t()),
-                    lambda x=x, dy=dy: aten.mm.default(x.t(), dy),
-                ]
-                flops += [2.0 * tokens * k * n] * 3
+    for tokens, hidden in sizes.matmul_sizes:
+        for k, n in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
+            x = torch.randn(tokens, k, device=device, dtype=dtype)
+            w = torch.randn(k, n, device=device, dtype=dtype)
+            dy = torch.randn(tokens, n, device=device, dtype=dtype)
+            items += [
+                lambda x=x, w=w: aten.mm.default(x, w),
+                lambda dy=dy, w=w: aten.mm.default(dy, w.t()),
+                lambda x=x, dy=dy: aten.mm.default(x.t(), dy),
+            ]
+            flops += [2.0 * tokens * k * n] * 3
     return items, flops
 
 

@@ -1,15 +1,16 @@
-"""How a rank times what it measures: round-robin windows, robust to a busy machine.
+"""How a rank times what it measures: whole windows of wall time, robust to a busy machine.
 
-Ranks that share cores must be measured while they all run, so a single timed call
-says little (the scheduler hands a core out in slices of milliseconds). Each
-measurement instead cycles through its items for a fixed window of wall time, every
-active rank at once, and keeps each item's median call; several windows are taken
-and the fastest kept, since another process's load only ever adds time.
+Ranks that share cores must be measured while they all run, and a single timed call
+says little about that: the scheduler hands a core out in slices of milliseconds, so
+a short call either runs at full speed or waits whole slices. Each measurement
+instead runs a suite of calls over and over for a window of wall time, every active
+rank at once, and divides the window by the suites it finished: the share of the
+cores the rank really got is in the figure. Several windows are taken and the fastest
+kept, since another process's load only ever adds time.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -22,21 +23,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def item_seconds(
+def suite_seconds(
     items: Sequence[Callable[[], object]], window_s: float, windows: int, device: torch.device
-) -> list[float]:
-    """Seconds per call of each item: the median call within a window, the fastest window."""
+) -> float:
+    """Seconds one pass over `items` takes: each window's time over its passes (at least
+    one), the fastest window."""
     for item in items:  # warm-up: allocator, kernels, first-call paths
         item()
-    best = [float("inf")] * len(items)
+    best = float("inf")
     for _ in range(windows):
-        calls: list[list[float]] = [[] for _ in items]
-        end = time.perf_counter() + window_s
-        while time.perf_counter() < end or not all(calls):
-            for i, item in enumerate(items):
-                start = time.perf_counter()
+        start, passes = time.perf_counter(), 0
+        while passes == 0 or time.perf_counter() - start < window_s:
+            for item in items:
                 item()
-                synchronize(device)
-                calls[i].append(time.perf_counter() - start)
-        best = [min(b, statistics.median(c)) for b, c in zip(best, calls, strict=True)]
+            synchronize(device)
+            passes += 1
+        best = min(best, (time.perf_counter() - start) / passes)
     return best
