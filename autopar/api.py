@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils import _pytree as pytree
 
@@ -45,6 +47,7 @@ def plan(
     time_limit_s=None,
     example_kwargs=None,
     progress=None,
+    model_name=None,
 ) -> Plan:
     """Trace `model` on `example_inputs` and find the cheapest plan for `mesh`.
 
@@ -55,6 +58,8 @@ def plan(
     and "sequence" (default: `autopar.strategies.default_input_roles`). With `loss_fn`
     and `example_target`, `loss_fn(model(*inputs), target)` is traced with the model, so
     a cross-entropy over vocabulary-sharded logits runs vocabulary-parallel.
+    The plan records `model_name` (default: the model's class name) and the dtype, so
+    that saved plans can be told apart.
     """
     if optimizer not in OPTIMIZER_STATES:
         raise AutoparError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZER_STATES)}")
@@ -82,12 +87,25 @@ def plan(
     pins = Pins(
         dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel, recompute, zero
     )
-    return search(
+    found = search(
         traced, mesh, pins=pins, training=training, dtype_bytes=_dtype_bytes(dtype),
         optimizer=optimizer,
         time_limit_s=time_limit_s, batch=traced_batch(traced),
         global_batch_size=global_batch_size, progress=progress, input_roles=input_roles,
     )  # fmt: skip
+    return dataclasses.replace(
+        found, model=model_name or _class_name(model), dtype=_dtype_name(dtype, mesh)
+    )
+
+
+def _class_name(model) -> str:
+    return "" if isinstance(model, TracedModel) else type(model).__name__
+
+
+def _dtype_name(dtype, mesh) -> str:
+    if dtype is None:
+        return f"the mesh's default ({mesh.device.dtype_bytes}-byte)"
+    return str(dtype).removeprefix("torch.")
 
 
 def parallelize(model, mesh, example_inputs, plan=None, **plan_kwargs):

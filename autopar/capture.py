@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from autopar.analyze import GraphAnalysis, analyze, fingerprint
 from autopar.errors import AutoparError, TraceError
 from autopar.normalize import normalize
+from autopar.stamp import EXPORTED, ExportedGraph, find_stack, stamp, truncated
 
 aten = torch.ops.aten
 
@@ -42,7 +43,7 @@ aten = torch.ops.aten
 class TracedModel:
     """A captured model: the normalized fx graph and how its placeholders map back."""
 
-    exported_program: ExportedProgram
+    exported: ExportedGraph  # signature, constants and call specs of the export
     graph_module: fx.GraphModule
     param_fqns: dict[str, str]  # placeholder name -> parameter FQN in the model
     buffer_fqns: dict[str, str]  # placeholder name -> buffer FQN in the model
@@ -81,7 +82,7 @@ class TracedModel:
         if isinstance(state, torch.nn.Module):
             state = _state_of(state)
         user = iter(_flat_user_inputs(args, kwargs, len(self.user_inputs)))
-        constants = self.exported_program.constants
+        constants = self.exported.constants
         values = []
         for node in self.graph_module.graph.find_nodes(op="placeholder"):
             fqn = self.param_fqns.get(node.name) or self.buffer_fqns.get(node.name)
@@ -94,21 +95,21 @@ class TracedModel:
         return values
 
     def _constant_target(self, name: str) -> str:
-        specs = self.exported_program.graph_signature.input_specs
+        specs = self.exported.graph_signature.input_specs
         return next(spec.target for spec in specs if spec.arg.name == name)
 
     @property
     def out_spec(self) -> pytree.TreeSpec:
-        return self.exported_program.call_spec.out_spec
+        return self.exported.out_spec
 
     @property
     def in_spec(self) -> pytree.TreeSpec:
-        return self.exported_program.call_spec.in_spec
+        return self.exported.in_spec
 
 
-def _placeholder_maps(ep: ExportedProgram) -> tuple[dict[str, str], dict[str, str], list[str]]:
+def _placeholder_maps(exported: ExportedGraph) -> tuple[dict[str, str], dict[str, str], list[str]]:
     params, buffers, user_inputs = {}, {}, []
-    for spec in ep.graph_signature.input_specs:
+    for spec in exported.graph_signature.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.PARAMETER:
             params[name] = spec.target
@@ -218,6 +219,21 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgra
         raise _trace_error(model, exc) from exc
 
 
+def _export_blocks(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
+    """The model's export graph; a deep stack of identical blocks is exported three blocks
+    deep and stamped out (autopar.stamp), the whole model where that cannot be done."""
+    stack = find_stack(model)
+    if stack is not None:
+        try:
+            with truncated(model, stack, EXPORTED), _quiet_partial_graph():
+                stamped = stamp(torch.export.export(model, args, kwargs, strict=False), stack)
+        except Exception:  # the shortened model does not trace: export it whole
+            stamped = None
+        if stamped is not None:
+            return stamped
+    return ExportedGraph.of(_export(model, args, kwargs))
+
+
 def with_loss(model: torch.nn.Module, loss_fn, num_inputs: int) -> torch.nn.Module:
     """`model` whose forward takes a target after its `num_inputs` inputs and returns
     `loss_fn(model(*inputs), target)`. It shares the model's parameters, buffers and
@@ -260,10 +276,10 @@ def capture(
     args = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
     if loss_fn is not None:
         model, args = with_loss(model, loss_fn, len(args)), (*args, example_target)
-    ep = _export(model, args, dict(example_kwargs or {}))
-    params, buffers, user_inputs = _placeholder_maps(ep)
-    graph_module = normalize(ep.graph_module)
-    traced = TracedModel(ep, graph_module, params, buffers, user_inputs)
+    exported = _export_blocks(model, args, dict(example_kwargs or {}))
+    params, buffers, user_inputs = _placeholder_maps(exported)
+    graph_module = normalize(exported.graph_module)
+    traced = TracedModel(exported, graph_module, params, buffers, user_inputs)
     traced.traced_loss = loss_fn is not None
     traced.tied_params = _tied_params(model, params)
     traced.analysis = analyze(graph_module, param_names=params, buffer_names=buffers)

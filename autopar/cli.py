@@ -4,6 +4,7 @@
     autopar plan mypkg.models:build --mesh h100-80gb --tp 8
     autopar plan gpt2 --mesh local:4 --calibration cal.json --json
     autopar show gpt2.plan.json [--json]
+    autopar diff a.plan.json b.plan.json [--json]
     autopar report gpt2.plan.json --html gpt2.html
     autopar calibrate --world-size 2
     autopar models
@@ -157,7 +158,7 @@ def cmd_plan(args) -> int:
             traced, inputs, mesh, dtype=_dtype(args.dtype, args.mesh), dp=args.dp, tp=args.tp,
             pp=args.pp, microbatches=args.microbatches, schedule=schedule,
             global_batch_size=args.global_batch, time_limit_s=args.time_limit,
-            progress=layout_progress(update),
+            progress=layout_progress(update), model_name=args.model,
         )  # fmt: skip
     _print_plan(plan, args.json)
     write_plan_files(plan, args.out, args.html, file=sys.stderr if args.json else None)
@@ -223,6 +224,15 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    from autopar.plan.diff import format_diff, plan_diff
+    from autopar.plan.value import readable_json
+
+    diff = plan_diff(load_plan(args.a), load_plan(args.b))
+    print(readable_json(diff) if args.json else format_diff(diff, (args.a, args.b)))
+    return 0
+
+
 def cmd_report(args) -> int:
     html = args.html or str(Path(args.plan).with_suffix(".html"))
     _check_outputs(html=html, plan_file=args.plan)
@@ -273,6 +283,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "plan": cmd_plan,
     "show": cmd_show,
+    "diff": cmd_diff,
     "report": cmd_report,
     "calibrate": cmd_calibrate,
     "models": cmd_models,

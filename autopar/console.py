@@ -33,7 +33,11 @@ class Progress:
                 yield lambda text: status.update(f"{message}: {text}")
         else:
             print(f"autopar: {message} ...", file=sys.stderr, flush=True)
-            yield _throttled(lambda text: print(f"autopar:   {text}", file=sys.stderr, flush=True))
+            update = _Throttled(
+                lambda text: print(f"autopar:   {text}", file=sys.stderr, flush=True)
+            )
+            yield update
+            update.flush()  # the last count shown is the count reached
         if not self.quiet:
             self.log(f"{message}: done in {time.perf_counter() - start:.1f} s")
 
@@ -46,17 +50,25 @@ class Progress:
             print(f"autopar: {message}", file=sys.stderr, flush=True)
 
 
-def _throttled(emit: Callable[[str], None], every_s: float = PLAIN_PROGRESS_EVERY_S):
-    """At most one plain progress line per `every_s` seconds: a log, not a flood."""
-    last = -float("inf")
+class _Throttled:
+    """At most one plain progress line per `every_s` seconds: a log, not a flood; `flush`
+    shows the last update held back, so the final line says where the step ended."""
 
-    def update(text: str) -> None:
-        nonlocal last
-        if time.perf_counter() - last >= every_s:
-            last = time.perf_counter()
-            emit(text)
+    def __init__(self, emit: Callable[[str], None], every_s: float = PLAIN_PROGRESS_EVERY_S):
+        self.emit, self.every_s = emit, every_s
+        self.last, self.held = -float("inf"), None
 
-    return update
+    def __call__(self, text: str) -> None:
+        if time.perf_counter() - self.last >= self.every_s:
+            self.last, self.held = time.perf_counter(), None
+            self.emit(text)
+        else:
+            self.held = text
+
+    def flush(self) -> None:
+        if self.held is not None:
+            self.emit(self.held)
+            self.held = None
 
 
 def layout_progress(update: Callable[[str], None]) -> Callable:

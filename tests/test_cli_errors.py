@@ -67,7 +67,7 @@ def snapshot(folder: Path) -> dict:
 
 CASES = {
     # argparse's own mistakes
-    "no command": ([], ["missing COMMAND", "plan, show, report, calibrate, models, demo"]),
+    "no command": ([], ["missing COMMAND", "plan, show, diff, report, calibrate, models, demo"]),
     "unknown command": (["frobnicate"], ["invalid choice: 'frobnicate'", "'plan'"]),
     "plan without model": (["plan"], ["required: model, --mesh"]),
     "plan without mesh": (["plan", "gpt2"], ["required: --mesh"]),
@@ -89,6 +89,11 @@ CASES = {
     "mesh local 0": (["plan", "gpt2", "--mesh", "local:0"], ["world_size=0"]),
     "schedule": ([*PLAN, "--schedule", "zigzag"], ["'zigzag'", "gpipe, 1f1b, interleaved1f1b"]),
     "unknown model": (["plan", "gpt5", "--mesh", MESH], ["unknown model 'gpt5'", "gpt2-xl"]),
+    "microbatches that do not divide": (
+        [*PLAN, "--pp", "2", "--microbatches", "3", "--quiet"],
+        ["8 rows of one replica's batch do not split into 3 microbatches"],
+    ),
+    "diff of a missing plan": (["diff", "good.plan.json", "nope.json"], ["no plan file at nope"]),
     # --calibration
     "calibration on a preset": ([*PLAN, "--calibration", "keep.json"], ["local:N meshes only"]),
     "calibration missing": (

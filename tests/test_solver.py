@@ -155,8 +155,8 @@ def test_malformed_plan_files_raise(tmp_path):
     path.write_text("{not json")
     with pytest.raises(PlanError, match="not a plan file"):
         Plan.load(path)
-    path.write_text('{"schema_version": 2, "dp": 1}')
-    with pytest.raises(PlanError, match="malformed"):
+    path.write_text('{"schema_version": 3, "dp": 1}')
+    with pytest.raises(PlanError, match="plan lacks field.*strategies"):
         Plan.load(path)
     path.write_text('{"schema_version": 1, "dp": 1, "strategies": {}}')  # before the IR
     with pytest.raises(PlanError, match="version 1 is not supported.*plan the model again"):

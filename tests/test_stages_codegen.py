@@ -83,8 +83,9 @@ def run_chain(stages, values: dict):
     records = []
     for stage in stages:
         received = [_leaf(v) for v in carried]
+        given = [values[name] for name in stage.inputs]  # user inputs, straight from the caller
         state = {name: _leaf(values[name]) for name in stage.state}
-        carried = stage.graph_module(*received, *state.values())
+        carried = stage.graph_module(*received, *given, *state.values())
         assert len(carried) == len(stage.sent)
         records.append((received, state, carried))
     grads, state_grads = _cotangents(carried), {}
@@ -106,7 +107,8 @@ def assert_chain_matches(graph_module, stages, values, params) -> None:
     for got, want in zip(outputs, expected, strict=True):
         assert torch.equal(got, want)
     for name, want in expected_grads.items():
-        if want is None or name in stages[0].received:
+        user_inputs = {*stages[0].received, *(n for stage in stages for n in stage.inputs)}
+        if want is None or name in user_inputs:
             continue
         if name in params:
             assert torch.equal(grads[name], want), name
@@ -267,9 +269,10 @@ def test_values_pass_through_middle_stages():
     model, inputs, traced = _skip()
     stage_of = _by_module(traced, {"a": 0, "b": 1, "c": 2, "": 2}) | {"relu": 1}
     stages = split_stages(traced.graph_module, stage_of, 3, traced.user_inputs)
-    assert stages[0].received == ["x", "y"]
-    assert stages[1].received == ["y", "a_bias"]  # y and h pass through stage 1
-    assert stages[2].received == ["y", "a_bias", "b_bias"]
+    assert stages[0].received == ["x"]  # the user inputs stage 0 reads
+    assert stages[1].received == ["a_bias"]  # h passes through stage 1
+    assert stages[2].received == ["a_bias", "b_bias"]
+    assert [s.inputs for s in stages] == [[], [], ["y"]]  # y goes straight to its reader
     assert stages[2].sent == ["add", "a_bias"]  # h, made in stage 0, is an output
     assert stages[1].state == ["p_b_weight", "p_b_bias"]
     assert_chain_matches(
@@ -354,4 +357,4 @@ def test_non_tensor_crossing_a_boundary_is_an_error():
     with pytest.raises(AutoparError, match=message):
         split_stages(gm, stage_of, 2, ["x"])
     stages = split_stages(gm, {size: 1, "mul": 0, "reshape": 1}, 2, ["x"])
-    assert stages[1].received == ["x", "mul"]
+    assert stages[1].received == ["mul"] and stages[1].inputs == ["x"]

@@ -35,7 +35,7 @@ def test_report_tables(plan):
     assert "<h3>blocks 0-1</h3>" in html  # identical blocks share one table
     assert "transformer.h.0.mlp.c_fc.weight" in html
     assert "column-parallel" in html and "row-parallel" in html
-    assert "Communication by kind and phase" in html
+    assert "Communication by axis, kind and phase" in html
     assert "all_reduce" in html and "backward" in html
     assert "Pipeline stages" in html
     assert "Every op had a sharding rule." in html
@@ -80,9 +80,12 @@ def test_communication_by_layer_adds_up(plan):
     by_layer = graph.communication_by_layer(plan)
     assert set(by_layer) >= {0, 1}
     total = sum(sum(phases.values()) for phases in by_layer.values())
-    assert total == pytest.approx(sum(c.seconds for c in plan.collectives))
+    assert total == pytest.approx(sum(c.seconds for c in plan.collectives if c.axis == "tp"))
+    assert any(c.axis == "dp" for c in plan.collectives)  # the gradient sync: not per block
     counts = collective_totals(plan)
     assert sum(n for n, _, _ in counts.values()) == len(plan.collectives)
+    on_dp = collective_totals(plan, "dp")
+    assert sum(n for n, _, _ in on_dp.values()) == sum(c.axis == "dp" for c in plan.collectives)
 
 
 def test_small_helpers():

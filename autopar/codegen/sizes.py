@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from autopar.errors import PlanError
 from autopar.placement import Placement, Shard, local_shape
+from autopar.strategies.view import get_arg
 
 aten = torch.ops.aten
 
@@ -24,17 +25,6 @@ aten = torch.ops.aten
 def _arg_index(node: fx.Node, name: str) -> int:
     names = [a.name for a in node.target._schema.arguments]
     return names.index(name)
-
-
-def get_arg(node: fx.Node, name: str):
-    """The value of schema argument `name` of an ATen call node, default included."""
-    index = _arg_index(node, name)
-    if index < len(node.args):
-        return node.args[index]
-    if name in node.kwargs:
-        return node.kwargs[name]
-    schema_arg = node.target._schema.arguments[index]
-    return schema_arg.default_value if schema_arg.has_default_value() else None
 
 
 def set_arg(node: fx.Node, name: str, value) -> None:
@@ -119,6 +109,7 @@ SIZE_RULES: dict = {
     aten.reshape.default: _output_size("shape"),
     aten._unsafe_view.default: _output_size("size"),
     aten.expand.default: _output_size("size"),
+    aten.broadcast_to.default: _output_size("size"),
     aten.new_ones.default: _output_size("size"),
     aten.new_zeros.default: _output_size("size"),
     aten.new_empty.default: _output_size("size"),

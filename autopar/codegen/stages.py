@@ -3,31 +3,37 @@
 Input: the graph one rank runs (the traced graph, or `shard_graph`'s output with
 its collectives) and a stage per node. Output: per stage a graph
 
-    forward(*received, *state) -> tuple(sent)
+    forward(*received, *inputs, *state) -> tuple(sent)
 
 where `received` are the values the previous stage sends (stage 0: the user
-inputs), `state` the parameter / buffer / constant placeholders the stage reads,
-and `sent` exactly the next stage's `received` (last stage: the graph's outputs,
-in their original order). Stage 0 receives the user inputs it needs in user-input
-order; later stages receive values in the order of the source graph, and state
-follows placeholder order. Node names are kept, so stage code reads like the
-unsplit code.
+inputs it reads), `inputs` the user inputs a later stage reads (given to it
+directly by the caller, never sent down the pipeline), `state` the parameter /
+buffer / constant placeholders the stage reads, and `sent` exactly the next
+stage's `received` (last stage: the graph's outputs, in their original order).
+User inputs come in user-input order; received values in the order of the source
+graph, and state follows placeholder order. Node names are kept, so stage code
+reads like the unsplit code.
 
 Rules:
 
 - *Contiguous.* A node never runs before a producer it reads: stage(input) <=
   stage(node), else `AutoparError`. A value produced in stage a and last read in
   stage b > a crosses every boundary in between: stages a+1 .. b-1 receive it and
-  send it on unchanged (pass-through). User inputs enter stage 0; graph outputs
-  computed before the last stage are passed through to it.
+  send it on unchanged (pass-through). Graph outputs computed before the last
+  stage are passed through to it.
+- *User inputs go where they are read.* Every stage that reads a user input (ids,
+  masks, positions) gets it from the caller, as stage 0 does: an input is never an
+  activation, whose buffer the pipeline's shape inference would make up.
 - *State is local.* A parameter (buffer, constant) read by several stages (a tied
   embedding) is in the `state` of each of them; each stage's gradient for it is
   one summand of the full gradient.
-- *Recompute what state alone determines.* A node whose inputs are only state
-  placeholders and other such nodes (no user input, not random: `arange`, masks
-  built from `arange`, rotary tables from a buffer, a collective on a parameter)
-  never crosses a boundary: every stage that reads it computes it. Its assigned
-  stage is ignored. This keeps masks and parameter-derived tensors off the wire.
+- *Recompute what state and inputs alone determine.* A node whose inputs are only
+  state placeholders and other such nodes (not random: `arange`, masks built from
+  `arange`, rotary tables from a buffer, a collective on a parameter), or that
+  makes an integer or boolean tensor from placeholders and such nodes (positions
+  and masks built from the user's ids or attention mask) never crosses a
+  boundary: every stage that reads it computes it. Its assigned stage is ignored.
+  This keeps masks, ids and parameter-derived tensors off the wire.
 - *Only tensors cross.* Any other value (an int, a shape, a tuple) produced in one
   stage and read in a later one raises `AutoparError` naming it.
 - *Multi-output nodes stay whole.* A `getitem` of a multi-output node (`split`)
@@ -43,7 +49,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -61,8 +67,9 @@ class StageGraph:
     index: int
     graph_module: fx.GraphModule
     received: list[str]  # from the previous stage, in argument order (stage 0: user inputs)
-    state: list[str]  # parameter / buffer / constant placeholders, after `received`
+    state: list[str]  # parameter / buffer / constant placeholders, after `inputs`
     sent: list[str]  # the next stage's `received`; last stage: the graph's outputs
+    inputs: list[str] = field(default_factory=list)  # user inputs read directly (stage > 0)
 
 
 # --- the plan's assignment, extended ----------------------------------------------------
@@ -150,20 +157,25 @@ def split_stages(
     """
     graph = graph_module.graph
     inputs = _user_input_nodes(graph, user_inputs)
-    recomputed = _state_derived(graph, set(inputs))
+    recomputed = _derived(graph, set(inputs))
     stage = _checked_stages(graph, stage_of, num_stages, recomputed)
-    home = {node: 0 for node in inputs} | stage
     outputs = _output_nodes(graph)
     latest = _latest_readers(stage, outputs, num_stages)
-    crossing = _crossings(graph, home, latest, num_stages)
-    received = [[node for node in inputs if node in latest], *crossing]
+    crossing = _crossings(graph, stage, latest, num_stages)
     stages = []
     for index in range(num_stages):
         sent = crossing[index] if index < num_stages - 1 else outputs
         computed = _computed_nodes(graph, index, stage, recomputed, sent)
-        module, state = _build_stage(graph_module, index, received[index], computed, sent)
-        stages.append(StageGraph(index, module, _names(received[index]), state, _names(sent)))
+        direct = [node for node in inputs if node in _reads(computed, sent)]
+        received, given = (direct, []) if index == 0 else (crossing[index - 1], direct)
+        module, state = _build_stage(graph_module, index, [*received, *given], computed, sent)
+        names = _names(received), state, _names(sent), _names(given)
+        stages.append(StageGraph(index, module, *names))
     return stages
+
+
+def _reads(computed: list[fx.Node], sent: list[fx.Node]) -> set[fx.Node]:
+    return {u for node in computed for u in node.all_input_nodes} | set(sent)
 
 
 def _names(nodes) -> list[str]:
@@ -191,18 +203,24 @@ def _is_random(node: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in tags
 
 
-def _state_derived(graph: fx.Graph, user_inputs: set[fx.Node]) -> set[fx.Node]:
-    """Nodes computed from state placeholders alone: recomputed by every stage reading them."""
-    state = {n for n in graph.find_nodes(op="placeholder") if n not in user_inputs}
-    derived: set[fx.Node] = set()
+def _is_integral(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and not val.is_floating_point()
+
+
+def _derived(graph: fx.Graph, user_inputs: set[fx.Node]) -> set[fx.Node]:
+    """Nodes recomputed by every stage reading them: made from state (and what is made
+    from it) alone, or integer / boolean tensors made from placeholders and such nodes."""
+    placeholders = set(graph.find_nodes(op="placeholder"))
+    known = placeholders - user_inputs  # state, then every derived node
     for node in graph.nodes:
-        if node.op == "get_attr" or (
-            node.op in _COMPUTED_OPS
-            and not _is_random(node)
-            and all(u in state or u in derived for u in node.all_input_nodes)
-        ):
-            derived.add(node)
-    return derived
+        if node.op == "get_attr":
+            known.add(node)
+        elif node.op in _COMPUTED_OPS and not _is_random(node):
+            allowed = known | placeholders if _is_integral(node) else known
+            if all(u in allowed for u in node.all_input_nodes):
+                known.add(node)
+    return known - placeholders
 
 
 def _checked_stages(graph, stage_of, num_stages, recomputed) -> dict[fx.Node, int]:
@@ -267,7 +285,8 @@ def _latest_readers(stage, outputs, num_stages) -> dict[fx.Node, int]:
 
 
 def _crossings(graph, home, latest, num_stages) -> list[list[fx.Node]]:
-    """Per boundary k | k+1, in graph order, the values made at or before k and read after."""
+    """Per boundary k | k+1, in graph order, the values made at or before k and read after
+    (user inputs have no home: each stage reading one gets it directly)."""
     crossing = [[] for _ in range(num_stages - 1)]
     for node in graph.nodes:
         if node in home and node in latest:

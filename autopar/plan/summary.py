@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+from autopar.plan.roles import Roles
+
 COLLECTIVES_SCOPE = "tensor-parallel collectives, one forward and backward of the traced batch"
-MATMULS = ("aten.mm.default", "aten.linear.default", "aten.bmm.default", "aten.matmul.default")
 
 
 def human_bytes(n: float) -> str:
@@ -21,6 +22,15 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+def human_flops(per_second: float) -> str:
+    """FLOP/s in the largest unit that keeps a digit before the point (a CPU mesh runs
+    at GFLOP/s, where TFLOP/s would print 0.0)."""
+    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if per_second >= factor:
+            return f"{per_second / factor:.1f} {unit}FLOP/s"
+    return f"{per_second:.0f} FLOP/s"
+
+
 def human_seconds(s: float) -> str:
     if s >= 1:
         return f"{s:.2f} s"
@@ -29,38 +39,12 @@ def human_seconds(s: float) -> str:
     return f"{s * 1e6:.1f} us"
 
 
-def _use_role(plan, node, placeholder: str) -> str:
-    """What one consumer does with a sharded parameter, in Megatron's words."""
-    if node.op in MATMULS:
-        return "column-parallel" if node.output().startswith("S") else "row-parallel"
-    if node.op == "aten.embedding.default":
-        return "embedding, hidden dim sharded"
-    if node.op == "aten.add.Tensor":
-        matmul = next((s for s in node.sources if s != placeholder), None)
-        produced = plan.strategies[matmul].output() if matmul in plan.strategies else ""
-        return "bias of a column-parallel matmul" if produced.startswith("S") else (
-            "bias, added to a reduce-scattered output"
-        )  # fmt: skip
-    return "sharded"
-
-
-def parameter_role(plan, placeholder: str) -> str:
-    """Megatron's names for what a parameter's placement does (every use, for tied ones)."""
-    if plan.strategies[placeholder].output() == "R":
-        return "replicated"
-    roles = [
-        _use_role(plan, node, placeholder)
-        for node in plan.strategies.values()
-        if placeholder in node.sources
-    ]
-    return " + ".join(dict.fromkeys(roles)) or "sharded"
-
-
 def _parallelism(plan) -> str:
     cost = plan.cost
+    zero = f", ZeRO-{plan.zero} (states sharded over dp)" if plan.zero else ""
     parts = [
-        f"data parallel over {plan.dp} replicas (gradient all-reduce "
-        f"{human_seconds(cost.dp_sync_s)})"
+        f"data parallel over {plan.dp} replicas (gradient sync {human_seconds(cost.dp_sync_s)}"
+        f"{zero})"
         if plan.dp > 1
         else "no data parallelism"
     ]
@@ -74,29 +58,72 @@ def _parallelism(plan) -> str:
     else:
         sp = "on" if plan.sequence_parallel else "off"
         parts.append(f"tensor parallel over {plan.tp} ranks, sequence parallelism {sp}")
-    parts.append(f"{plan.pp} pipeline stage{'s' if plan.pp > 1 else ''}")
+    stages = len(plan.stages)
+    on = f" on {plan.pp} pipeline ranks (interleaved)" if stages > plan.pp else ""
+    parts.append(f"{stages} pipeline stage{'s' if stages > 1 else ''}{on}")
+    parts.append(f"activation recomputation {plan.recompute}")
     return "parallelism: " + "; ".join(parts)
+
+
+def communication_parts(cost) -> list[tuple[str, float]]:
+    """Where the communication time goes: tp collectives (with the tp gradient sums),
+    the dp gradient sync and the pipeline's sends and receives."""
+    return [
+        ("tensor parallel", cost.comm_s - cost.dp_sync_s - cost.p2p_s),
+        ("data parallel", cost.dp_sync_s),
+        ("pipeline send/recv", cost.p2p_s),
+    ]
+
+
+def _communication(cost) -> str:
+    """The communication total, and its parts where there is more than one."""
+    shown = [f"{what} {human_seconds(s)}" for what, s in communication_parts(cost) if s > 0]
+    detail = f" ({', '.join(shown)})" if len(shown) > 1 else ""
+    return f"communication {human_seconds(cost.comm_s)}{detail}"
+
+
+def throughput(plan) -> str:
+    """Model FLOP/s per device, and MFU: that rate over the device's peak."""
+    rate = human_flops(plan.cost.tflops_per_device * 1e12) + " per device"
+    return rate if plan.mfu is None else f"{rate} (MFU {100 * plan.mfu:.1f}%)"
+
+
+def search_line(solver: dict) -> str:
+    """How the search went: the same layout count the progress line shows."""
+    searched = solver.get("layouts_searched", solver.get("layouts_tried", 1))
+    fit = solver.get("layouts_tried")
+    fitting = f", {fit} pipeline configuration(s) fit" if fit is not None else ""
+    return (
+        f"{solver.get('status')} in {solver.get('solve_time_s', 0):.2f} s "
+        f"({solver.get('num_variables')} variables, {solver.get('num_constraints')} "
+        f"constraints); {searched} (dp, tp, pp) layouts searched{fitting}"
+    )
+
+
+def model_line(plan) -> str:
+    parts = [plan.model or "an unnamed model", plan.dtype or "dtype not recorded"]
+    if plan.seq_len:
+        parts.append(f"sequence {plan.seq_len}")
+    if plan.global_batch_size:
+        parts.append(f"global batch {plan.global_batch_size}")
+    return "model: " + ", ".join(parts)
 
 
 def _header(plan) -> list[str]:
     cost, mesh = plan.cost, plan.mesh.get("description", "")
-    solver = plan.solver
     lines = [
         f"autopar plan: dp={plan.dp} tp={plan.tp} pp={plan.pp}, {plan.num_microbatches} "
         f"microbatch(es) of {plan.microbatch_size}, schedule {plan.schedule}",
+        model_line(plan),
         f"mesh: {mesh}",
         f"predicted step {human_seconds(cost.step_time_s)}: compute "
-        f"{human_seconds(cost.compute_s)}, communication {human_seconds(cost.comm_s)}, bubble "
+        f"{human_seconds(cost.compute_s)}, {_communication(cost)}, bubble "
         f"{human_seconds(cost.bubble_s)}; {human_bytes(cost.memory_per_device_bytes)} per "
-        f"device; {cost.tflops_per_device:.1f} TFLOP/s per device",
+        f"device; {throughput(plan)}",
         _parallelism(plan),
     ]
-    if solver:
-        lines.append(
-            f"solver: {solver.get('status')} in {solver.get('solve_time_s', 0):.2f} s "
-            f"({solver.get('num_variables')} variables, {solver.get('num_constraints')} "
-            f"constraints; {solver.get('layouts_tried', 1)} layouts searched)"
-        )
+    if plan.solver:
+        lines.append(f"solver: {search_line(plan.solver)}")
     return lines
 
 
@@ -142,17 +169,15 @@ def _block_lines(plan) -> list[str]:
     return lines
 
 
-def _param_line(plan, placeholder: str) -> str:
+def _param_line(plan, roles: Roles, placeholder: str) -> str:
     name = plan.param_fqns[placeholder]
-    twin = plan.tied_params.get(placeholder)
-    if twin is not None:
-        return f"  {name:44s} {'':8s} tied to {plan.param_fqns[twin]}"
-    placement = plan.strategies[placeholder].output()
-    return f"  {name:44s} {placement:8s} {parameter_role(plan, placeholder)}"
+    placement, role = roles.placement(placeholder), roles.role(placeholder)
+    return f"  {name:44s} {placement:8s} {role}{roles.tied_note(placeholder)}"
 
 
 def _param_lines(plan, placeholders) -> list[str]:
-    return [_param_line(plan, p) for p in placeholders]
+    roles = Roles(plan)
+    return [_param_line(plan, roles, p) for p in placeholders]
 
 
 def plan_summary(plan) -> str:

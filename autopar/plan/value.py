@@ -9,6 +9,7 @@ that a plan is never applied to a model or cluster it was not made for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,19 +19,24 @@ from autopar.cost.pricing import Collective
 from autopar.errors import PlanError
 from autopar.fileio import write_atomic
 from autopar.placement import TP, NodePlacement
+from autopar.plan.schema import check_fields, check_plan
 from autopar.plan.summary import plan_summary
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: node shapes; model, dtype, sequence length, global batch; p2p time
+
+Shape = list[int] | list[list[int]] | None  # a tensor's, one per output of split, or none
 
 
 @dataclass
 class PlanNode:
-    """One graph node: its op, the nodes it reads, and its placement on each mesh axis
-    (an axis the plan does not split, such as tp at tp=1, is absent)."""
+    """One graph node: its op, the nodes it reads, its output shape (as traced: one
+    replica's batch) and its placement on each mesh axis (an axis the plan does not
+    split, such as tp at tp=1, is absent)."""
 
     op: str
     sources: list[str]
     placements: dict[str, NodePlacement]
+    shape: Shape = None
 
     def output(self, axis: str = TP) -> str:
         """The printed placement of the output on `axis` ("R" where the axis is absent)."""
@@ -42,12 +48,13 @@ class PlanNode:
 
     def to_dict(self) -> dict:
         placements = {axis: p.to_text() for axis, p in self.placements.items()}
-        return {"op": self.op, "sources": self.sources, "placements": placements}
+        return {"op": self.op, "shape": self.shape, "sources": self.sources,
+                "placements": placements}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> PlanNode:
         placements = {a: NodePlacement.from_text(p) for a, p in data["placements"].items()}
-        return cls(data["op"], list(data["sources"]), placements)
+        return cls(data["op"], list(data["sources"]), placements, data["shape"])
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Cost:
     optimizer_s: float = 0.0  # part of compute_s
     dp_sync_s: float = 0.0  # the data-parallel gradient all-reduce, part of comm_s
     tp_sync_s: float = 0.0  # parameter gradients summed over tp once per step, part of comm_s
+    p2p_s: float = 0.0  # pipeline sends and receives of the slowest pp rank, part of comm_s
 
 
 @dataclass
@@ -98,35 +106,38 @@ class Plan:
     sequence_parallel: bool = False  # normalizations split on the sequence dim over tp
     recompute: str = "none"  # the stages' recomputation, "mixed" when they differ
     zero: int = 0  # ZeRO stage over dp: 1 optimizer states sharded, 2 gradients too
+    model: str = ""  # what was planned: a built-in name, package.module:factory or a class
+    dtype: str = ""  # the training dtype ("bfloat16"), or the mesh's default
+    seq_len: int | None = None  # dim 1 of the first user input, when it has one
+    global_batch_size: int = 0  # dp * microbatches * microbatch size
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = asdict(dataclasses.replace(self, strategies={}))  # nodes print their own way
         data["strategies"] = {name: node.to_dict() for name, node in self.strategies.items()}
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
+        """The plan `data` holds, checked against the schema (`plan/schema.py`)."""
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PlanError(
                 f"plan schema version {version!r} is not supported (this autopar reads "
                 f"version {SCHEMA_VERSION}); plan the model again"
             )
-        try:
-            fields = dict(data)
-            fields["strategies"] = {n: PlanNode.from_dict(e) for n, e in data["strategies"].items()}
-            fields["stages"] = [Stage(**s) for s in data["stages"]]
-            fields["cost"] = Cost(**data["cost"])
-            fields["collectives"] = [Collective(**c) for c in data["collectives"]]
-            plan = cls(**fields)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise PlanError(f"malformed plan: {error}; plan the model again") from error
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}  # fmt: skip
+        check_fields(data, required)
+        plan = cls(**{**data, **_parsed(data)})
+        from autopar.solver.pipeline import SCHEDULES
+
+        check_plan(plan, SCHEDULES)
         return plan
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a crash never leaves half a plan file behind."""
-        write_atomic(path, json.dumps(self.to_dict(), indent=1))
+        write_atomic(path, readable_json(self.to_dict()) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -149,6 +160,12 @@ class Plan:
         }
 
     @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilization: model FLOP/s per device over the device's peak."""
+        peak = self.mesh.get("device", {}).get("peak_flops")
+        return self.cost.tflops_per_device * 1e12 / peak if peak else None
+
+    @property
     def tp_splits_nothing(self) -> bool:
         """tp > 1, yet every node is replicated on it: each tp rank computes everything."""
         return self.tp > 1 and all(p.is_replicated for p in self.node_placements(TP).values())
@@ -168,3 +185,52 @@ class Plan:
 
     def summary(self) -> str:
         return plan_summary(self)
+
+
+def _parsed(data: dict) -> dict:
+    """The nested values of a plan file as their types; PlanError naming what is wrong."""
+    parsed = {"strategies": {}}
+    for name, entry in data["strategies"].items():
+        try:
+            parsed["strategies"][name] = PlanNode.from_dict(entry)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise PlanError(
+                f"plan field strategies[{name!r}] is malformed: {_why(error)}"
+            ) from None
+    for key, build in (("stages", Stage), ("collectives", Collective)):
+        try:
+            parsed[key] = [build(**entry) for entry in data[key]]
+        except TypeError as error:
+            raise PlanError(f"plan field {key} is malformed: {error}") from None
+    try:
+        parsed["cost"] = Cost(**data["cost"])
+    except TypeError as error:
+        raise PlanError(f"plan field cost is malformed: {error}") from None
+    return parsed
+
+
+def _why(error: Exception) -> str:
+    return f"missing {error}" if isinstance(error, KeyError) else str(error)
+
+
+def readable_json(value, indent: str = "", width: int = 100) -> str:
+    """JSON that reads: a value that fits in `width` on one line, else one key (or list
+    entry) per line, and long lists of plain values packed into lines of `width`."""
+    inner = indent + " "
+    container = isinstance(value, dict | list)
+    if not container or 3 * len(value) <= width:  # n entries take >= 3n characters
+        text = json.dumps(value)
+        if len(indent) + len(text) <= width or not container or not value:
+            return text
+    if isinstance(value, dict):
+        items = (f"{inner}{json.dumps(k)}: {readable_json(v, inner)}" for k, v in value.items())
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if any(isinstance(v, dict | list) for v in value):
+        items = (inner + readable_json(v, inner) for v in value)
+        return "[\n" + ",\n".join(items) + f"\n{indent}]"
+    lines = [""]
+    for item in map(json.dumps, value):
+        if lines[-1] and len(inner) + len(lines[-1]) + len(item) > width:
+            lines.append("")
+        lines[-1] += item + ", "
+    return "[\n" + "\n".join(inner + line.rstrip() for line in lines).rstrip(",") + f"\n{indent}]"

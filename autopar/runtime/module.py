@@ -79,7 +79,7 @@ class ParallelModule(nn.Module):
         self._partial_grads = partial_grad_slots(traced, self.graph_module, model, slots)
         placeholders = self.graph_module.graph.find_nodes(op="placeholder")
         self._feeds = placeholder_feeds(traced, placeholders, model, slots, self, device)
-        signature = traced.exported_program.graph_signature
+        signature = traced.exported.graph_signature
         self._output_kinds = [(spec.kind, spec.target) for spec in signature.output_specs]
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
         self._buffer_slots = {**{slot.name: slot for slot in slots.values()}, **self._state_slots}
@@ -190,10 +190,10 @@ def placeholder_feeds(traced, nodes, model, slots, module, device=None) -> list:
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     fqns = {**traced.param_fqns, **traced.buffer_fqns}
-    ep = traced.exported_program
+    exported = traced.exported
     constants = {
-        spec.arg.name: ep.constants[spec.target]
-        for spec in ep.graph_signature.input_specs
+        spec.arg.name: exported.constants[spec.target]
+        for spec in exported.graph_signature.input_specs
         if spec.kind == InputKind.CONSTANT_TENSOR
     }
     feeds = []

@@ -18,7 +18,10 @@ microbatch is divided by the number of microbatches instead, so gradients are
 those of the mean loss even when one parameter is shared by two stages of a rank.
 
 Across a stage boundary a value travels contiguous; the receiving stage puts it
-back in the memory layout it was traced with (its view nodes depend on it).
+back in the memory layout it was traced with (its view nodes depend on it). User
+inputs never travel: the schedule hands each stage the ones it reads (stage 0 as
+its arguments, later stages as keyword arguments, split into microbatches like
+them), so no stage reads a buffer the pipeline's shape inference made up.
 """
 
 from __future__ import annotations
@@ -30,24 +33,20 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-)
+from torch.distributed.pipelining import PipelineStage
 from torch.export.graph_signature import OutputKind
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
 from autopar.codegen import annotated_code, gather_full, recompute, shard_graph, shard_tensor
 from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
-from autopar.errors import AutoparError, PlanError
+from autopar.errors import AutoparError
 from autopar.ops import Axis, bound_axes
 from autopar.ops.layout import dim_order, with_dim_order
 from autopar.placement import Placement, Replicate
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
 from autopar.runtime.module import check_state_dict, placeholder_feeds
+from autopar.runtime.schedule import build_schedule, check_stage_ranks
 from autopar.runtime.state import (
     Slot,
     build_slots,
@@ -57,18 +56,14 @@ from autopar.runtime.state import (
     tensors_by_id,
 )
 
-SCHEDULES = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-    "interleaved1f1b": ScheduleInterleaved1F1B,
-}
-
 
 class StageModule(nn.Module):
-    """One pipeline stage on this rank: `forward(*received) -> tuple(sent)`.
+    """One pipeline stage on this rank: `forward(*received, **user_inputs) -> tuple(sent)`.
 
-    Feeds the stage graph the received values (in their traced memory layout) and
-    this rank's shards of the stage's state; binds the tp axis for its collectives.
+    Feeds the stage graph the received values (in their traced memory layout), the
+    user inputs it reads (by name; others are ignored: the schedule gives every stage
+    of a rank the same keyword arguments) and this rank's shards of the stage's
+    state; binds the tp axis for its collectives.
     """
 
     def __init__(self, stage: StageGraph, feeds: list[Slot], axis: Axis, is_last: bool):
@@ -83,11 +78,12 @@ class StageModule(nn.Module):
         self._received = placeholders[: len(stage.received)]
         self._orders = [dim_order(node.meta["val"]) for node in self._received]
 
-    def forward(self, *received: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *received: torch.Tensor, **user_inputs) -> tuple[torch.Tensor, ...]:
         inputs = [with_dim_order(x, order) for x, order in zip(received, self._orders, strict=True)]
+        given = [user_inputs[input_key(name)] for name in self.stage.inputs]
         state = [feed.local() for feed in self._feeds]
         with bound_axes({self._axis.name: self._axis}):
-            outputs = self.graph_module(*inputs, *state)
+            outputs = self.graph_module(*inputs, *given, *state)
         if self._is_last:
             return tuple(outputs)
         return tuple(value.contiguous() for value in outputs)  # p2p sends whole buffers
@@ -96,6 +92,11 @@ class StageModule(nn.Module):
         """Empty tensors for this stage's inputs from the previous stage (contiguous)."""
         return [torch.empty(_local_shape(node), dtype=node.meta["val"].dtype, device=device)
                 for node in self._received]  # fmt: skip
+
+
+def input_key(name: str) -> str:
+    """The keyword a user input travels under (apart from the schedule's own keywords)."""
+    return f"user_input_{name}"
 
 
 def _local_shape(node: fx.Node) -> tuple[int, ...]:
@@ -124,29 +125,6 @@ def split_plan_stages(graph_module: fx.GraphModule, plan, traced: TracedModel) -
     """The rank graph cut into the plan's stages."""
     stage_of = stage_of_nodes(graph_module, [stage.nodes for stage in plan.stages])
     return split_stages(graph_module, stage_of, len(plan.stages), traced.user_inputs)
-
-
-def check_stage_ranks(plan) -> None:
-    """Stages must sit where torch.distributed.pipelining puts them: stage k on pp rank k % pp."""
-    num_stages = len(plan.stages)
-    wrong = [
-        f"stage {k} on pp rank {stage.pp_rank}"
-        for k, stage in enumerate(plan.stages)
-        if stage.index != k or stage.pp_rank != k % plan.pp
-    ]
-    if num_stages % plan.pp or wrong:
-        raise PlanError(
-            f"the plan has {num_stages} stages for pp={plan.pp} ({', '.join(wrong) or 'ok'}); "
-            "the runtime needs a multiple of pp stages with stage k on pp rank k % pp; "
-            "plan the model again"
-        )
-    if plan.schedule not in SCHEDULES:
-        raise PlanError(f"schedule {plan.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if plan.schedule != "interleaved1f1b" and num_stages != plan.pp:
-        raise PlanError(
-            f"schedule {plan.schedule!r} runs one stage per pipeline rank, but the plan has "
-            f"{num_stages} stages for pp={plan.pp}; use interleaved1f1b or plan again"
-        )
 
 
 def held_tensors(traced, graph_module, model, stages, rank_of_stage) -> dict[int, HeldTensor]:
@@ -199,6 +177,8 @@ class PipelineModule(nn.Module):
         local = [stage for stage in stages if self._rank_of_stage[stage.index] == groups.pp_rank]
         self.stage_modules = [self._stage_module(traced, model, s, axis) for s in local]
         self._stage0_inputs = [traced.user_inputs.index(name) for name in stages[0].received]
+        later = dict.fromkeys(name for module in self.stage_modules for name in module.stage.inputs)
+        self._later_inputs = {name: traced.user_inputs.index(name) for name in later}
         self._out_spec = traced.out_spec
         self._output_nodes = _output_nodes(stages[-1])
         self._loss_fn: Callable | None = None
@@ -207,11 +187,11 @@ class PipelineModule(nn.Module):
                           group=groups.pp_group)
             for module in self.stage_modules
         ]  # fmt: skip
-        self._schedule = _build_schedule(plan, pipeline_stages, self._microbatch_loss)
+        self._schedule = build_schedule(plan, pipeline_stages, self._microbatch_loss)
 
     def _stage_module(self, traced, model, stage: StageGraph, axis: Axis) -> StageModule:
         placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
-        state_nodes = placeholders[len(stage.received) :]
+        state_nodes = placeholders[len(stage.received) + len(stage.inputs) :]
         feeds = placeholder_feeds(traced, state_nodes, model, self._slots, self, self.groups.device)
         unknown = [node.name for node, feed in zip(state_nodes, feeds, strict=True)
                    if not isinstance(feed, Slot)]  # fmt: skip
@@ -265,10 +245,14 @@ class PipelineModule(nn.Module):
         losses: list[torch.Tensor] = []
         self._schedule.step(
             *args, target=target if self.holds_last_stage else None, losses=losses,
-            return_outputs=False,
+            return_outputs=False, **self._given(flat_inputs),
         )  # fmt: skip
         self._sum_tied_grads()
         return torch.stack(losses).sum().detach() if losses else None
+
+    def _given(self, flat_inputs: Sequence) -> dict[str, torch.Tensor]:
+        """The user inputs this rank's later stages read, keyed by `input_key`."""
+        return {input_key(name): flat_inputs[i] for name, i in self._later_inputs.items()}
 
     def sum_partial_grads(self) -> None:
         """Sum over tp the gradients this rank's stages leave partial (see ParallelModule)."""
@@ -302,7 +286,7 @@ class PipelineModule(nn.Module):
                 received = [flat_inputs[i] for i in self._stage0_inputs]
             else:
                 received = self._receive(module)
-            outputs = module(*received)
+            outputs = module(*received, **self._given(flat_inputs))
             if module.index < self.num_stages - 1:
                 self._send(module.index, outputs)
         return self._broadcast_outputs(outputs)
@@ -401,7 +385,7 @@ def _output_nodes(last: StageGraph) -> list[fx.Node]:
 
 
 def _check_outputs(traced: TracedModel) -> None:
-    kinds = [spec.kind for spec in traced.exported_program.graph_signature.output_specs]
+    kinds = [spec.kind for spec in traced.exported.graph_signature.output_specs]
     other = [kind.name for kind in kinds if kind not in (OutputKind.USER_OUTPUT,)]
     if other:
         raise AutoparError(
@@ -409,16 +393,3 @@ def _check_outputs(traced: TracedModel) -> None:
             "gradients); pipeline parallelism supports models whose forward only returns "
             "values; plan with pp=1"
         )
-
-
-def _build_schedule(plan, stages: list[PipelineStage], loss_fn):
-    """The plan's schedule over this rank's stages (gradients not rescaled: see module doc)."""
-    schedule = SCHEDULES[plan.schedule]
-    first = stages if plan.schedule == "interleaved1f1b" else stages[0]
-    try:
-        return schedule(first, plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
-    except ValueError as error:
-        raise PlanError(
-            f"schedule {plan.schedule} with {plan.num_microbatches} microbatches and "
-            f"{len(plan.stages)} stages on pp={plan.pp}: {error}"
-        ) from error

@@ -8,6 +8,7 @@ reshard table; costs are split into compute, communication and bubble.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from autopar.cost.compute import BACKWARD_FLOP_FACTOR
@@ -19,13 +20,23 @@ from autopar.solver.sharding import PARAMETER_SYNC, ZERO_SYNC
 from autopar.strategies import NORMS, SEQUENCE
 
 
-def traced_batch(traced) -> int:
-    """The batch size (dim 0 of the first user input) the model was traced with."""
+def _first_input_shape(traced) -> tuple[int, ...]:
     for node in traced.graph_module.graph.nodes:
         if node.name in traced.user_inputs:
-            shape = node.meta["val"].shape
-            return int(shape[0]) if len(shape) else 1
-    return 1
+            return tuple(int(n) for n in node.meta["val"].shape)
+    return ()
+
+
+def traced_batch(traced) -> int:
+    """The batch size (dim 0 of the first user input) the model was traced with."""
+    shape = _first_input_shape(traced)
+    return shape[0] if shape else 1
+
+
+def traced_seq_len(traced) -> int | None:
+    """The sequence length (dim 1 of the first user input), if it has a dim 1."""
+    shape = _first_input_shape(traced)
+    return shape[1] if len(shape) > 1 else None
 
 
 def _tp_placement(node: fx.Node, strategy) -> NodePlacement:
@@ -35,8 +46,21 @@ def _tp_placement(node: fx.Node, strategy) -> NodePlacement:
     return NodePlacement(output, strategy.inputs)
 
 
+def _shape(node: fx.Node) -> list | None:
+    """The traced output shape, one per output of a multi-output node, None if no tensor."""
+    value = node.meta.get("val")
+    if isinstance(value, list | tuple):
+        shapes = [_shape_of(v) for v in value]
+        return None if None in shapes else shapes
+    return _shape_of(value)
+
+
+def _shape_of(value) -> list[int] | None:
+    return [int(n) for n in value.shape] if isinstance(value, torch.Tensor) else None
+
+
 def plan_nodes(traced, sharding, layout) -> dict[str, PlanNode]:
-    """Each node's op, sources and placements on the axes of size > 1."""
+    """Each node's op, sources, output shape and placements on the axes of size > 1."""
     table = {}
     for node in traced.graph_module.graph.nodes:
         strategy = sharding.result.strategies.get(node.name)
@@ -48,7 +72,8 @@ def plan_nodes(traced, sharding, layout) -> dict[str, PlanNode]:
         if layout.tp > 1:
             placements[TP] = _tp_placement(node, strategy)
         op = str(node.target) if node.op == "call_function" else node.op
-        table[node.name] = PlanNode(op, [arg.name for arg in node.all_input_nodes], placements)
+        sources = [arg.name for arg in node.all_input_nodes]
+        table[node.name] = PlanNode(op, sources, placements, _shape(node))
     return table
 
 
@@ -101,14 +126,15 @@ def _cost(traced, mesh, sharding, best, training) -> Cost:
     comm_per_mb = sum(c.seconds for c in sharding.pricing.collectives) * scale
     factor = 1 + BACKWARD_FLOP_FACTOR if training else 1
     flops = factor * traced.analysis.total_flops * scale * choice.num_microbatches * layout.dp
-    pipeline_work = choice.step_s - choice.bubble_s
-    in_graph = min(pipeline_work, comm_per_mb * choice.num_microbatches / layout.pp)
-    comm = in_graph + best.dp_sync_s + best.tp_sync_s
+    pipeline_work = choice.step_s - choice.bubble_s  # the sends and receives included
+    in_graph = min(pipeline_work - choice.p2p_s, comm_per_mb * choice.num_microbatches / layout.pp)
+    comm = in_graph + best.dp_sync_s + best.tp_sync_s + choice.p2p_s
     return Cost(
         step_time_s=best.step_s, compute_s=best.step_s - comm - choice.bubble_s, comm_s=comm,
         bubble_s=choice.bubble_s, memory_per_device_bytes=choice.memory_bytes,
         tflops_per_device=flops / best.step_s / mesh.world_size / 1e12,
         optimizer_s=best.optimizer_s, dp_sync_s=best.dp_sync_s, tp_sync_s=best.tp_sync_s,
+        p2p_s=choice.p2p_s,
     )  # fmt: skip
 
 
@@ -141,6 +167,8 @@ def to_plan(traced, mesh, sharding, best, training) -> Plan:
         tied_params=_unused_twins(traced), unit_times_s=best.unit_times_s,
         sequence_parallel=layout.tp > 1 and uses_sequence_parallelism(traced, sharding),
         recompute=_recompute(choice.split.modes), zero=best.zero,
+        seq_len=traced_seq_len(traced),
+        global_batch_size=layout.dp * choice.num_microbatches * best.microbatch_size,
     )  # fmt: skip
 
 

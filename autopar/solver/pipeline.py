@@ -19,6 +19,7 @@ the intra-op ILP, so that what the ILP accepts fits.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import pulp
@@ -39,6 +40,7 @@ class PipelineChoice:
     bubble_s: float
     memory_bytes: float  # the fullest rank
     rank_of_stage: tuple[int, ...]
+    p2p_s: float = 0.0  # the sends and receives in step_s: the slowest rank's, m times
 
 
 def unit_of_nodes(traced) -> dict[str, int]:
@@ -192,12 +194,21 @@ def memory_rows(units_memory, pp, m, schedule, scale, budget) -> tuple[list, boo
     each <= `budget`; and whether the least memory any choice could use fits at all."""
     chunks = _chunks(schedule)
     alive = in_flight(schedule, pp, m, chunks)
-    rows, least = [[] for _ in range(pp)], [0.0] * pp
+    weights = [defaultdict(lambda: [0.0, 0.0]) for _ in range(pp)]  # per rank, per unit
+    distinct, least = {}, [0.0] * pp
     for k, (i, j) in enumerate(equal_bounds(len(units_memory), pp * chunks)):
-        for unit in units_memory[i:j]:
-            rows[k % pp].append(unit.params + alive(k) * scale * unit.activations)
+        for unit in units_memory[i:j]:  # identical blocks share one UnitMemory
+            weight = weights[k % pp][id(unit)]
+            weight[0] += 1
+            weight[1] += alive(k) * scale
+            distinct[id(unit)] = unit
             least[k % pp] += unit.least_params + alive(k) * scale * unit.least_activations
-    named = [(f"pp_rank_{r}", pulp.lpSum(terms), budget) for r, terms in enumerate(rows)]
+    rows = [
+        pulp.lpSum(a * distinct[u].params + b * distinct[u].activations
+                   for u, (a, b) in rank.items())
+        for rank in weights
+    ]  # fmt: skip
+    named = [(f"pp_rank_{r}", row, budget) for r, row in enumerate(rows)]
     return named, max(least) <= budget
 
 
@@ -228,4 +239,6 @@ def evaluate(units, pp, m, schedule, p2p, budget, idle_speedup=1.0) -> PipelineC
     critical = m * max(rank_time) + (pp - 1) * split.slowest_s
     step = shared_core_seconds(critical, m * sum(rank_time) / pp, idle_speedup)
     bubble = max(step - m * max(rank_time), 0.0)
-    return PipelineChoice(schedule, m, split, step, bubble, max(rank_memory), ranks)
+    slowest = rank_time.index(max(rank_time))
+    p2p_s = m * sum(t for t, r in zip(split.stage_p2p, ranks, strict=True) if r == slowest)
+    return PipelineChoice(schedule, m, split, step, bubble, max(rank_memory), ranks, p2p_s)

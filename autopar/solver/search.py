@@ -11,6 +11,7 @@ schedule can be pinned.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from autopar.cost.sharing import shared_core_seconds
 from autopar.errors import AutoparError, PlanError
 from autopar.placement import TP
 from autopar.plan import Plan
+from autopar.solver import shortfall
 from autopar.solver.assemble import to_plan
 from autopar.solver.pipeline import (
     INTERLEAVED_CHUNKS,
@@ -304,6 +306,7 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     pins = pins or Pins()
     pins = Pins(**{**pins.__dict__, "schedule": normalize_schedule(pins.schedule)})
     candidates = layouts(traced, mesh, pins)
+    _check_batch_splits(candidates, pins, batch, global_batch_size)
     dtype_bytes = dtype_bytes or mesh.device.dtype_bytes
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
@@ -317,11 +320,11 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
         if replica_batch is not None:
             run.visit(layout, replica_batch)
     if run.best is None:
-        raise PlanError(_nothing_fits(mesh, pins, solve.failures))
+        raise PlanError(_nothing_fits(run, global_batch_size))
     plan = to_plan(traced, mesh, run.best.sharding, run.best, training)
     plan.solver.update(
         search_time_s=time.perf_counter() - start, layouts_tried=run.tried,
-        ilp_time_s=solve.ilp_time_s,
+        layouts_searched=len(candidates), ilp_time_s=solve.ilp_time_s,
     )  # fmt: skip
     return plan
 
@@ -332,10 +335,47 @@ def _replica_batch(global_batch_size, batch, dp) -> int | None:
     return global_batch_size // dp if global_batch_size % dp == 0 else None
 
 
-def _nothing_fits(mesh, pins, failures) -> str:
-    detail = "".join(f"\n  {f}" for f in failures)
-    return (
-        f"no plan fits in {mesh.device.memory_bytes / 2**30:.0f} GiB per device with "
-        f"{', '.join(f'{k}={v}' for k, v in pins.__dict__.items() if v is not None) or 'no pins'}; "
-        "use more devices, allow a larger pp, more microbatches or a smaller batch" + detail
+def _check_batch_splits(candidates, pins: Pins, batch: int, global_batch_size) -> None:
+    """Before the search: some layout's batch splits over dp and into the pinned
+    microbatches, or an AutoparError saying which numbers do not divide."""
+    replicas = {c.dp: _replica_batch(global_batch_size, batch, c.dp) for c in candidates}
+    if all(rows is None for rows in replicas.values()):
+        raise AutoparError(
+            f"the global batch of {global_batch_size} rows does not split over dp = "
+            f"{', '.join(map(str, sorted(replicas)))} replicas; pick a global batch one of "
+            "them divides, or pin dp"
+        )
+    if any(_microbatch_options(replicas[c.dp] or 0, pins) for c in candidates):
+        return
+    pinned = [f"{pins.microbatches} microbatches"] if pins.microbatches else []
+    pinned += [f"microbatches of {pins.microbatch_size}"] if pins.microbatch_size else []
+    rows = sorted({r for r in replicas.values() if r is not None}, reverse=True)
+    per_dp = ", ".join(f"{replicas[d]} at dp={d}" for d in sorted(replicas) if replicas[d])
+    raise AutoparError(
+        f"{rows[0] if len(rows) == 1 else 'the'} rows of one replica's batch"
+        f"{'' if len(rows) == 1 else f' ({per_dp})'} do not split into {' of '.join(pinned)}; "
+        f"pin a microbatch count that divides {rows[0]} (at most {MAX_MICROBATCHES}), or change "
+        "the batch"
     )
+
+
+def _frugal_options(pins: Pins, batch: int, global_batch_size, training: bool):
+    """layout -> its configuration needing the least memory that the pins allow: the most
+    microbatches, 1F1B (the fewest in flight) and the highest ZeRO stage."""
+
+    def options(layout):
+        replica = _replica_batch(global_batch_size, batch, layout.dp)
+        splits = _microbatch_options(replica, pins) if replica else []
+        if splits:
+            schedules = _schedules(layout, pins)
+            schedule = "1f1b" if "1f1b" in schedules else schedules[0]
+            yield *max(splits), schedule, max(_zero_stages(layout, pins, training))
+
+    return options
+
+
+def _nothing_fits(run: _Search, global_batch_size) -> str:
+    """Why no plan fits (solver/shortfall.py), each layout in its most frugal configuration."""
+    options = _frugal_options(run.pins, run.batch, global_batch_size, run.training)
+    layouts_of = functools.partial(layouts, run.traced, pins=run.pins)
+    return shortfall.nothing_fits(run, options, layouts_of, global_batch_size)

@@ -30,7 +30,18 @@ import torch
 import torch.fx as fx
 
 from autopar.placement import NodePlacement, Replicate, Shard
-from autopar.strategies import attention, elementwise, embedding, loss, matmul, norm, view
+from autopar.strategies import (
+    attention,
+    creation,
+    elementwise,
+    embedding,
+    experts,
+    indexing,
+    loss,
+    matmul,
+    norm,
+    view,
+)
 from autopar.strategies.base import NodeShapes, OpSpec, R, Strategy, enumerate_strategies
 
 RULES = {
@@ -41,6 +52,9 @@ RULES = {
     **embedding.RULES,
     **loss.RULES,
     **view.RULES,
+    **indexing.RULES,
+    **creation.RULES,
+    **experts.RULES,
 }
 STOP_GROUP_HINTS = set(matmul.RULES)
 BATCH, SEQUENCE = "batch", "sequence"

@@ -61,11 +61,20 @@ def _no_partials(node: fx.Node, num_inputs: int) -> tuple:
     return ()
 
 
+def _cast_partials(node: fx.Node, num_inputs: int) -> tuple:
+    # type_as(x, other) reads only other's dtype: x may be partial, other anything
+    return ((P,),) if num_inputs == 1 else ((P, R), (P, P))
+
+
 LINEARITY = {
     aten.add.Tensor: _sum_partials,
+    aten.add_.Tensor: _sum_partials,
     aten.sub.Tensor: _sum_partials,
+    aten.sub_.Tensor: _sum_partials,
     aten.mul.Tensor: _scale_partials,
+    aten.mul_.Tensor: _scale_partials,
     aten.div.Tensor: _numerator_partials,
+    aten.div_.Tensor: _numerator_partials,
     aten.neg.default: _unary_partials,
     aten.alias.default: _unary_partials,
     aten.clone.default: _unary_partials,
@@ -75,6 +84,9 @@ LINEARITY = {
     aten.to.dtype_layout: _unary_partials,
     aten.to.device: _unary_partials,
     aten._to_copy.default: _unary_partials,
+    aten.type_as.default: _cast_partials,
+    aten.to.other: _cast_partials,
+    aten.zeros_like.default: _unary_partials,  # zeros sum to zeros
     aten.dropout.default: _dropout_partials,
     aten.native_dropout.default: _no_partials,
 }
@@ -85,6 +97,9 @@ NONLINEAR = [
     "pow.Tensor_Tensor", "sin.default", "cos.default", "abs.default", "erf.default",
     "where.self", "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default",
     "minimum.default", "clamp.default", "reciprocal.default", "square.default",
+    "where.ScalarOther", "where.ScalarSelf", "where.Scalar", "clamp_min.default",
+    "clamp_max.default", "ones_like.default", "full_like.default", "empty_like.default",
+    "rsub.Scalar", "softplus.default", "log1p.default", "expm1.default",
 ]  # fmt: skip
 
 

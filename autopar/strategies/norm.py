@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autopar.strategies.base import DimLink, NodeShapes, OpSpec
+from autopar.strategies.base import DimLink, NodeShapes, OpSpec, P
+from autopar.strategies.view import get_arg
 
 aten = torch.ops.aten
 
@@ -44,13 +45,16 @@ def _kept_links(node: fx.Node, shapes: NodeShapes) -> tuple[DimLink, ...]:
 
 
 def mean_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
-    return OpSpec(links=_kept_links(node, shapes))
+    # linear: the mean of a Partial is Partial
+    return OpSpec(links=_kept_links(node, shapes), partial_inputs=((P,),))
 
 
 def sum_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     reduced = _reduced_dims(node, len(shapes.inputs[0]))
     return OpSpec(
-        links=_kept_links(node, shapes), contractions=tuple((d,) for d in sorted(reduced))
+        links=_kept_links(node, shapes),
+        contractions=tuple((d,) for d in sorted(reduced)),
+        partial_inputs=((P,),),
     )
 
 
@@ -58,6 +62,25 @@ def softmax_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     rank = len(shapes.out)
     dim = node.args[1] % rank
     return OpSpec(links=tuple(DimLink(d, (d,)) for d in range(rank) if d != dim))
+
+
+def scan_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    """cumsum, topk, sort: each slice along the dim is independent; that dim stays whole.
+
+    cumsum is linear, so a Partial input gives a Partial output."""
+    rank = len(shapes.out)
+    dim = get_arg(node, "dim") % rank
+    partials = ((P,),) if node.target is aten.cumsum.default else ()
+    return OpSpec(links=tuple(DimLink(d, (d,)) for d in range(rank) if d != dim),
+                  partial_inputs=partials)  # fmt: skip
+
+
+def histc_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    """Counts over every element: each shard counts its own part (a sum), unless the bins
+    span the data's own range (min == max), which a shard does not know."""
+    if get_arg(node, "min") == get_arg(node, "max"):
+        return OpSpec()
+    return OpSpec(contractions=tuple((d,) for d in range(len(shapes.inputs[0]))))
 
 
 RULES = {
@@ -68,4 +91,8 @@ RULES = {
     aten._softmax.default: softmax_rule,
     aten.log_softmax.int: softmax_rule,
     aten._log_softmax.default: softmax_rule,
+    aten.cumsum.default: scan_rule,
+    aten.topk.default: scan_rule,
+    aten.sort.default: scan_rule,
+    aten.histc.default: histc_rule,
 }

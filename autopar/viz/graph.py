@@ -32,6 +32,7 @@ LANDMARK_OPS = {
     "mm", "addmm", "bmm", "matmul", "linear", "scaled_dot_product_attention", "layer_norm",
     "embedding", "rms_norm",
 }  # fmt: skip
+MAX_LABELS = 32  # tick labels on a bar chart before they are thinned
 MISSING = "matplotlib is not installed; `pip install matplotlib` to draw plan pictures"
 
 
@@ -81,37 +82,64 @@ def layer_label(layer: int | None) -> str:
     return "outside" if layer is None else str(layer)
 
 
-def communication_by_layer(plan) -> dict[int | None, dict[str, float]]:
-    """Seconds of collectives per block and phase (see `Plan.collectives` for their scope);
-    None holds what no block owns."""
+def communication_by_layer(plan, axis: str = "tp") -> dict[int | None, dict[str, float]]:
+    """Seconds of the collectives on `axis` per block and phase (see `Plan.collectives`
+    for their scope); None holds what no block owns."""
     table: dict[int | None, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for layer in set(plan.layer_of.values()):
         table[layer]["forward"] += 0.0  # blocks without collectives still get a bar
     for c in plan.collectives:
-        table[c.layer][c.phase] += c.seconds
+        if c.axis == axis:
+            table[c.layer][c.phase] += c.seconds
     return table
 
 
+def bar_groups(layers: list, values) -> list[tuple[list, tuple]]:
+    """Runs of consecutive blocks with identical bars, as (blocks, their values): 96
+    identical blocks make one bar, not 96 unreadable ones. `values(layer)` gives a
+    block's bar; the blocks' outside (None) is always its own."""
+    groups: list[tuple[list, tuple]] = []
+    for layer in layers:
+        bar = values(layer)
+        last = groups[-1] if groups else None
+        if last and layer is not None and last[0][-1] is not None and last[1] == bar:
+            last[0].append(layer)
+        else:
+            groups.append(([layer], bar))
+    return groups
+
+
+def _group_label(blocks: list) -> str:
+    if blocks[0] is None:
+        return "outside"
+    return str(blocks[0]) if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}\n(each)"
+
+
 def layer_time_figure(plan, compute_by_layer: dict[int | None, float] | None = None):
-    """Stacked bars per block: compute (when given) and communication by phase."""
+    """Stacked bars per block (runs of identical blocks share one): compute (when
+    given) and communication by phase."""
     comm = communication_by_layer(plan)
     layers = sorted(k for k in comm if k is not None) + ([None] if None in comm else [])
-    figure = _new_figure(max(6.0, 0.25 * len(layers) + 2), 3.2)
+    series = {"compute": compute_by_layer} if compute_by_layer else {}
+    series |= {phase: {k: comm[k][phase] for k in comm} for phase in ("forward", "backward")}
+    groups = bar_groups(  # equal to 9 digits: sums of the same collectives in another order
+        layers, lambda k: tuple(float(f"{v.get(k, 0.0):.9g}") for v in series.values())
+    )
+    figure = _new_figure(max(6.0, 0.3 * len(groups) + 2), 3.2)
     axes = figure.add_subplot()
-    x = list(range(len(layers)))
-    bottom = [0.0] * len(layers)
-    series = [("compute", compute_by_layer)] if compute_by_layer else []
-    series += [(phase, {k: comm[k][phase] for k in layers}) for phase in ("forward", "backward")]
-    for name, values in series:
-        heights = [values.get(k, 0.0) * 1e3 for k in layers]
+    x, bottom = list(range(len(groups))), [0.0] * len(groups)
+    for i, name in enumerate(series):
+        heights = [bar[i] * 1e3 for _, bar in groups]
         label = name if name == "compute" else f"{name} communication"
         axes.bar(x, heights, bottom=bottom, color=PHASE_COLORS[name], label=label)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    axes.set_xticks(x, [layer_label(k) for k in layers], fontsize=7, rotation=90)
-    axes.set_xlabel("transformer block")
+    step = max(1, -(-len(groups) // MAX_LABELS))  # ceil
+    axes.set_xticks(x[::step], [_group_label(g) for g, _ in groups][::step], fontsize=7)
+    axes.set_xlabel("transformer block" + (f" (1 in {step} labelled)" if step > 1 else ""))
     axes.set_ylabel("ms")
     what = "time" if compute_by_layer else "tensor-parallel communication"
-    axes.set_title(f"Predicted {what} per block, one pass of the example batch (tp={plan.tp})")
+    axes.set_title(f"Predicted {what} per block\n(one pass of the example batch, tp={plan.tp})",
+                   fontsize=9)  # fmt: skip
     axes.legend(fontsize=8)
     return figure
 

@@ -19,7 +19,16 @@ from pathlib import Path
 
 from autopar.errors import AutoparError
 from autopar.fileio import write_atomic
-from autopar.plan.summary import human_bytes, human_seconds, parameter_role, plan_summary
+from autopar.plan.roles import Roles
+from autopar.plan.summary import (
+    communication_parts,
+    human_bytes,
+    human_seconds,
+    model_line,
+    plan_summary,
+    search_line,
+    throughput,
+)
 from autopar.viz import graph, timeline
 
 CSS = """
@@ -43,8 +52,8 @@ img { max-width: 100%; }
 
 # What Plan.collectives holds, said wherever they are summed.
 COLLECTIVES_SCOPE = (
-    "Tensor-parallel collectives of the whole model for one forward and backward pass of the "
-    "example batch; each pipeline stage runs only its own blocks' share, once per microbatch"
+    "the collectives of the whole model for one forward and backward pass of the example "
+    "batch (each pipeline stage runs only its own blocks' share, once per microbatch)"
 )
 
 
@@ -132,23 +141,17 @@ def layer_ranges(layers) -> str:
 
 
 def _header(plan) -> str:
-    solver = plan.solver
     degrees = "".join(
         f"<span><b>{name}</b> = {value}</span>"
         for name, value in (("dp", plan.dp), ("tp", plan.tp), ("pp", plan.pp))
     )
-    status = (
-        f"solver: {_e(solver.get('status'))}, {solver.get('layouts_tried', 1)} layouts searched "
-        f"in {solver.get('search_time_s', solver.get('solve_time_s', 0.0)):.2f} s "
-        f"({solver.get('num_variables')} variables, {solver.get('num_constraints')} constraints)"
-        if solver
-        else "solver: no record"
-    )
+    status = f"solver: {search_line(plan.solver)}" if plan.solver else "solver: no record"
     return (
         f"<h1>autopar plan</h1>\n<div class='degrees'>{degrees}</div>\n"
         f"<p>{plan.num_microbatches} microbatch(es) of {plan.microbatch_size}, schedule "
-        f"<code>{_e(plan.schedule)}</code><br>mesh: {_e(plan.mesh.get('description', ''))}"
-        f"<br><span class='muted'>{status}; model fingerprint "
+        f"<code>{_e(plan.schedule)}</code><br>{_e(model_line(plan))}"
+        f"<br>mesh: {_e(plan.mesh.get('description', ''))}"
+        f"<br><span class='muted'>{_e(status)}; model fingerprint "
         f"<code>{_e(plan.model_fingerprint[:12])}</code></span></p>"
     )
 
@@ -156,14 +159,14 @@ def _header(plan) -> str:
 def _cost_section(plan) -> str:
     cost = plan.cost
     step = cost.step_time_s or 1.0
+    parts = [("compute", cost.compute_s, "compute"), ("communication", cost.comm_s, "comm")]
+    parts += [(f"&nbsp;&nbsp;{what}", s, "comm") for what, s in communication_parts(cost) if s]
+    parts.append(("pipeline bubble", cost.bubble_s, "bubble"))
     rows = [
-        [part, human_seconds(seconds), f"{100 * seconds / step:.1f}%", _bar(seconds / step, css)]
-        for part, seconds, css in (
-            ("compute", cost.compute_s, "compute"),
-            ("communication", cost.comm_s, "comm"),
-            ("pipeline bubble", cost.bubble_s, "bubble"),
-        )
-    ]
+        [_Html(part), human_seconds(seconds), f"{100 * seconds / step:.1f}%",
+         _bar(seconds / step, css)]
+        for part, seconds, css in parts
+    ]  # fmt: skip
     capacity = plan.mesh.get("device", {}).get("memory_bytes")
     share = cost.memory_per_device_bytes / capacity if capacity else 0.0
     of = f"{100 * share:.1f}% of {human_bytes(capacity)}" if capacity else ""
@@ -171,8 +174,7 @@ def _cost_section(plan) -> str:
         ["memory per device", human_bytes(cost.memory_per_device_bytes), of, _bar(share, "memory")]
     )
     body = (
-        f"<p>predicted step <b>{human_seconds(cost.step_time_s)}</b>, "
-        f"{cost.tflops_per_device:.1f} TFLOP/s per device</p>\n"
+        f"<p>predicted step <b>{human_seconds(cost.step_time_s)}</b>, {_e(throughput(plan))}</p>\n"
         + _table(["", "predicted", "share", ""], rows, numeric={1, 2})
     )
     return _section("Predicted cost", body)
@@ -181,20 +183,21 @@ def _cost_section(plan) -> str:
 def _pictures_section(plan) -> str:
     if not graph.matplotlib_available():
         return _section("Pictures", f"<p class='muted'>{_e(graph.MISSING)}.</p>")
-    parts = [_img(graph.layer_time_figure(plan))]
+    parts = [_img(graph.layer_time_figure(plan), "layer-time", "time per block")]
     if plan.layer_of:
-        parts.append(_img(graph.block_dataflow_figure(plan)))
+        parts.append(_img(graph.block_dataflow_figure(plan), "block-graph", "block dataflow"))
     if plan.pp > 1:
         try:
-            parts.append(_img(timeline.timeline_figure(plan)))
+            parts.append(_img(timeline.timeline_figure(plan), "timeline", "pipeline timeline"))
         except AutoparError as error:
             parts.append(f"<p class='muted'>No pipeline timeline: {_e(error)}</p>")
     return _section("Pictures", "\n".join(parts))
 
 
-def _img(figure) -> str:
+def _img(figure, name: str, alt: str) -> str:
+    """A picture as an inline PNG, with an id a browser test can find it by."""
     data = base64.b64encode(graph.figure_png(figure)).decode()
-    return f'<p><img alt="plan picture" src="data:image/png;base64,{data}"></p>'
+    return f'<p><img id="{name}" alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
 
 
 def _block_groups(plan) -> list[tuple[list[int], list[str]]]:
@@ -212,8 +215,10 @@ def _block_groups(plan) -> list[tuple[list[int], list[str]]]:
 
 
 def _param_rows(plan, placeholders) -> list[list]:
+    """Name, placement and role; a tied parameter shows the placement it shares."""
+    roles = Roles(plan)
     return [
-        [plan.param_fqns[p], _tag(plan.strategies[p].output()), parameter_role(plan, p)]
+        [plan.param_fqns[p], _tag(roles.placement(p)), roles.role(p) + roles.tied_note(p)]
         for p in placeholders
     ]
 
@@ -237,31 +242,34 @@ def _placement_section(plan) -> str:
     return _section("Parameter placements", legend + "\n".join(parts))
 
 
-def collective_totals(plan) -> dict[tuple[str, str], tuple[int, int, float]]:
-    """(kind, phase) -> (count, bytes, seconds) over the plan's collectives, per step."""
+def collective_totals(plan, axis: str | None = None) -> dict[tuple[str, str], tuple]:
+    """(kind, phase) -> (count, bytes, seconds) over the plan's collectives (those on
+    `axis` when given)."""
     totals: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0])
     for c in plan.collectives:
-        entry = totals[c.kind, c.phase]
-        entry[0] += 1
-        entry[1] += c.nbytes
-        entry[2] += c.seconds
+        if axis in (None, c.axis):
+            entry = totals[c.kind, c.phase]
+            entry[0] += 1
+            entry[1] += c.nbytes
+            entry[2] += c.seconds
     return {key: tuple(value) for key, value in totals.items()}
 
 
 def _communication_section(plan) -> str:
-    totals = collective_totals(plan)
-    largest = max((t[2] for t in totals.values()), default=0.0) or 1.0
+    totals = {axis: collective_totals(plan, axis) for axis in ("tp", "dp")}
+    largest = max((t[2] for by in totals.values() for t in by.values()), default=0.0) or 1.0
     rows = [
-        [kind, phase, n, human_bytes(nbytes), human_seconds(s), _bar(s / largest, "comm")]
-        for (kind, phase), (n, nbytes, s) in sorted(totals.items())
+        [axis, kind, phase, n, human_bytes(nbytes), human_seconds(s), _bar(s / largest, "comm")]
+        for axis, by in totals.items()
+        for (kind, phase), (n, nbytes, s) in sorted(by.items())
     ]
-    headers = ["collective", "phase", "count", "bytes", "time", ""]
+    headers = ["axis", "collective", "phase", "count", "bytes", "time", ""]
     note = (
-        f"<p class='muted'>{COLLECTIVES_SCOPE}. The data-parallel gradient sync is part of the "
-        "predicted communication above but not listed here.</p>"
+        f"<p class='muted'>tp: {COLLECTIVES_SCOPE}, and the sums of parameter gradients "
+        "once per step. dp: the gradient sync, once per step.</p>"
     )
-    body = _table(headers, rows, numeric={2, 3, 4}) if rows else "<p>No collectives.</p>"
-    return _section("Communication by kind and phase", note + body)
+    body = _table(headers, rows, numeric={3, 4, 5}) if rows else "<p>No collectives.</p>"
+    return _section("Communication by axis, kind and phase", note + body)
 
 
 def _stage_section(plan) -> str:

@@ -5,7 +5,8 @@ rank runs its actions in the schedule's fixed order, an action starting once the
 rank is free and its input is ready (a forward needs the previous stage's forward
 of that microbatch; a backward needs the next stage's backward, or on the last
 stage its own forward). Forward takes 1/3 of a stage's time and backward 2/3
-(backward does twice the forward FLOPs); send/recv time is not drawn.
+(backward does twice the forward FLOPs); a stage's time includes its sends and
+receives (the stage DP prices them into it), so they are inside the boxes.
 
 Orders, with v model chunks per rank (v = 1 except interleaving) and stage s on
 rank s mod pp:
@@ -107,21 +108,41 @@ def plan_timeline(plan) -> list[Action]:
     return simulate(times, plan.pp, plan.num_microbatches, plan.schedule)
 
 
+def rank_labels(plan) -> list[str]:
+    """One label per pipeline rank, naming the stages it runs and the GPUs behind it
+    (each pp rank is a dp x tp group): "stage 3 (pp rank 3, 64 GPUs)"."""
+    gpus = plan.dp * plan.tp
+    labels = []
+    for rank in range(plan.pp):
+        stages = [
+            s.index for s in sorted(plan.stages, key=lambda s: s.index) if s.index % plan.pp == rank
+        ]
+        which = (
+            f"stage {stages[0]}" if len(stages) == 1 else f"stages {', '.join(map(str, stages))}"
+        )
+        labels.append(f"{which} (pp rank {rank}, {gpus} GPU{'s' * (gpus > 1)})")
+    return labels
+
+
 def timeline_figure(plan):
-    """Gantt chart of `plan_timeline`: one row per pipeline rank, F and B boxes."""
+    """Gantt chart of `plan_timeline`: one row per pipeline rank (its stages), F and B boxes."""
     actions = plan_timeline(plan)
     figure = _new_figure(10, 0.45 * plan.pp + 1.4)
     axes = figure.add_subplot()
-    for a in actions:
-        width = (a.end - a.start) * 1e3
-        axes.barh(a.rank, width, left=a.start * 1e3, color=COLORS[a.kind], edgecolor="white")
-        if plan.num_microbatches <= 32:
-            axes.text(a.start * 1e3 + width / 2, a.rank, str(a.microbatch), ha="center",
+    for rank in range(plan.pp):  # one collection per row and kind: thousands of boxes draw fast
+        for kind, color in COLORS.items():
+            boxes = [(a.start * 1e3, (a.end - a.start) * 1e3) for a in actions
+                     if a.rank == rank and a.kind == kind]  # fmt: skip
+            axes.broken_barh(boxes, (rank - 0.4, 0.8), facecolors=color, edgecolors="white",
+                             linewidths=0.5)  # fmt: skip
+    if plan.num_microbatches <= 32:
+        for a in actions:
+            axes.text((a.start + a.end) / 2 * 1e3, a.rank, str(a.microbatch), ha="center",
                       va="center", fontsize=6, color="white")  # fmt: skip
     makespan = max(a.end for a in actions) * 1e3
-    axes.set_yticks(range(plan.pp), [f"rank {r}" for r in range(plan.pp)], fontsize=7)
+    axes.set_yticks(range(plan.pp), rank_labels(plan), fontsize=7)
     axes.invert_yaxis()
-    axes.set_xlabel("ms (send/recv not drawn)")
+    axes.set_xlabel("ms (each box includes its stage's sends and receives)")
     axes.set_title(
         f"{plan.schedule}: pp={plan.pp}, {plan.num_microbatches} microbatches, "
         f"{len(plan.stages)} stages; {makespan:.1f} ms (blue forward, orange backward)",
