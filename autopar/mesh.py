@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from autopar.cost import comm
 from autopar.cost.comm import CollectiveFit
+from autopar.cost.sharing import core_share
 from autopar.errors import AutoparError
 from autopar.profile import (
     LocalConstants,
@@ -314,8 +315,7 @@ def cpu_defaults(world_size: int) -> LocalConstants:
     core's fp32 peak (2 FMA units x 8 lanes x 2 FLOP x 3 GHz = 96 GFLOP/s) per core,
     40% of one DDR4-3200 channel (25.6 GB/s), 20 us per node and as much for its
     backward; ranks beyond the cores share them."""
-    cores = os.cpu_count() or 1
-    share = min(cores, world_size) / world_size
+    share = core_share(world_size, os.cpu_count() or 1)
     compute = {
         "matmul_flops": 25e9 * share, "memory_bandwidth": 10e9 / world_size,
         "op_overhead_s": 20e-6, "backward_op_overhead_s": 20e-6,

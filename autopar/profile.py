@@ -5,12 +5,14 @@
 from the measuring so that the topology (mesh.py) reads a profile without importing
 torch.distributed or the local launcher.
 
-A profile (version 2) holds, for every world size w it measured (1..N), what a rank
-sees while w ranks run at once: its compute constants (`COMPUTE_KEYS`) and, for w > 1,
-an alpha-beta fit per collective kind and group size (`FIT_KEYS`), every group of that
-size busy at the same time:
+A profile (version 3) holds, for every world size w it measured (1..N), what a rank
+sees while w ranks run at once: its compute constants (`COMPUTE_KEYS`) per CPU second
+of the rank (calibrate/timing.py says why) and, for w > 1, an alpha-beta fit per
+collective kind and group size (`FIT_KEYS`), every group of that size busy at the
+same time, in wall seconds. `local_constants` turns the compute constants into wall
+rates by the share of a core each of the w ranks gets (`cost.sharing.core_share`):
 
-    {"version": 2, "backend": "gloo", "world_size": 4, "cores": 2, ...,
+    {"version": 3, "backend": "gloo", "world_size": 4, "cores": 2, ...,
      "worlds": {"2": {"compute": {"matmul_flops": ..., ...},
                       "collectives": {"all_reduce": {"2": {"bus_bw": ..., "latency": ...}}}}}}
 """
@@ -22,12 +24,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from autopar.cost.sharing import core_share
 from autopar.errors import AutoparError
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 # What a rank's compute costs (per rank, while the world's ranks all run): the cost
-# model's roofline rates and its per-node overheads (cost/compute.py).
-COMPUTE_KEYS = ("matmul_flops", "memory_bandwidth", "op_overhead_s", "backward_op_overhead_s")
+# model's roofline rates and its per-node overheads (cost/compute.py, cost/overheads.py).
+RATE_KEYS = ("matmul_flops", "memory_bandwidth")  # per second: scale with the core share
+SECONDS_KEYS = ("op_overhead_s", "backward_op_overhead_s")  # seconds: divide by it
+COMPUTE_KEYS = RATE_KEYS + SECONDS_KEYS
 FIT_KEYS = ("bus_bw", "latency")
 
 
@@ -36,7 +41,7 @@ class LocalConstants:
     """Everything `Mesh.local(world_size)` needs, for one world size of this machine."""
 
     world_size: int
-    compute: dict[str, float]  # COMPUTE_KEYS, per rank with `world_size` ranks busy
+    compute: dict[str, float]  # COMPUTE_KEYS per wall second, `world_size` ranks busy
     idle_speedup: float  # how much faster a rank computes while its peers wait (>= 1)
     collectives: dict[tuple[str, int], tuple[float, float]]  # (kind, ranks) -> (bus_bw, latency)
     memory_bytes: int  # the machine's, all ranks together
@@ -49,7 +54,7 @@ def default_calibration_path() -> Path:
 
 
 def load_calibration(path: str | os.PathLike) -> dict:
-    """Read a calibration file, checking that it is a version-2 profile with numbers."""
+    """Read a calibration file, checking that it is a current profile with numbers."""
     path = Path(path)
     hint = f"rerun `autopar calibrate --out {path}` or delete it"
     try:
@@ -81,19 +86,30 @@ def local_constants(data: dict, world_size: int, source: str) -> LocalConstants:
             f"the calibration {source} measured {measured[0]}..{measured[-1]} local ranks, not "
             f"{world_size}; run `autopar calibrate --world-size {world_size}`"
         )
-    world = worlds[str(world_size)]
-    busiest = worlds[str(min(world_size, max(int(data["cores"]), 1)))]["compute"]
-    speedup = busiest["matmul_flops"] / world["compute"]["matmul_flops"]
+    world, cores = worlds[str(world_size)], int(data["cores"])
+    if data.get("compute_clock") == "wall":  # GPUs: each rank has its own device
+        cores = max(cores, world_size)
+    compute = wall_compute(world["compute"], world_size, cores)
+    alone = min(world_size, max(cores, 1))  # as many ranks as cores: each has its own
+    busiest = wall_compute(worlds[str(alone)]["compute"], alone, cores)
+    speedup = busiest["matmul_flops"] / compute["matmul_flops"]
     fits = {
         (kind, int(ranks)): (fit["bus_bw"], fit["latency"])
         for kind, by_ranks in world.get("collectives", {}).items()
         for ranks, fit in by_ranks.items()
     }
     return LocalConstants(
-        world_size=world_size, compute={k: float(world["compute"][k]) for k in COMPUTE_KEYS},
+        world_size=world_size, compute=compute,
         idle_speedup=max(speedup, 1.0), collectives=fits,
         memory_bytes=int(data["memory_bytes"]), source=source,
     )  # fmt: skip
+
+
+def wall_compute(per_cpu_second: dict, ranks: int, cores: int) -> dict[str, float]:
+    """A rank's compute constants per wall second while `ranks` ranks share `cores`."""
+    share = core_share(ranks, cores)
+    rates = {k: float(per_cpu_second[k]) * share for k in RATE_KEYS}
+    return rates | {k: float(per_cpu_second[k]) / share for k in SECONDS_KEYS}
 
 
 def physical_memory_bytes() -> int:

@@ -8,6 +8,7 @@ from autopar.calibrate import CalibrationSizes, calibrate, format_calibration
 from autopar.calibrate.collectives import fit_alpha_beta
 from autopar.calibrate.compute import ComputeSizes
 from autopar.cost.comm import COLLECTIVE_KINDS
+from autopar.cost.sharing import core_share
 from autopar.errors import AutoparError
 from autopar.mesh import Mesh
 from autopar.profile import COMPUTE_KEYS
@@ -37,7 +38,10 @@ def test_calibrate_writes_a_profile_mesh_local_reads(tmp_path):
     assert set(two) == set(COLLECTIVE_KINDS) and set(two["all_reduce"]) == {"2"}
     assert set(three["all_gather"]) == {"3"} and set(three["send_recv"]) == {"2"}
     mesh = Mesh.local(3, calibration=path)
-    assert mesh.device.peak_flops == pytest.approx(result["worlds"]["3"]["compute"]["matmul_flops"])
+    share = core_share(3, result["cores"])  # per CPU second in the file, per wall second here
+    assert mesh.device.peak_flops == pytest.approx(
+        result["worlds"]["3"]["compute"]["matmul_flops"] * share
+    )
     assert mesh == Mesh.from_profile(path)
     fit = three["reduce_scatter"]["3"]
     assert mesh.tp_collective_time("reduce_scatter", 0, 3) == pytest.approx(2 * fit["latency"])

@@ -166,11 +166,24 @@ def test_local_reads_calibration_file(tmp_path):
     assert Mesh.from_profile(path) == shared  # the profile's largest world by default
 
 
+def test_ranks_beyond_the_cores_share_them_per_cpu_second(tmp_path):
+    path = write_profile(tmp_path / "cal.json", worlds=(1, 2, 3, 4), cores=2)
+    three = Mesh.local(3, calibration=path).device
+    assert three.peak_flops == pytest.approx(100e9 * 2 / 3)  # per CPU second x core share
+    assert three.memory_bandwidth == pytest.approx(10e9 * 2 / 3)
+    assert three.op_overhead_s == pytest.approx(5e-6 * 3 / 2)  # seconds stretch instead
+    assert three.backward_op_overhead_s == pytest.approx(4e-6 * 3 / 2)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"compute_clock": "wall"}))  # GPUs: nothing shared
+    gpu = Mesh.local(3, calibration=path)
+    assert gpu.device.peak_flops == 100e9 and gpu.idle_speedup == 1.0
+
+
 def test_local_rejects_missing_or_bad_calibration(tmp_path):
     with pytest.raises(AutoparError, match="autopar calibrate"):
         Mesh.local(2, calibration=tmp_path / "absent.json")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"version": 2, "worlds": {"2": {"compute": {"matmul_flops": "x"}}}}))
+    bad.write_text(json.dumps({"version": 3, "worlds": {"2": {"compute": {"matmul_flops": "x"}}}}))
     with pytest.raises(AutoparError, match="matmul_flops"):
         Mesh.local(2, calibration=bad)
     old = tmp_path / "old.json"

@@ -84,6 +84,7 @@ def calibrate(
         "world_size": world_size,
         "cores": _cores(),
         "threads_per_rank": 1,
+        "compute_clock": "cpu" if backend == "gloo" else "wall",
         "dtype_bytes": 4,
         "torch_version": torch.__version__,
         "memory_bytes": physical_memory_bytes(),
@@ -153,7 +154,8 @@ def format_calibration(data: dict) -> str:
     overheads, and each collective's bus bandwidth and latency per group size."""
     lines = [
         f"{data['backend']} on {data['cores']} cores, {data['threads_per_rank']} thread per "
-        f"rank; {data['memory_bytes'] / 2**30:.1f} GiB; took {data['elapsed_s']:.1f} s"
+        f"rank; {data['memory_bytes'] / 2**30:.1f} GiB; took {data['elapsed_s']:.1f} s; "
+        f"compute per {data.get('compute_clock', 'cpu')} second of a rank"
     ]
     for world, entry in data["worlds"].items():
         c = entry["compute"]

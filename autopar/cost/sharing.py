@@ -25,3 +25,10 @@ def shared_core_seconds(critical_s: float, mean_busy_s: float, idle_speedup: flo
     if idle_speedup <= 1:
         return critical_s
     return max(critical_s / idle_speedup, min(mean_busy_s, critical_s))
+
+
+def core_share(ranks: int, cores: int) -> float:
+    """The fraction of a core each of `ranks` busy ranks gets from `cores` (the OS
+    shares them out evenly): a calibrated rate per CPU second times this is the rate
+    per wall second."""
+    return min(1.0, max(cores, 1) / max(ranks, 1))
