@@ -4,9 +4,11 @@ grow with the microbatch, gradient accumulation, and ranks sharing cores."""
 import dataclasses
 
 import pytest
+import torch
 from conftest import tiny_gpt2, write_profile
 
 import autopar
+from autopar.cost.compute import _backward_bytes_factor
 from autopar.cost.overheads import ACCUMULATE_TENSORS
 from autopar.cost.sharing import shared_core_seconds
 from autopar.mesh import Mesh
@@ -59,3 +61,22 @@ def test_ranks_sharing_cores_price_pipelines_below_their_bubble(traced, profile)
     assert _plan(traced, shared, dp=4).cost.step_time_s == pytest.approx(
         _plan(traced, alone, dp=4).cost.step_time_s
     )
+
+
+def test_elementwise_backward_runs_a_kernel_per_tensor_operand():
+    class Gelu(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.tanh((x * y) * 0.5 + torch.pow(x, 3.0))
+
+    traced = autopar.capture(Gelu(), (torch.randn(8, 8), torch.randn(8, 8)))
+    factors = {}
+    for node in traced.graph_module.graph.nodes:
+        if node.op == "call_function":
+            scalar = any(not isinstance(a, torch.fx.Node) for a in node.args)
+            factors[(node.target, scalar)] = _backward_bytes_factor(node)
+    aten = torch.ops.aten
+    assert factors[(aten.mul.Tensor, False)] == 2.0  # grad * y and grad * x
+    assert factors[(aten.mul.Tensor, True)] == 1.0  # grad * 0.5
+    assert factors[(aten.pow.Tensor_Scalar, True)] == 3.5
+    assert factors[(aten.tanh.default, False)] == 1.5
+    assert factors[(aten.add.Tensor, False)] == 0.0  # hands its gradient on
