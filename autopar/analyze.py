@@ -114,11 +114,20 @@ def _sdpa_flops(query, key, value, *_, out_val=None, **__) -> int:
     return sdpa_flop_count(query.shape, key.shape, value.shape)
 
 
-# Composite ops the export graph keeps but flop_registry does not know.
-_COMPOSITE_FLOPS: dict[object, Callable[..., int]] = {
-    aten.linear: _linear_flops,
-    aten.matmul: _matmul_flops,
-    aten.scaled_dot_product_attention: _sdpa_flops,
+def _grouped_mm_flops(x, w, *_, out_val=None, **__) -> int:
+    # x (T, K), w (E, K, N): every token row meets one expert's (K, N) matrix
+    return 2 * math.prod(x.shape) * w.shape[-1] if x.dim() == 2 else 0
+
+
+# Ops the export graph keeps but flop_registry does not know, by qualified name (the
+# grouped expert matmuls of mixture-of-experts layers; transformers' exists only once
+# its MoE integration is imported, perhaps after autopar).
+_COMPOSITE_FLOPS: dict[str, Callable[..., int]] = {
+    "aten::linear": _linear_flops,
+    "aten::matmul": _matmul_flops,
+    "aten::scaled_dot_product_attention": _sdpa_flops,
+    "aten::_grouped_mm": _grouped_mm_flops,
+    "transformers::grouped_mm_fallback": _grouped_mm_flops,
 }
 
 
@@ -138,7 +147,7 @@ def node_flops(node: fx.Node) -> int:
     if not isinstance(node.target, torch._ops.OpOverload):
         return 0
     packet = node.target.overloadpacket
-    formula = _COMPOSITE_FLOPS.get(packet) or flop_registry.get(packet)
+    formula = _COMPOSITE_FLOPS.get(packet._qualified_op_name) or flop_registry.get(packet)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), _val)
     if formula is not None:
         return int(formula(*args, out_val=_val(node), **kwargs))

@@ -50,8 +50,8 @@ on 2 gloo ranks against one device (tolerance 1e-5), at tp=2 and at pp=2 (GPipe,
 microbatches).
 
 Mixture-of-experts layers: transformers registers its CPU grouped-matmul op when its
-MoE integration is imported; import transformers (or build the model) before
-autopar, or autopar has no rule for the op and keeps the experts replicated.
+MoE integration is imported; autopar finds the op's rule by name, whichever is
+imported first.
 """
 
 
@@ -71,8 +71,8 @@ Known limits beyond these configs:
 - Multi-query attention with one key/value head (Falcon-7B) cannot split its key and
   value heads over tp=2; the configuration above is Falcon-40B's grouped layout.
 - OPT reshapes the hidden states to (batch x seq, hidden) around its MLP; after that
-  the sequence dim has the batch role, so blocks differ in what they may shard and
-  a plan that may use sequence parallelism fails (pin `sequence_parallel=False`).
+  the sequence dim has the batch role, so under sequence parallelism its MLP's tokens
+  stay whole (those nodes get ILP choices of their own, not the shared block's).
 """.splitlines()
 
 

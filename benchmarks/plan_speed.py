@@ -121,7 +121,7 @@ def _row(case, mesh, traced, params, captures, plans, ilps, plan, error) -> dict
             "microbatches": plan.num_microbatches, "schedule": plan.schedule,
             "step_time_s": plan.cost.step_time_s,
             "tflops_per_device": plan.cost.tflops_per_device,
-            "layouts_tried": plan.solver.get("layouts_tried"),
+            "layouts_searched": plan.solver.get("layouts_searched"),
             "solver": plan.solver,
         }  # fmt: skip
     return row
@@ -145,7 +145,7 @@ def table(rows: list[dict]) -> str:
         )
         lines.append(
             f"{r['model']:12s} {r['mesh']:14s} {r['graph_nodes']:6d} {_fmt(r['capture_s']):>9s} "
-            f"{_fmt(r['plan_s']):>7s} {_fmt(r['ilp_s']):>6s} {r.get('layouts_tried') or '-':>7}  "
+            f"{_fmt(r['plan_s']):>7s} {_fmt(r['ilp_s']):>6s} {r.get('layouts_searched') or '-':>7}  "
             f"{found}"
         )
     return "\n".join(lines)

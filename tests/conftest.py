@@ -11,10 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-# transformers registers its grouped expert matmul op on import; autopar's rule table
-# (built when autopar is imported) keys rules by op, so import it first
-import transformers.integrations.moe  # noqa: F401
-
 from autopar.models import build_model
 
 Example = tuple[nn.Module, tuple[torch.Tensor]]

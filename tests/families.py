@@ -183,25 +183,13 @@ def plan_family(name: str):
     traced = autopar.capture(model, inputs)
     mesh = family_mesh()
     tp = autopar.plan(
-        traced, inputs, mesh, dp=1, tp=2, pp=1, sequence_parallel=False,
-        input_roles=input_roles,
+        traced, inputs, mesh, dp=1, tp=2, pp=1, sequence_parallel=False
     )  # fmt: skip
     pp = autopar.plan(
         traced, inputs, mesh, dp=1, tp=1, pp=2, microbatches=PP_MICROBATCHES,
         schedule="gpipe", global_batch_size=PP_BATCH,
     )  # fmt: skip
     return traced, tp, pp
-
-
-def input_roles(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple:
-    """autopar's default roles, and an image's height and width as its sequence (a ViT's
-    patches are its tokens; left without a role, tp could split them even without
-    sequence parallelism)."""
-    from autopar.strategies import default_input_roles
-
-    if dtype.is_floating_point and len(shape) == 4:
-        return ("batch", None, "sequence", "sequence")
-    return default_input_roles(name, shape, dtype)
 
 
 def _float_leaves(output) -> list[torch.Tensor]:

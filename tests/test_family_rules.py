@@ -122,3 +122,31 @@ def test_factories_are_replicated_rules_not_unknown_ops():
     factories = [n for n in traced.graph_module.graph.nodes if not n.all_input_nodes
                  and n.op == "call_function"]  # fmt: skip
     assert factories and all(len(strategies.candidates[n.name]) == 1 for n in factories)
+
+
+_LATE_MOE = """
+import autopar  # first: transformers' grouped expert matmul does not exist yet
+from tests.families import plan_family
+from tests.family_layouts import weight_layout
+
+traced, tp, _ = plan_family("mixtral")
+grouped = [n.name for n in traced.graph_module.graph.nodes if "grouped_mm" in str(n.target)]
+assert grouped and all(traced.analysis.nodes[n].flops > 0 for n in grouped), grouped
+layout = weight_layout(tp, traced)
+assert "model.layers.*.mlp.experts.gate_up_proj" in layout.column, layout
+assert "model.layers.*.mlp.experts.down_proj" in layout.row, layout
+print("experts split")
+"""
+
+
+def test_expert_matmuls_split_whatever_the_import_order():
+    """transformers registers its grouped matmul op when its MoE code is imported, which
+    may be after autopar: rules and FLOPs are found by the op's name all the same."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _LATE_MOE], cwd=root, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "experts split" in done.stdout, done.stderr[-3000:]

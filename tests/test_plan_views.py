@@ -168,3 +168,16 @@ def test_a_chart_of_96_different_blocks_thins_its_labels(tp4):
     figure = graph.layer_time_figure(many, compute_by_layer={i: i * 1e-3 for i in range(96)})
     labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
     assert 16 <= len(labels) <= graph.MAX_LABELS and labels[0] == "0"
+
+
+def test_the_summary_and_report_say_what_memory_choices_were_made(piped):
+    chosen = gpt2(tp=2, pp=2, microbatches=4, schedule="1f1b", zero=1, recompute="full",
+                  sequence_parallel=True)  # fmt: skip
+    text = chosen.summary()
+    assert "ZeRO-1" in text and "sequence parallelism on" in text
+    assert "activation recomputation full" in text
+    assert "ZeRO-1" in render_report(chosen)
+    stages = [dataclasses.replace(stage, recompute=mode)
+              for stage, mode in zip(piped.stages, ("full", "none"), strict=True)]  # fmt: skip
+    mixed = dataclasses.replace(piped, stages=stages, recompute="mixed")
+    assert "activation recomputation full on stage 0, none on stage 1" in mixed.summary()

@@ -70,3 +70,13 @@ def test_grouped_query_attention_shards_kv_heads_only_when_they_divide():
     assert kv_heads_view.meta["val"].shape[2] == 2
     at_four = graph_strategies(traced, 4).candidates[kv_heads_view.name]
     assert all(s.output != Shard(2) for s in at_four)  # 2 kv heads cannot split 4 ways
+
+
+def test_an_images_height_and_width_are_its_sequence_by_default():
+    from autopar.strategies import default_input_roles
+
+    assert default_input_roles("pixels", (2, 3, 32, 32), torch.float32) == (
+        "batch", None, "sequence", "sequence",
+    )  # fmt: skip
+    assert default_input_roles("ids", (2, 16), torch.long) == ("batch", "sequence")
+    assert default_input_roles("x", (2, 16), torch.float32) == ("batch", None)

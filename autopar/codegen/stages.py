@@ -157,7 +157,7 @@ def split_stages(
     """
     graph = graph_module.graph
     inputs = _user_input_nodes(graph, user_inputs)
-    recomputed = _derived(graph, set(inputs))
+    recomputed = derived_nodes(graph, set(inputs))
     stage = _checked_stages(graph, stage_of, num_stages, recomputed)
     outputs = _output_nodes(graph)
     latest = _latest_readers(stage, outputs, num_stages)
@@ -208,9 +208,10 @@ def _is_integral(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and not val.is_floating_point()
 
 
-def _derived(graph: fx.Graph, user_inputs: set[fx.Node]) -> set[fx.Node]:
-    """Nodes recomputed by every stage reading them: made from state (and what is made
-    from it) alone, or integer / boolean tensors made from placeholders and such nodes."""
+def derived_nodes(graph: fx.Graph, user_inputs: set[fx.Node]) -> set[fx.Node]:
+    """Nodes recomputed by every stage reading them, never sent between stages: made from
+    state (and what is made from it) alone, or integer / boolean tensors made from
+    placeholders and such nodes. The pipeline's pricing (solver/pipeline.py) reads it too."""
     placeholders = set(graph.find_nodes(op="placeholder"))
     known = placeholders - user_inputs  # state, then every derived node
     for node in graph.nodes:

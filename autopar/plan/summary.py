@@ -61,8 +61,24 @@ def _parallelism(plan) -> str:
     stages = len(plan.stages)
     on = f" on {plan.pp} pipeline ranks (interleaved)" if stages > plan.pp else ""
     parts.append(f"{stages} pipeline stage{'s' if stages > 1 else ''}{on}")
-    parts.append(f"activation recomputation {plan.recompute}")
+    parts.append(f"activation recomputation {_recompute(plan)}")
     return "parallelism: " + "; ".join(parts)
+
+
+def _recompute(plan) -> str:
+    """The plan's recomputation, or each stage's where they differ ("full on stages 0-1,
+    none on stages 2-3")."""
+    if plan.recompute != "mixed":
+        return plan.recompute
+    runs = []  # [mode, first stage, last stage]
+    for k, stage in enumerate(plan.stages):
+        if runs and runs[-1][0] == stage.recompute:
+            runs[-1][2] = k
+        else:
+            runs.append([stage.recompute, k, k])
+    return ", ".join(
+        f"{mode} on stage {a}" if a == b else f"{mode} on stages {a}-{b}" for mode, a, b in runs
+    )
 
 
 def communication_parts(cost) -> list[tuple[str, float]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pulp
 
+from autopar.codegen.stages import derived_nodes
 from autopar.cost.sharing import shared_core_seconds
 from autopar.solver.stages import StageSplit, Unit, best_split, equal_bounds
 
@@ -61,23 +62,13 @@ def unit_of_nodes(traced) -> dict[str, int]:
     return units
 
 
-def _from_state_only(traced) -> set[str]:
-    """Nodes computed from parameters, buffers and constants alone (masks, rotary tables):
-    codegen/stages.py recomputes them in each stage rather than sending them."""
-    found = set()
-    for node in traced.graph_module.graph.nodes:
-        if node.op == "placeholder" and node.name not in traced.user_inputs:
-            found.add(node.name)
-        elif node.op == "call_function" and all(a.name in found for a in node.all_input_nodes):
-            found.add(node.name)
-    return found
-
-
 def _crossing_bytes(traced, unit_of, num_units, pricing) -> list[float]:
     """This rank's bytes produced at or before unit u and read after it, per cut u | u+1."""
     crossing = [0.0] * num_units
-    recomputed = _from_state_only(traced)
-    for node in traced.graph_module.graph.nodes:
+    graph = traced.graph_module.graph
+    inputs = {node for node in graph.nodes if node.name in set(traced.user_inputs)}
+    recomputed = {node.name for node in derived_nodes(graph, inputs)}
+    for node in graph.nodes:
         if node.op != "call_function" or node.name in recomputed:
             continue
         last_reader = max((unit_of.get(u.name, num_units - 1) for u in node.users), default=0)

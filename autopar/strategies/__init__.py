@@ -54,7 +54,6 @@ RULES = {
     **view.RULES,
     **indexing.RULES,
     **creation.RULES,
-    **experts.RULES,
 }
 STOP_GROUP_HINTS = set(matmul.RULES)
 BATCH, SEQUENCE = "batch", "sequence"
@@ -67,12 +66,16 @@ InputRoles = Callable[[str, tuple[int, ...], torch.dtype], tuple[str | None, ...
 
 def default_input_roles(name: str, shape: tuple[int, ...], dtype: torch.dtype):
     """Dim 0 of every user input is its batch; dim 1 of an integer input (token ids,
-    attention masks, positions) is its sequence. Other dims have no role."""
+    attention masks, positions) is its sequence, and so are the height and width of a
+    4-d floating input (an image: a vision transformer's patches are its tokens, split
+    only under sequence parallelism). Other dims have no role."""
     roles: list[str | None] = [None] * len(shape)
     if roles:
         roles[0] = BATCH
     if len(roles) > 1 and not dtype.is_floating_point:
         roles[1] = SEQUENCE
+    if len(roles) == 4 and dtype.is_floating_point:
+        roles[2:] = [SEQUENCE, SEQUENCE]
     return tuple(roles)
 
 
@@ -111,8 +114,16 @@ def _input_shapes(node: fx.Node):
     return tuple(shapes)
 
 
+def _rule(target):
+    """The op's rule: by op object, else by qualified name (ops registered late)."""
+    rule = RULES.get(target)
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        rule = experts.NAMED_RULES.get(target.overloadpacket._qualified_op_name)
+    return rule
+
+
 def _spec(node: fx.Node, roles: dict, kept: frozenset) -> tuple[OpSpec | None, NodeShapes | None]:
-    rule = RULES.get(node.target)
+    rule = _rule(node.target)
     out, inputs = output_shape(node), _input_shapes(node)
     if rule is None or out is None or any(s is None for s in inputs):
         return None, None
@@ -223,7 +234,7 @@ def graph_strategies(
             spec, shapes = _spec(node, roles, kept)
             roles[node.name] = shapes.out_roles if shapes else ()
             if spec is None or not _is_float(node):
-                if node.target not in RULES and _is_float(node):
+                if _rule(node.target) is None and _is_float(node):
                     unsupported.append(node.name)
                 candidates[node.name] = _replicated(node)
                 continue

@@ -9,21 +9,17 @@ is not sharded (the offsets index it globally); the routing stays replicated.
 
 Two ops carry it: `aten._grouped_mm` (bf16 on GPUs) and transformers' CPU fallback
 `transformers::grouped_mm_fallback`, which exists only once transformers' MoE
-integration is imported: its rule is registered when that happened before autopar's
-import (the rule table is keyed by op objects). torch's FLOP counter knows neither,
-so their FLOPs (2 T K N) are registered with it here, or the cost model would find
-the expert matmuls free and never split them.
+integration is imported, perhaps after autopar: so the rule is keyed by the op's
+qualified name (`NAMED_RULES`), not by an op object, and found whatever the import
+order. torch's FLOP counter knows neither op; analyze.py counts their 2 T K N FLOPs,
+or the cost model would find the expert matmuls free and never split them.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
-from torch.utils import flop_counter
 
 from autopar.strategies.base import DimLink, NodeShapes, OpSpec
-
-aten = torch.ops.aten
 
 
 def grouped_mm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
@@ -39,22 +35,5 @@ def grouped_mm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     )
 
 
-def grouped_mm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    # every token row meets one expert's (K, N) matrix
-    tokens, inner = x_shape
-    return 2 * tokens * inner * w_shape[-1]
-
-
-def _grouped_mm_ops() -> list:
-    fallback = getattr(torch.ops.transformers, "grouped_mm_fallback", None)
-    return [aten._grouped_mm] + ([] if fallback is None else [fallback])
-
-
-def _count_flops(packets: list) -> None:
-    unknown = [packet for packet in packets if packet not in flop_counter.flop_registry]
-    if unknown:
-        flop_counter.register_flop_formula(unknown)(grouped_mm_flops)
-
-
-_count_flops(_grouped_mm_ops())
-RULES = {packet.default: grouped_mm_rule for packet in _grouped_mm_ops()}
+GROUPED_MM_OPS = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
+NAMED_RULES = dict.fromkeys(GROUPED_MM_OPS, grouped_mm_rule)

@@ -41,22 +41,17 @@ def linear_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     # x (..., K) @ w (N, K)^T -> (..., N)
     if len(shapes.inputs) != 2:
         return OpSpec()
-    rank = len(shapes.out)
-    batch_links = tuple(DimLink(d, (d, None)) for d in range(rank - 1))
-    return OpSpec(
-        links=(*batch_links, DimLink(rank - 1, (None, 0))),
-        contractions=((rank - 1, 1),),
-        extra=_sliced_output(node, weight_dim=0),
-    )
+    return _weight_matmul(node, len(shapes.out), weight_out_dim=0)
 
 
-def _weight_matmul(node: fx.Node, rank: int) -> OpSpec:
-    # x (..., K) @ w (K, N) -> (..., N): the batched form of mm
+def _weight_matmul(node: fx.Node, rank: int, weight_out_dim: int = 1) -> OpSpec:
+    """x (..., K) times a 2-d weight -> (..., N): the weight's N dim is `weight_out_dim`
+    (1 for mm's (K, N), 0 for linear's (N, K)), its other dim is contracted."""
     batch_links = tuple(DimLink(d, (d, None)) for d in range(rank - 1))
     return OpSpec(
-        links=(*batch_links, DimLink(rank - 1, (None, 1))),
-        contractions=((rank - 1, 0),),
-        extra=_sliced_output(node, weight_dim=1),
+        links=(*batch_links, DimLink(rank - 1, (None, weight_out_dim))),
+        contractions=((rank - 1, 1 - weight_out_dim),),
+        extra=_sliced_output(node, weight_dim=weight_out_dim),
     )
 
 
