@@ -10,7 +10,12 @@ on `Mesh.local(N)` with the constants `autopar calibrate` measured (run first un
 microbatches, schedule) and once with nothing pinned (the solver's free choice).
 All plans are built in one launch of N gloo ranks and timed round-robin: each round
 runs `train_step` plus AdamW's step once per plan, in a rotating order, and a plan's
-measured time is its median over the rounds after warm-up. Prints, per world size,
+measured time is its median over the rounds after warm-up. Before each step every rank
+runs a short burst of matmuls (the load probe): its wall time over its CPU time says
+how much of the cores the ranks got just then, and the "load-adjusted" figures scale
+each step by the share expected with our ranks alone (1 / core_share) over the one
+probed, so that other processes' load on a shared machine is reported apart from
+the model's error (both are printed and kept). Prints, per world size,
 Spearman's rank correlation between predicted and measured steps, the median absolute
 relative error, and where the free choice ranks by measurement; writes
 docs/cost_model_fidelity.json and the scatter plot docs/cost_model_fidelity.png.
