@@ -247,8 +247,9 @@ def cmd_calibrate(args) -> int:
     from autopar.profile import default_calibration_path
 
     path = Path(args.out) if args.out else default_calibration_path()
-    with Progress(args.quiet).step(f"measuring this machine with {args.world_size} gloo ranks"):
-        result = calibrate(world_size=args.world_size, out_path=path)
+    what = f"measuring this machine with 1..{args.world_size} {args.backend} ranks"
+    with Progress(args.quiet).step(what) as update:
+        result = calibrate(args.world_size, out_path=path, backend=args.backend, progress=update)
     print(format_calibration(result))
     print(f"calibration written to {path}")
     return 0

@@ -45,7 +45,10 @@ def build_parser() -> ArgumentParser:
     report.add_argument("plan", help="a plan file written by `autopar plan --out`")
     report.add_argument("--html", help="output path (default: the plan path with .html)")
     cal = _command(commands, "calibrate", "measure this machine for Mesh.local")
-    cal.add_argument("--world-size", type=_positive, default=2, help="gloo ranks (default 2)")
+    cal.add_argument("--world-size", type=_positive, default=4,
+                     help="measure 1..N local ranks (default 4)")  # fmt: skip
+    cal.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                     help="torch.distributed backend (default gloo; nccl: one GPU per rank)")  # fmt: skip
     cal.add_argument("--out", help="output path (default ~/.cache/autopar/calibration.json)")
     _add_quiet(cal)
     _command(commands, "models", "list the built-in models and their sizes")

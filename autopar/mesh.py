@@ -29,13 +29,20 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from autopar.cost import comm
+from autopar.cost.comm import CollectiveFit
+from autopar.cost.sharing import core_share
 from autopar.errors import AutoparError
-from autopar.profile import default_calibration_path, load_calibration, physical_memory_bytes
+from autopar.profile import (
+    LocalConstants,
+    default_calibration_path,
+    load_calibration,
+    local_constants,
+    physical_memory_bytes,
+)
 
 # Share of datasheet peak a large bf16 matmul sustains. Megatron-LM sustains 52%
 # of A100 peak end to end on a 1T-parameter GPT, communication and pipeline
@@ -57,6 +64,11 @@ class DeviceSpec:
     memory_bytes: int
     matmul_efficiency: float = DEFAULT_MATMUL_EFFICIENCY
     dtype_bytes: int = 2
+    # Fixed cost of running one graph node, forward and its backward, whatever its size:
+    # eager PyTorch's dispatch on a CPU rank (measured by `autopar calibrate`); 0 for the
+    # GPU presets, whose launches overlap the kernels before them.
+    op_overhead_s: float = 0.0
+    backward_op_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -66,6 +78,11 @@ class DeviceSpec:
             memory_bytes=self.memory_bytes,
             dtype_bytes=self.dtype_bytes,
         )
+        if self.op_overhead_s < 0 or self.backward_op_overhead_s < 0:
+            raise AutoparError(
+                f"DeviceSpec {self.name!r}: op_overhead_s={self.op_overhead_s}, "
+                f"backward_op_overhead_s={self.backward_op_overhead_s} cannot be negative"
+            )
         if not 0 < self.matmul_efficiency <= 1:
             raise AutoparError(
                 f"DeviceSpec {self.name!r}: matmul_efficiency={self.matmul_efficiency} "
@@ -84,6 +101,13 @@ class Mesh:
     inter_node_bw: float  # bus bandwidth in bytes/s of one device's NIC across nodes
     intra_node_latency: float  # seconds per ring step inside a node
     inter_node_latency: float  # seconds per ring step across nodes
+    # A node's ranks that share its cores (more ranks than cores) compute faster while
+    # some of them wait, up to this factor over `device`'s rates, which are those of all
+    # ranks busy at once (cost/sharing.py); 1 for devices with compute of their own.
+    idle_speedup: float = 1.0
+    # Measured alpha-beta per collective kind and group size inside a node (`autopar
+    # calibrate`); they replace the intra-node link's constants for that kind and size.
+    collective_fits: tuple[CollectiveFit, ...] = ()
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -93,6 +117,14 @@ class Mesh:
             intra_node_bw=self.intra_node_bw,
             inter_node_bw=self.inter_node_bw,
         )
+        if not self.idle_speedup >= 1:
+            raise AutoparError(
+                f"Mesh: idle_speedup={self.idle_speedup} must be at least 1 (a rank never "
+                "computes slower because its peers wait)"
+            )
+        fits = tuple(f if isinstance(f, CollectiveFit) else CollectiveFit(**f)
+                     for f in self.collective_fits)  # fmt: skip
+        object.__setattr__(self, "collective_fits", fits)
         if self.intra_node_latency < 0 or self.inter_node_latency < 0:
             raise AutoparError(
                 f"Mesh: intra_node_latency={self.intra_node_latency}, inter_node_latency="
@@ -119,7 +151,7 @@ class Mesh:
         group = tuple(ranks)
         self._check_group(group)
         per_node = Counter(rank // self.devices_per_node for rank in group)
-        bandwidth, latency = self._link(len(per_node), min(per_node.values()))
+        bandwidth, latency = self._link(kind, len(group), len(per_node), min(per_node.values()))
         return comm.collective_time(kind, nbytes, len(group), bandwidth, latency)
 
     def tp_collective_time(self, kind: str, nbytes: float, group_size: int) -> float:
@@ -129,12 +161,17 @@ class Mesh:
                 f"group_size={group_size} must be between 1 and world_size={self.world_size}"
             )
         full_nodes, rest = divmod(group_size, self.devices_per_node)
-        bandwidth, latency = self._link(full_nodes + (rest > 0), rest or self.devices_per_node)
+        num_nodes, fewest = full_nodes + (rest > 0), rest or self.devices_per_node
+        bandwidth, latency = self._link(kind, group_size, num_nodes, fewest)
         return comm.collective_time(kind, nbytes, group_size, bandwidth, latency)
 
-    def _link(self, num_nodes: int, min_ranks_per_node: int) -> tuple[float, float]:
-        """(bus bandwidth, latency) of a group spanning `num_nodes` nodes."""
+    def _link(self, kind: str, num_ranks: int, num_nodes: int, min_ranks_per_node: int):
+        """(bus bandwidth, latency) of a `kind` collective among `num_ranks` ranks spanning
+        `num_nodes` nodes: a measured fit for that kind and size inside a node, if any."""
         if num_nodes == 1:
+            for fit in self.collective_fits:
+                if (fit.kind, fit.num_ranks) == (kind, num_ranks):
+                    return fit.bus_bw, fit.latency
             return self.intra_node_bw, self.intra_node_latency
         bandwidth = min(self.inter_node_bw * min_ranks_per_node, self.intra_node_bw)
         return bandwidth, self.inter_node_latency
@@ -178,23 +215,33 @@ class Mesh:
     def local(cls, world_size: int, calibration: str | os.PathLike | None = None) -> Mesh:
         """The `world_size` gloo ranks of this machine, one node.
 
-        Constants come from `calibration` (a file `autopar calibrate` wrote), else
+        Constants come from `calibration` (a profile `autopar calibrate` wrote), else
         from the default calibration path if that file exists, else from
-        conservative CPU defaults (`CPU_DEFAULTS`).
+        conservative CPU defaults (`cpu_defaults`).
         """
         if world_size < 1:
             raise AutoparError(f"Mesh.local(world_size={world_size}): need at least one rank")
         if calibration is None and default_calibration_path().exists():
             calibration = default_calibration_path()
         if calibration is None:
-            return _local_mesh(world_size, CPU_DEFAULTS, "cpu (uncalibrated defaults)")
-        return _local_mesh(world_size, load_calibration(calibration), "cpu (calibrated)")
+            return _local_mesh(cpu_defaults(world_size), "cpu (uncalibrated defaults)")
+        return cls.from_profile(calibration, world_size)
+
+    @classmethod
+    def from_profile(cls, path: str | os.PathLike, world_size: int | None = None) -> Mesh:
+        """This machine's `world_size` ranks (default: as many as the profile measured)
+        priced with the constants `autopar calibrate --out path` measured."""
+        data = load_calibration(path)
+        world_size = int(data["world_size"]) if world_size is None else world_size
+        return _local_mesh(local_constants(data, world_size, str(path)), "cpu (calibrated)")
 
     # -- serialization -------------------------------------------------------
 
     def to_dict(self) -> dict:
         """JSON-safe description; `Mesh.from_dict` reads it back."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["collective_fits"] = list(data["collective_fits"])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Mesh:
@@ -229,48 +276,54 @@ class Mesh:
         return text
 
 
-def _local_mesh(world_size: int, constants: Mapping[str, float], name: str) -> Mesh:
-    """One node of `world_size` ranks sharing this machine's cores and memory evenly.
-
-    The measured matmul rate is what the machine sustains, so efficiency is 1.
-    CPU training runs in fp32.
-    """
+def _local_mesh(constants: LocalConstants, name: str) -> Mesh:
+    """One node of ranks sharing this machine's cores and memory; each rank's rates are
+    what it measured with all of them busy. The measured matmul rate is what the machine
+    sustains, so efficiency is 1. CPU training runs in fp32."""
+    world_size, compute = constants.world_size, constants.compute
     device = DeviceSpec(
         name=name,
-        peak_flops=constants["matmul_flops"] / world_size,
-        memory_bandwidth=constants["memory_bandwidth"] / world_size,
-        memory_bytes=int(constants["memory_bytes"]) // world_size,
+        peak_flops=compute["matmul_flops"],
+        memory_bandwidth=compute["memory_bandwidth"],
+        memory_bytes=constants.memory_bytes // world_size,
         matmul_efficiency=1.0,
         dtype_bytes=4,
+        op_overhead_s=compute["op_overhead_s"],
+        backward_op_overhead_s=compute["backward_op_overhead_s"],
     )
-    bandwidth, latency = constants["allreduce_bus_bw"], constants["allreduce_latency"]
+    fits = tuple(
+        CollectiveFit(kind, ranks, bus_bw, latency)
+        for (kind, ranks), (bus_bw, latency) in sorted(constants.collectives.items())
+    )
+    whole = constants.collectives.get(("all_reduce", world_size), _CPU_LINK)
     return Mesh(
-        nodes=1,
-        devices_per_node=world_size,
-        device=device,
-        intra_node_bw=bandwidth,
-        inter_node_bw=bandwidth,
-        intra_node_latency=latency,
-        inter_node_latency=latency,
-    )
+        nodes=1, devices_per_node=world_size, device=device,
+        intra_node_bw=whole[0], inter_node_bw=whole[0],
+        intra_node_latency=whole[1], inter_node_latency=whole[1],
+        idle_speedup=constants.idle_speedup, collective_fits=fits,
+    )  # fmt: skip
 
 
-# Conservative constants for an uncalibrated CPU machine, each well below what
-# `autopar calibrate` measured on a 2-core cloud VM (295 GFLOP/s fp32 matmul,
-# 25 GB/s copy, gloo all-reduce 0.9-1.2 GB/s bus bandwidth and 70-200 us per step):
-CPU_DEFAULTS = MappingProxyType(
-    {
-        # a quarter of one AVX2 core's fp32 peak (2 FMA units x 8 lanes x 2 FLOP x 3 GHz
-        # = 96 GFLOP/s), per core
-        "matmul_flops": 25e9 * (os.cpu_count() or 1),
-        # 40% of one DDR4-3200 channel (25.6 GB/s)
-        "memory_bandwidth": 10e9,
-        "memory_bytes": physical_memory_bytes(),
-        # gloo over loopback TCP
-        "allreduce_bus_bw": 0.5e9,
-        "allreduce_latency": 200e-6,
-    }
-)
+# gloo over loopback TCP, uncalibrated: all-reduce bus bandwidth and latency per step,
+# below the 0.9-1.2 GB/s and 70-200 us `autopar calibrate` measured on a 2-core cloud VM
+_CPU_LINK = (0.5e9, 200e-6)
+
+
+def cpu_defaults(world_size: int) -> LocalConstants:
+    """Conservative constants for an uncalibrated CPU machine, each below what `autopar
+    calibrate` measured on a 2-core cloud VM (docs/cost-model.md): a quarter of one AVX2
+    core's fp32 peak (2 FMA units x 8 lanes x 2 FLOP x 3 GHz = 96 GFLOP/s) per core,
+    40% of one DDR4-3200 channel (25.6 GB/s), 20 us per node and as much for its
+    backward; ranks beyond the cores share them."""
+    share = core_share(world_size, os.cpu_count() or 1)
+    compute = {
+        "matmul_flops": 25e9 * share, "memory_bandwidth": 10e9 / world_size,
+        "op_overhead_s": 20e-6, "backward_op_overhead_s": 20e-6,
+    }  # fmt: skip
+    return LocalConstants(
+        world_size, compute, idle_speedup=1 / share, collectives={},
+        memory_bytes=physical_memory_bytes(), source="defaults",
+    )  # fmt: skip
 
 
 def _si(value: float, unit: str) -> str:

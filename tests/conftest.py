@@ -95,3 +95,30 @@ TINY_MODELS = {
     "bert": tiny_bert,
     "nanogpt": tiny_nanogpt,
 }
+
+
+def write_profile(path, worlds=(1, 2), cores=2, matmul_flops=100e9, bus_bw=1e9, latency=50e-6):
+    """A calibration profile as `autopar calibrate` writes it, with made-up numbers: per
+    world w, each rank's matmul rate per CPU second is `matmul_flops` (`Mesh.local`
+    shares the cores out beyond w = cores); every collective kind among each group size dividing w fits
+    (`bus_bw`, `latency`)."""
+    import json
+
+    from autopar.cost.comm import COLLECTIVE_KINDS
+
+    def world(w: int) -> dict:
+        compute = {
+            "matmul_flops": matmul_flops, "memory_bandwidth": 10e9,
+            "op_overhead_s": 5e-6, "backward_op_overhead_s": 4e-6,
+        }  # fmt: skip
+        groups = [g for g in range(2, w + 1) if w % g == 0]
+        fits = {
+            kind: {str(g): {"bus_bw": bus_bw, "latency": latency} for g in groups or [2]}
+            for kind in COLLECTIVE_KINDS
+        }
+        return {"compute": compute, "collectives": fits if w > 1 else {}}
+
+    data = {"version": 3, "backend": "gloo", "world_size": max(worlds), "cores": cores,
+            "memory_bytes": 16 * 2**30, "worlds": {str(w): world(w) for w in worlds}}  # fmt: skip
+    path.write_text(json.dumps(data))
+    return path

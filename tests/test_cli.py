@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_profile
 
 from autopar.cli import main
 from autopar.models import build_model
@@ -106,16 +107,12 @@ def test_show_json_prints_the_plan_file(planned, capsys):
 
 
 def test_calibration_file_prices_a_local_mesh(tmp_path, capsys):
-    calibration = tmp_path / "cal.json"
-    measured = {"matmul_flops": 8e10, "memory_bandwidth": 2e10, "memory_bytes": 2**34}
-    calibration.write_text(
-        json.dumps({**measured, "allreduce_bus_bw": 1e9, "allreduce_latency": 1e-5})
-    )
+    calibration = write_profile(tmp_path / "cal.json", worlds=(1, 2), matmul_flops=8e10)
     argv = ["plan", "test_cli:tiny", "--mesh", "local:2", "--calibration", str(calibration)]
     assert main([*argv, "--json", "--quiet"]) == 0
     device = json.loads(capsys.readouterr().out)["mesh"]["device"]
     assert device["name"] == "cpu (calibrated)"
-    assert device["peak_flops"] == measured["matmul_flops"] / 2  # two ranks share the machine
+    assert device["peak_flops"] == 8e10  # what each of the two ranks measured with both busy
 
 
 def test_report_writes_html(planned, tmp_path, capsys):

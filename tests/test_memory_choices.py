@@ -87,5 +87,6 @@ def test_gradient_accumulation_keeps_one_microbatch():
     assert pinned.num_microbatches == 16
     assert pinned.cost.memory_per_device_bytes < 20 * 2**30
     free = autopar.plan(traced, inputs, mesh, **options)
-    assert (free.dp, free.tp, free.pp) == (32, 1, 1)
-    assert free.cost.step_time_s == pytest.approx(pinned.cost.step_time_s, rel=1e-6)
+    assert (free.dp, free.tp, free.pp) == (32, 1, 1) and free.num_microbatches > 1
+    # fewer, larger microbatches when they fit: each one more sums the gradients again
+    assert free.cost.step_time_s <= pinned.cost.step_time_s

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+from conftest import write_profile
 
 from autopar.cost import comm
 from autopar.errors import AutoparError
@@ -154,28 +155,52 @@ def test_from_string_local(tmp_path, monkeypatch):
 
 
 def test_local_reads_calibration_file(tmp_path):
-    path = tmp_path / "cal.json"
-    path.write_text(
-        json.dumps(
-            {
-                "matmul_flops": 200e9,
-                "memory_bandwidth": 20e9,
-                "memory_bytes": 16 * GIB,
-                "allreduce_bus_bw": 1e9,
-                "allreduce_latency": 50e-6,
-            }
-        )
-    )
+    path = write_profile(tmp_path / "cal.json", worlds=(1, 2, 3, 4), cores=2, matmul_flops=200e9)
     mesh = Mesh.local(2, calibration=path)
-    assert mesh.device.peak_flops == 100e9  # two ranks share the cores
+    assert mesh.device.peak_flops == 200e9  # each rank's rate with both ranks busy
     assert mesh.device.memory_bytes == 8 * GIB
-    assert (mesh.intra_node_bw, mesh.intra_node_latency) == (1e9, 50e-6)
+    assert mesh.device.op_overhead_s == 5e-6 and mesh.idle_speedup == 1.0
+    shared = Mesh.local(4, calibration=path)
+    assert shared.device.peak_flops == 100e9  # four ranks on two cores
+    assert shared.idle_speedup == pytest.approx(2.0)
+    assert Mesh.from_profile(path) == shared  # the profile's largest world by default
+
+
+def test_ranks_beyond_the_cores_share_them_per_cpu_second(tmp_path):
+    path = write_profile(tmp_path / "cal.json", worlds=(1, 2, 3, 4), cores=2)
+    three = Mesh.local(3, calibration=path).device
+    assert three.peak_flops == pytest.approx(100e9 * 2 / 3)  # per CPU second x core share
+    assert three.memory_bandwidth == pytest.approx(10e9 * 2 / 3)
+    assert three.op_overhead_s == pytest.approx(5e-6 * 3 / 2)  # seconds stretch instead
+    assert three.backward_op_overhead_s == pytest.approx(4e-6 * 3 / 2)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"compute_clock": "wall"}))  # GPUs: nothing shared
+    gpu = Mesh.local(3, calibration=path)
+    assert gpu.device.peak_flops == 100e9 and gpu.idle_speedup == 1.0
 
 
 def test_local_rejects_missing_or_bad_calibration(tmp_path):
     with pytest.raises(AutoparError, match="autopar calibrate"):
         Mesh.local(2, calibration=tmp_path / "absent.json")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"matmul_flops": "fast"}))
+    bad.write_text(json.dumps({"version": 3, "worlds": {"2": {"compute": {"matmul_flops": "x"}}}}))
     with pytest.raises(AutoparError, match="matmul_flops"):
         Mesh.local(2, calibration=bad)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"matmul_flops": 1e9, "allreduce_bus_bw": 1e9}))
+    with pytest.raises(AutoparError, match="version None"):
+        Mesh.local(2, calibration=old)
+    with pytest.raises(AutoparError, match="--world-size 8"):
+        Mesh.local(8, calibration=write_profile(tmp_path / "two.json", worlds=(1, 2)))
+
+
+def test_measured_fits_price_their_kind_and_group_size(tmp_path):
+    mesh = Mesh.local(4, calibration=write_profile(tmp_path / "c.json", worlds=(1, 2, 3, 4)))
+    fit = comm.collective_time("all_gather", 2**20, 2, 1e9, 50e-6)
+    assert mesh.collective_time("all_gather", 2**20, [0, 1]) == pytest.approx(fit)
+    assert mesh.tp_collective_time("all_gather", 2**20, 2) == pytest.approx(fit)
+    refit = dataclasses.replace(
+        mesh, collective_fits=(comm.CollectiveFit("all_gather", 2, 2e9, 0),)
+    )
+    assert refit.tp_collective_time("all_gather", 2**20, 2) == pytest.approx(fit / 2, rel=0.1)
+    assert Mesh.from_dict(json.loads(json.dumps(mesh.to_dict()))) == mesh

@@ -34,6 +34,7 @@ number of ring steps). A group of one rank costs nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from autopar.errors import AutoparError
 from autopar.reshard import Reshard
@@ -91,6 +92,20 @@ def collective_time(
         return 0.0
     steps = latency_steps(kind, num_ranks)
     return steps * latency + bus_factor(kind, num_ranks) * nbytes / bandwidth
+
+
+@dataclass(frozen=True)
+class CollectiveFit:
+    """The alpha-beta constants `autopar calibrate` fitted to one collective kind among
+    `num_ranks` ranks of one machine, measured with every such group busy at once."""
+
+    kind: str
+    num_ranks: int
+    bus_bw: float  # bytes/s
+    latency: float  # seconds per latency step
+
+    def seconds(self, nbytes: float) -> float:
+        return collective_time(self.kind, nbytes, self.num_ranks, self.bus_bw, self.latency)
 
 
 def _unknown_kind(kind: str) -> AutoparError:

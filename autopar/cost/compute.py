@@ -39,6 +39,13 @@ BACKWARD_FLOP_FACTOR = 2.0
 BACKWARD_BYTES_FACTOR = 1.0
 PASS_THROUGH_BACKWARD_FACTOR = 0.0
 BROADCAST_SUM_BACKWARD_FACTOR = 0.5
+# Ops whose backward autograd runs as more than one such kernel (eager, unfused):
+# a product's gradient is one product per tensor operand (grad * other, each the
+# forward's traffic), pow(x, p)'s is p * x^(p-1) * grad (a pow and two products over
+# the tensor: 7 tensors against the forward's 2), tanh's reads the output and the
+# gradient and writes one (3 against 2). Profiled on the GPT-2 block's GELU.
+PER_OPERAND_BACKWARD = (torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor)
+BACKWARD_BYTES_BY_OP = {torch.ops.aten.pow.Tensor_Scalar: 3.5, torch.ops.aten.tanh.default: 1.5}
 # Mixed-precision Adam touches ~32 bytes of memory per parameter per step: read and
 # write fp32 master weight, momentum and variance (24 B), read the 16-bit gradient and
 # write the 16-bit weight (4 B), plus slack for the gradient zeroing (4 B).
@@ -77,11 +84,21 @@ def traffic_bytes(info: NodeInfo, dtype_bytes: int | None) -> float:
 
 
 def _backward_bytes_factor(node: fx.Node) -> float:
+    if node.target in BACKWARD_BYTES_BY_OP:
+        return BACKWARD_BYTES_BY_OP[node.target]
+    if node.target in PER_OPERAND_BACKWARD:
+        floating = [a for a in node.all_input_nodes if _is_floating(a)]
+        return BACKWARD_BYTES_FACTOR * max(len(floating), 1)
     if node.target not in _PASS_THROUGH:
         return BACKWARD_BYTES_FACTOR
     out_shape = node.meta["val"].shape
     broadcast = any(arg.meta["val"].shape != out_shape for arg in node.all_input_nodes)
     return BROADCAST_SUM_BACKWARD_FACTOR if broadcast else PASS_THROUGH_BACKWARD_FACTOR
+
+
+def _is_floating(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
 
 
 def node_seconds(

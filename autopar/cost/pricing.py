@@ -16,6 +16,7 @@ import torch.fx as fx
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
 from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
+from autopar.cost.overheads import node_overhead_seconds
 from autopar.placement import Replicate, Shard
 from autopar.reshard import Reshard, defers_to_step, reshard
 from autopar.strategies import Strategy
@@ -48,6 +49,8 @@ class NodePrice:
     param_numel: float = 0.0  # this rank's elements of a parameter placeholder
     param_bytes: float = 0.0  # the same at the training dtype
     optimizer_s: float = 0.0
+    overhead_s: float = 0.0  # fixed per call, forward + backward (cost/overheads.py)
+    forward_overhead_s: float = 0.0  # the forward's alone
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,14 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
         )
         kept = saved_for_backward(node, info, training, dtype_bytes) * fraction
         comm = sum(mesh.tp_collective_time(k, n, tp) for k, n in strategy.collectives)
+        overhead, forward_overhead = (
+            node_overhead_seconds(info, mesh.device, training=t) for t in (training, False)
+        )
         return NodePrice(
             compute_s=compute, forward_s=forward, comm_s=comm, activation_bytes=kept,
             output_bytes=tensor_bytes(node, dtype_bytes) * fraction,
             attention_core=node.target in ATTENTION_CORE,
+            overhead_s=overhead, forward_overhead_s=forward_overhead,
         )  # fmt: skip
     if node.name in traced.param_fqns and node.users:  # an unused twin: its tie pays
         numel = node.meta["val"].numel() * fraction

@@ -9,6 +9,7 @@ Step time of one data-parallel replica with m microbatches and pp stages (t the
 slowest stage's forward+backward per microbatch):
     GPipe, 1F1B:           (m + pp - 1) * t
     interleaved 1F1B (v):  m * t_rank + (pp - 1) * t_chunk,  t_rank = v chunks of one rank
+On ranks sharing cores the bubble is partly filled (cost/sharing.py).
 Microbatches alive on stage k (its activation memory): GPipe keeps all m; 1F1B keeps
 pp - k (Narayanan et al. 2021); interleaved adds about (pp - 1) / v warm-up ones; with
 one stage (gradient accumulation) one. `memory_rows` writes the same budget as rows of
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import pulp
 
 from autopar.codegen.stages import derived_nodes
+from autopar.cost.sharing import shared_core_seconds
 from autopar.solver.stages import StageSplit, Unit, best_split, equal_bounds
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
@@ -77,7 +79,7 @@ def _crossing_bytes(traced, unit_of, num_units, pricing) -> list[float]:
 
 _QUANTITIES = (
     "time", "forward", "core", "kept", "core_kept", "param_numel", "once", "once_forward",
-    "optimizer", "grad_bytes", "partial_bytes",
+    "optimizer", "grad_bytes", "partial_bytes", "overhead", "forward_overhead", "core_overhead",
 )  # fmt: skip
 
 
@@ -85,8 +87,8 @@ _QUANTITIES = (
 class UnitTotals:
     """One sharding's costs per pipeline unit for one traced batch, summed once and then
     scaled for every configuration the search prices (`once`: collectives on parameters,
-    which do not grow with the microbatch; `partial_bytes`: gradients summed over tp
-    once per step)."""
+    and `overhead`: each node's fixed cost, neither of which grows with the microbatch;
+    `partial_bytes`: gradients summed over tp once per step)."""
 
     values: dict[str, list[float]]
     crossing: list[float]
@@ -101,11 +103,13 @@ class UnitTotals:
                 ("time", price.compute_s), ("forward", price.forward_s),
                 ("kept", price.activation_bytes), ("param_numel", price.param_numel),
                 ("optimizer", price.optimizer_s), ("grad_bytes", price.param_bytes),
+                ("overhead", price.overhead_s), ("forward_overhead", price.forward_overhead_s),
             ):  # fmt: skip
                 values[key][u] += amount
             if price.attention_core:
                 values["core"][u] += price.forward_s
                 values["core_kept"][u] += price.activation_bytes
+                values["core_overhead"][u] += price.forward_overhead_s
         for name, nbytes in pricing.deferred_grad_bytes.items():
             values["partial_bytes"][unit_of.get(name, 0)] += nbytes
         param_names = set(traced.param_fqns)
@@ -119,14 +123,14 @@ class UnitTotals:
     def _unit(self, u: int, mode: str, scale: float, state_bytes: float) -> Unit:
         """Unit `u` under recomputation `mode` (the prologue and epilogue never recompute)."""
         v, crossing = self.values, self.crossing
-        time = scale * v["time"][u] + v["once"][u]
+        time = scale * v["time"][u] + v["once"][u] + v["overhead"][u]
         kept, transient = scale * v["kept"][u], 0.0
         block = 0 < u < len(crossing) - 1
         if mode == "selective" and block:
-            time += scale * v["core"][u]
+            time += scale * v["core"][u] + v["core_overhead"][u]
             kept -= scale * v["core_kept"][u]
         elif mode == "full" and block:
-            time += scale * v["forward"][u] + v["once_forward"][u]
+            time += scale * v["forward"][u] + v["once_forward"][u] + v["forward_overhead"][u]
             kept, transient = scale * crossing[u - 1], kept
         params = v["param_numel"][u] * state_bytes
         name = "prologue" if u == 0 else "epilogue" if u == len(crossing) - 1 else f"block {u - 1}"
@@ -199,9 +203,10 @@ def memory_rows(units_memory, pp, m, schedule, scale, budget) -> tuple[list, boo
     return named, max(least) <= budget
 
 
-def evaluate(units, pp, m, schedule, p2p, budget) -> PipelineChoice | None:
+def evaluate(units, pp, m, schedule, p2p, budget, idle_speedup=1.0) -> PipelineChoice | None:
     """Best split of `units` (a list, or recomputation mode -> units) for this schedule,
-    each stage in the fastest mode that fits; None if no split fits in memory."""
+    each stage in the fastest mode that fits; None if no split fits in memory. Ranks that
+    share cores (`idle_speedup` > 1) fill each other's bubbles (cost/sharing.py)."""
     chunks = _chunks(schedule)
     num_stages = pp * chunks
     count = len(next(iter(units.values()))) if isinstance(units, dict) else len(units)
@@ -222,8 +227,9 @@ def evaluate(units, pp, m, schedule, p2p, budget) -> PipelineChoice | None:
     ]
     if max(rank_memory) > budget:
         return None
-    step = m * max(rank_time) + (pp - 1) * split.slowest_s
-    bubble = step - m * max(rank_time)
+    critical = m * max(rank_time) + (pp - 1) * split.slowest_s
+    step = shared_core_seconds(critical, m * sum(rank_time) / pp, idle_speedup)
+    bubble = max(step - m * max(rank_time), 0.0)
     slowest = rank_time.index(max(rank_time))
     p2p_s = m * sum(t for t, r in zip(split.stage_p2p, ranks, strict=True) if r == slowest)
     return PipelineChoice(schedule, m, split, step, bubble, max(rank_memory), ranks, p2p_s)

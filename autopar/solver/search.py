@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from autopar.cost.memory import RECOMPUTE_MODES, state_bytes_per_param
+from autopar.cost.overheads import accumulation_seconds
+from autopar.cost.sharing import shared_core_seconds
 from autopar.errors import AutoparError, PlanError
 from autopar.placement import TP
 from autopar.plan import Plan
@@ -229,7 +231,8 @@ class _Search:
         if self.best is None:
             return False
         per_rank = sum(u.time_s for u in next(iter(units.values()))) / layout.pp
-        pipeline = per_rank * (m + (layout.pp - 1) / INTERLEAVED_CHUNKS)
+        critical = per_rank * (m + (layout.pp - 1) / INTERLEAVED_CHUNKS)
+        pipeline = shared_core_seconds(critical, per_rank * m, self.mesh.idle_speedup)
         totals, owned = self._totals(sharding).values, layout.dp if zero >= 1 else 1
         optimizer = sum(totals["optimizer"]) / layout.pp / owned
         grads = sum(totals["grad_bytes"]) / layout.pp
@@ -255,13 +258,14 @@ class _Search:
                         self._price(layout, m, size, zero, schedule, fastest, units, p2p, budget)
 
     def _price(self, layout, m, size, zero, schedule, sharding, units, p2p, budget) -> None:
-        choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+        speedup = self.mesh.idle_speedup
+        choice = evaluate(units, layout.pp, m, schedule, p2p, budget, speedup)
         if choice is None:
             sharding = self.solve.fitting(layout, m, size / self.batch, schedule, self.unit_of)
             if sharding is None:
                 return
             units = self._units(sharding, layout, size, zero)
-            choice = evaluate(units, layout.pp, m, schedule, p2p, budget)
+            choice = evaluate(units, layout.pp, m, schedule, p2p, budget, speedup)
             if choice is None:
                 return
         candidate = self._finish(sharding, layout, choice, size, units, zero)
@@ -277,7 +281,10 @@ class _Search:
         partial = max(totals.per_rank("partial_bytes", choice))
         dp_sync = grad_sync_seconds(mesh, layout, grads, zero=zero) if self.training else 0.0
         tp_sync = grad_sync_seconds(mesh, layout, partial, TP)
-        step = choice.step_s + optimizer + dp_sync + tp_sync
+        numel = max(totals.per_rank("param_numel", choice)) if self.training else 0.0
+        accumulate = accumulation_seconds(numel, choice.num_microbatches, mesh.device,
+                                          self.dtype_bytes)  # fmt: skip
+        step = choice.step_s + accumulate + optimizer + dp_sync + tp_sync
         return _Candidate(layout, choice, size, step, optimizer, dp_sync, grads, tp_sync,
                           partial, sharding, _unit_times(choice.split, units), zero)  # fmt: skip
 

@@ -1,0 +1,82 @@
+"""What a local (calibrated) mesh adds to the cost model: per-node overheads that do not
+grow with the microbatch, gradient accumulation, and ranks sharing cores."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_gpt2, write_profile
+
+import autopar
+from autopar.cost.compute import _backward_bytes_factor
+from autopar.cost.overheads import ACCUMULATE_TENSORS
+from autopar.cost.sharing import shared_core_seconds
+from autopar.mesh import Mesh
+
+
+@pytest.fixture(scope="module")
+def traced():
+    model, inputs = tiny_gpt2(n_layer=4, batch=8)
+    return autopar.capture(model, inputs), inputs
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    return write_profile(tmp_path_factory.mktemp("cal") / "c.json", worlds=(1, 2, 3, 4), cores=2)
+
+
+def _plan(traced, mesh, **pins):
+    graph, inputs = traced
+    return autopar.plan(graph, inputs, mesh, global_batch_size=8, recompute="none", **pins)
+
+
+def test_shared_cores_fill_the_bubble_but_not_the_work():
+    assert shared_core_seconds(3.0, 2.0, 1.0) == 3.0  # a core per rank: the critical path
+    assert shared_core_seconds(3.0, 2.0, 2.0) == 2.0  # the cores' work bounds it
+    assert shared_core_seconds(3.0, 1.0, 2.0) == 1.5  # the critical path, run twice as fast
+    assert shared_core_seconds(2.0, 2.0, 2.0) == 2.0  # every rank busy: nothing changes
+
+
+def test_node_overheads_are_paid_per_microbatch(traced, profile):
+    mesh = Mesh.local(1, calibration=profile)
+    one, four = (_plan(traced, mesh, microbatches=m) for m in (1, 4))
+    graph = traced[0]
+    nodes = [n for n in graph.graph_module.graph.nodes if n.op == "call_function"]
+    with_grad = sum(graph.analysis.nodes[n.name].requires_grad for n in nodes)
+    overhead = len(nodes) * mesh.device.op_overhead_s + with_grad * 4e-6
+    numel = graph.param_bytes / 4  # float32
+    accumulate = 3 * numel * ACCUMULATE_TENSORS * 4 / mesh.device.memory_bandwidth
+    extra = four.cost.step_time_s - one.cost.step_time_s
+    assert extra == pytest.approx(3 * overhead + accumulate, rel=0.02)
+
+
+def test_ranks_sharing_cores_price_pipelines_below_their_bubble(traced, profile):
+    shared = Mesh.local(4, calibration=profile)
+    assert shared.idle_speedup == pytest.approx(2.0)
+    alone = dataclasses.replace(shared, idle_speedup=1.0)
+    pipeline = dict(pp=4, microbatches=4, schedule="1f1b")
+    assert _plan(traced, shared, **pipeline).cost.step_time_s < 0.8 * (
+        _plan(traced, alone, **pipeline).cost.step_time_s
+    )
+    assert _plan(traced, shared, dp=4).cost.step_time_s == pytest.approx(
+        _plan(traced, alone, dp=4).cost.step_time_s
+    )
+
+
+def test_elementwise_backward_runs_a_kernel_per_tensor_operand():
+    class Gelu(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.tanh((x * y) * 0.5 + torch.pow(x, 3.0))
+
+    traced = autopar.capture(Gelu(), (torch.randn(8, 8), torch.randn(8, 8)))
+    factors = {}
+    for node in traced.graph_module.graph.nodes:
+        if node.op == "call_function":
+            scalar = any(not isinstance(a, torch.fx.Node) for a in node.args)
+            factors[(node.target, scalar)] = _backward_bytes_factor(node)
+    aten = torch.ops.aten
+    assert factors[(aten.mul.Tensor, False)] == 2.0  # grad * y and grad * x
+    assert factors[(aten.mul.Tensor, True)] == 1.0  # grad * 0.5
+    assert factors[(aten.pow.Tensor_Scalar, True)] == 3.5
+    assert factors[(aten.tanh.default, False)] == 1.5
+    assert factors[(aten.add.Tensor, False)] == 0.0  # hands its gradient on
