@@ -54,7 +54,8 @@ def train(steps: int, lr: float, pins: dict) -> None:
     if rank == 0:
         print(pm.plan.summary().splitlines()[0], flush=True)
     for step, ids in enumerate(batches(steps)):
-        loss = pm.train_step((ids,), ids, next_token_loss)  # schedule, dp gradient averaging
+        mine = ids[pm.dp_rank :: pm.dp_size]  # this replica's rows
+        loss = pm.train_step((mine,), mine, next_token_loss)  # schedule, dp gradient averaging
         optimizer.step()
         optimizer.zero_grad()
         if rank == 0:
