@@ -1,12 +1,5 @@
-"""ZeRO, activation recomputation and gradient accumulation as the search prices them.
-
-Reference points (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", Table 5; DGX A100 80GB, sequence 2048, vocabulary 51,200, tp 8):
-a 22B GPT (48 layers, hidden 6144, 64 heads) on 8 GPUs, pp 1, global batch 4,
-microbatch 4: 1.42 s per iteration with full recomputation, 1.10 s with sequence
-parallelism and selective recomputation; 175B (96 layers, hidden 12288, 96 heads) on
-64 GPUs, pp 8, global batch 64, microbatch 1: 18.13 s and 13.75 s.
-"""
+"""ZeRO, activation recomputation and gradient accumulation as the search prices them,
+and the published Megatron-LM runs (autopar/published.py) they are checked against."""
 
 from __future__ import annotations
 
@@ -16,12 +9,7 @@ import torch
 import autopar
 from autopar.mesh import Mesh
 from autopar.models import build_model
-
-# (name, layers, hidden, heads, GPUs, pp, global batch, microbatch, published s per step)
-REFERENCES = [
-    ("22B", 48, 6144, 64, 8, 1, 4, 4, {"full": 1.42, "selective": 1.10}),
-    ("175B", 96, 12288, 96, 64, 8, 64, 1, {"full": 18.13, "selective": 13.75}),
-]
+from autopar.published import KORTHIKANTI_2022, VARIANTS
 
 
 def _gpt(layers: int, hidden: int, heads: int, batch: int):
@@ -31,23 +19,17 @@ def _gpt(layers: int, hidden: int, heads: int, batch: int):
     return autopar.capture(model, inputs), inputs
 
 
-@pytest.mark.parametrize("reference", REFERENCES, ids=[r[0] for r in REFERENCES])
-def test_published_runs_are_predicted_within_15_percent(reference):
-    name, layers, hidden, heads, gpus, pp, batch, microbatch, published = reference
-    traced, inputs = _gpt(layers, hidden, heads, microbatch)
-    mesh = Mesh.preset("a100-80gb", nodes=gpus // 8)
-    options = dict(dtype=torch.bfloat16, global_batch_size=batch)
+@pytest.mark.parametrize("run", KORTHIKANTI_2022, ids=[r.name for r in KORTHIKANTI_2022])
+def test_published_runs_are_predicted_within_15_percent(run):
+    model, inputs = run.model()
+    traced, mesh = autopar.capture(model, inputs), run.mesh()
     pinned = {}
-    for recompute, sequence_parallel in (("full", False), ("selective", True)):
-        plan = autopar.plan(
-            traced, inputs, mesh, dp=1, tp=8, pp=pp, microbatch_size=microbatch,
-            schedule="1f1b" if pp > 1 else None, recompute=recompute,
-            sequence_parallel=sequence_parallel, **options,
-        )  # fmt: skip
-        assert plan.recompute == recompute
-        assert plan.cost.step_time_s == pytest.approx(published[recompute], rel=0.15), recompute
-        pinned[recompute] = plan.cost.step_time_s
-    free = autopar.plan(traced, inputs, mesh, **options)
+    for variant in VARIANTS:
+        plan = autopar.plan(traced, inputs, mesh, **run.pins(variant), **run.options())
+        assert plan.recompute == variant
+        assert plan.cost.step_time_s == pytest.approx(run.seconds[variant], rel=0.15), variant
+        pinned[variant] = plan.cost.step_time_s
+    free = autopar.plan(traced, inputs, mesh, **run.options())
     assert free.cost.step_time_s <= min(pinned.values()) * (1 + 1e-9)
     assert free.cost.memory_per_device_bytes <= 80 * 2**30
 

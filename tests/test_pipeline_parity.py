@@ -117,27 +117,35 @@ def parity_case(rank: int, model_name, layout, schedule, microbatches, options=N
     dp, tp, pp = layout
     # example inputs of one microbatch: the plan's graph is the runtime's, traced once
     model, (example,) = MODELS[model_name](batch=GLOBAL_BATCH // dp // microbatches)
+    options = dict(options or {})
+    traced_loss = options.pop("traced_loss", False)  # the loss traced with the model
+    loss = {"loss_fn": lm_loss, "example_target": example} if traced_loss else {}
     pm = autopar.parallelize(
         model, free_comm_mesh(), (example,), dp=dp, tp=tp, pp=pp, microbatches=microbatches,
-        schedule=schedule, global_batch_size=GLOBAL_BATCH, **(options or {}),
+        schedule=schedule, global_batch_size=GLOBAL_BATCH, **options, **loss,
     )  # fmt: skip
     optimizer = adamw(pm.parameters())
     losses, grads = [], {}
     for step, ids in enumerate(batches()):
         mine = replica_batch(ids, pm)
-        losses.append(float(pm.train_step(mine, mine, lm_loss)))
+        losses.append(float(pm.train_step(mine, mine, *([] if traced_loss else [lm_loss]))))
         if step == 0:
             grads = pm.full_grads()
         optimizer.step()
         optimizer.zero_grad()
     state = pm.full_state_dict()
-    logits = pm(forward_batch()).logits if pp > 1 else None
+    logits = pm(forward_batch()).logits if pp > 1 and not traced_loss else None
     plan = pm.plan
     result = {
         "losses": losses,
         "logits": None if logits is None else logits.numpy(),
         "plan": (plan.dp, plan.tp, plan.pp, plan.num_microbatches, plan.schedule),
-        "memory": {"zero": plan.zero, "recompute": plan.recompute},
+        "pinned": {
+            "zero": plan.zero,
+            "recompute": plan.recompute,
+            "sequence_parallel": plan.sequence_parallel,
+            "traced_loss": pm.traced_loss is not None,
+        },  # fmt: skip
         "stages": len(pm.part.stage_modules) if pp > 1 else 1,
         "seconds": time.perf_counter() - start,
     }
@@ -199,11 +207,20 @@ MEMORY_CASES = [
     ("gpt2", (8, 1, 1), None, 1, {"zero": 2, "recompute": "selective"}),
     ("llama", (8, 1, 1), None, 1, {"zero": 1, "recompute": "full"}),
 ]
-CASES = [
-    (name, layout, schedule, microbatches, {})
-    for name, layouts in LAYOUTS.items()
-    for layout, (schedule, microbatches) in layouts.items()
-] + MEMORY_CASES
+# sequence parallelism with the vocabulary-parallel loss traced, in 3D
+SEQUENCE_CASES = [
+    ("gpt2", (2, 2, 2), "1f1b", 2, {"sequence_parallel": True, "traced_loss": True}),
+    ("llama", (2, 2, 2), "interleaved1f1b", 2, {"sequence_parallel": True, "traced_loss": True}),
+]
+CASES = (
+    [
+        (name, layout, schedule, microbatches, {})
+        for name, layouts in LAYOUTS.items()
+        for layout, (schedule, microbatches) in layouts.items()
+    ]
+    + MEMORY_CASES
+    + SEQUENCE_CASES
+)
 
 
 def _collectives(code: str) -> set[str]:
@@ -219,8 +236,8 @@ def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> lis
     name, layout, schedule, microbatches, options = case
     where = f"rank {rank}, {name} (dp, tp, pp) = {layout}, {schedule or 'no schedule'} {options}"
     failures = []
-    if {k: result["memory"][k] for k in options} != options:
-        failures.append(f"{where}: planned {result['memory']}")
+    if {k: result["pinned"][k] for k in options} != options:
+        failures.append(f"{where}: planned {result['pinned']}")
     if result["plan"][:4] != (*layout, microbatches):
         failures.append(f"{where}: plan {result['plan']}")
     if schedule is not None and result["plan"][4] != schedule:

@@ -123,3 +123,15 @@ def test_a_pinned_tp_that_splits_nothing_says_so():
     plan = autopar.plan(model, inputs, slow_links, tp=2)
     assert plan.tp_splits_nothing
     assert "tp=2 splits nothing" in plan.summary()
+
+
+def test_blocks_that_flatten_batch_and_sequence_still_search_sequence_parallelism():
+    """OPT flattens batch and sequence around its MLP, so sequence parallelism leaves some
+    blocks' dims without a role: those get ILP choices of their own, not a shared key."""
+    import autopar
+    from tests.families import TP_BATCH, build, family_mesh
+
+    model, inputs = build("opt", batch=TP_BATCH)
+    traced = autopar.capture(model, inputs)
+    plan = autopar.plan(traced, inputs, family_mesh(), dp=1, tp=2, pp=1)
+    assert plan.tp == 2 and plan.sequence_parallel in (True, False)

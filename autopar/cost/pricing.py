@@ -35,7 +35,7 @@ class Collective:
     axis: str = "tp"  # the mesh axis it runs over
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodePrice:
     """One node's share of a training step on one rank, under one strategy."""
 
@@ -130,15 +130,6 @@ def edge_reshard(traced, producer: fx.Node, made, seen: Strategy, slot: int, tra
     return EdgeReshard(f"{seen.inputs[slot]}~{grad}", entry, deferred)
 
 
-def reshard_collectives(entry: Reshard, nbytes, producer, consumer, mesh, tp, traced):
-    layer = traced.analysis.nodes[producer.name].layer  # a block owns what it produces
-    return [
-        Collective(step.kind, phase, producer.name, consumer.name, nbytes,
-                   mesh.tp_collective_time(step.kind, nbytes, tp), layer)
-        for phase, step in entry.collectives()
-    ]  # fmt: skip
-
-
 def _op_collectives(node, strategy, mesh, tp, traced) -> list[Collective]:
     layer = traced.analysis.nodes[node.name].layer
     return [
@@ -148,7 +139,34 @@ def _op_collectives(node, strategy, mesh, tp, traced) -> list[Collective]:
     ]  # fmt: skip
 
 
-def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
+class PriceMemo:
+    """Prices kept across `price_sharding` calls of one search (one mesh, tp, training and
+    dtype): a node of a repeated block costs what the same node of an identical block
+    costs under the same strategies, so each is priced once, not once per block."""
+
+    def __init__(self):
+        self.nodes: dict = {}  # (position or name, strategy) -> NodePrice
+        self.edges: dict = {}  # (producer, consumer, made, seen, slot) -> _edge_steps
+
+    @staticmethod
+    def where(traced, node: fx.Node):
+        """Equal for corresponding nodes of identical blocks (analysis' position key)."""
+        info = traced.analysis.nodes.get(node.name)  # the output node has none
+        return (info.position if info is not None else None) or node.name
+
+
+def _edge_steps(traced, producer, made, seen, slot, mesh, tp, training, dtype_bytes):
+    """(EdgeReshard, bytes, [(phase, kind, seconds)]) of one edge, names aside."""
+    edge = edge_reshard(traced, producer, made, seen, slot, training)
+    nbytes = tensor_bytes(producer, dtype_bytes)
+    steps = [
+        (phase, step.kind, mesh.tp_collective_time(step.kind, nbytes, tp))
+        for phase, step in edge.entry.collectives()
+    ] if edge is not None else []  # fmt: skip
+    return edge, nbytes, steps
+
+
+def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo: PriceMemo):
     """The collectives the graph runs, and the parameter gradients summed once per step."""
     found, shared, deferred = [], set(), {}
     for consumer in traced.graph_module.graph.nodes:
@@ -159,29 +177,43 @@ def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes):
             found += _op_collectives(consumer, seen, mesh, tp, traced)
         for slot, producer in enumerate(consumer.all_input_nodes):
             made = chosen[producer.name].output
-            edge = edge_reshard(traced, producer, made, seen, slot, training)
+            key = (memo.where(traced, producer), memo.where(traced, consumer), made, seen, slot)
+            if key not in memo.edges:
+                memo.edges[key] = _edge_steps(
+                    traced, producer, made, seen, slot, mesh, tp, training, dtype_bytes
+                )
+            edge, nbytes, steps = memo.edges[key]
             assert edge is not None, (producer.name, consumer.name, str(seen))
             if (producer.name, edge.key) in shared:
                 continue
             shared.add((producer.name, edge.key))
-            nbytes = tensor_bytes(producer, dtype_bytes)
             if edge.deferred:
                 deferred[producer.name] = nbytes
-            else:
-                found += reshard_collectives(
-                    edge.entry, nbytes, producer, consumer, mesh, tp, traced
-                )
+                continue
+            layer = traced.analysis.nodes[producer.name].layer  # a block owns what it makes
+            found += [
+                Collective(kind, phase, producer.name, consumer.name, nbytes, seconds, layer)
+                for phase, kind, seconds in steps
+            ]
     return found, deferred
 
 
-def price_sharding(traced, chosen, mesh, tp, *, training, dtype_bytes) -> ShardingPrice:
-    """Every node of `chosen` (node name -> Strategy) priced, and the collectives it runs."""
-    nodes = {
-        node.name: node_price(
-            traced, node, chosen[node.name], mesh, tp, training=training, dtype_bytes=dtype_bytes
-        )
-        for node in traced.graph_module.graph.nodes
-        if node.name in chosen
-    }
-    collectives, deferred = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes)
+def price_sharding(
+    traced, chosen, mesh, tp, *, training, dtype_bytes, memo: PriceMemo | None = None
+) -> ShardingPrice:
+    """Every node of `chosen` (node name -> Strategy) priced, and the collectives it runs;
+    pass one `PriceMemo` to the calls of one search to price identical blocks once."""
+    memo = PriceMemo() if memo is None else memo
+    nodes = {}
+    for node in traced.graph_module.graph.nodes:
+        if node.name not in chosen:
+            continue
+        key = (memo.where(traced, node), chosen[node.name])
+        if key not in memo.nodes:
+            memo.nodes[key] = node_price(
+                traced, node, chosen[node.name], mesh, tp, training=training,
+                dtype_bytes=dtype_bytes,
+            )  # fmt: skip
+        nodes[node.name] = memo.nodes[key]
+    collectives, deferred = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo)
     return ShardingPrice(nodes, collectives, deferred)

@@ -84,12 +84,22 @@ class _Context:
     folded: set = field(default_factory=set)  # keys that reuse their producer's variables
 
 
-def _keys(traced) -> tuple[dict[str, str], Counter]:
-    key_of = {}
+def _keys(traced, strategies) -> tuple[dict[str, str], Counter]:
+    """Node -> its ILP key. Nodes at one position of identical blocks share a key (one
+    choice, priced once) when they have the same candidates; a block whose dims lost a
+    role (OPT flattens batch and sequence around its MLP) gets keys of its own."""
+    key_of, variants = {}, defaultdict(list)
     for node in traced.graph_module.graph.nodes:
         info = traced.analysis.nodes.get(node.name)
         position = getattr(info, "position", None)
-        key_of[node.name] = f"block{position}" if position is not None else node.name
+        if position is None:
+            key_of[node.name] = node.name
+            continue
+        candidates, seen = strategies.candidates.get(node.name), variants[position]
+        if candidates not in seen:
+            seen.append(candidates)
+        variant = seen.index(candidates)
+        key_of[node.name] = f"block{position}" + (f"_v{variant}" if variant else "")
     return key_of, Counter(key_of.values())
 
 
@@ -270,7 +280,7 @@ class ShardingProblem:
 
     def __init__(self, traced, strategies, mesh, tp, *, training=True, dtype_bytes=None,
                  state_bytes_per_param=16.0):  # fmt: skip
-        key_of, multiplicity = _keys(traced)
+        key_of, multiplicity = _keys(traced, strategies)
         prob = pulp.LpProblem("intra_op_sharding", pulp.LpMinimize)
         c = _Context(
             traced, strategies, mesh, tp, training, dtype_bytes, key_of, multiplicity, prob
@@ -296,7 +306,12 @@ class ShardingProblem:
         for node in c.traced.graph_module.graph.nodes:
             if node.name in unit_of and node.op in ("placeholder", "call_function"):
                 counts[unit_of[node.name]][c.key_of[node.name]] += 1
-        return [self._unit(count) for count in counts]
+        built = {}  # identical blocks count the same keys: one UnitMemory for them all
+        for count in counts:
+            key = frozenset(count.items())
+            if key not in built:
+                built[key] = self._unit(count)
+        return [built[frozenset(count.items())] for count in counts]
 
     def _unit(self, count: Counter) -> UnitMemory:
         c, state = self._context, self._state_bytes

@@ -18,6 +18,7 @@ the intra-op ILP, so that what the ILP accepts fits.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import pulp
@@ -189,12 +190,21 @@ def memory_rows(units_memory, pp, m, schedule, scale, budget) -> tuple[list, boo
     each <= `budget`; and whether the least memory any choice could use fits at all."""
     chunks = _chunks(schedule)
     alive = in_flight(schedule, pp, m, chunks)
-    rows, least = [[] for _ in range(pp)], [0.0] * pp
+    weights = [defaultdict(lambda: [0.0, 0.0]) for _ in range(pp)]  # per rank, per unit
+    distinct, least = {}, [0.0] * pp
     for k, (i, j) in enumerate(equal_bounds(len(units_memory), pp * chunks)):
-        for unit in units_memory[i:j]:
-            rows[k % pp].append(unit.params + alive(k) * scale * unit.activations)
+        for unit in units_memory[i:j]:  # identical blocks share one UnitMemory
+            weight = weights[k % pp][id(unit)]
+            weight[0] += 1
+            weight[1] += alive(k) * scale
+            distinct[id(unit)] = unit
             least[k % pp] += unit.least_params + alive(k) * scale * unit.least_activations
-    named = [(f"pp_rank_{r}", pulp.lpSum(terms), budget) for r, terms in enumerate(rows)]
+    rows = [
+        pulp.lpSum(a * distinct[u].params + b * distinct[u].activations
+                   for u, (a, b) in rank.items())
+        for rank in weights
+    ]  # fmt: skip
+    named = [(f"pp_rank_{r}", row, budget) for r, row in enumerate(rows)]
     return named, max(least) <= budget
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autopar.cost.comm import reshard_seconds
-from autopar.cost.pricing import ShardingPrice, price_sharding
+from autopar.cost.pricing import PriceMemo, ShardingPrice, price_sharding
 from autopar.errors import PlanError, SolverTimeLimit
 from autopar.placement import DP, TP, Partial, Replicate, Shard
 from autopar.reshard import reshard
@@ -84,6 +84,7 @@ class ShardingSolver:
     problems: dict = field(default_factory=dict)  # tp -> (GraphStrategies, ShardingProblem)
     solutions: dict = field(default_factory=dict)  # (tp, sync price, rows) -> Sharding | None
     unit_memory: dict = field(default_factory=dict)  # tp -> [UnitMemory]
+    memos: dict = field(default_factory=dict)  # tp -> PriceMemo
     failures: list = field(default_factory=list)
 
     def _problem(self, tp: int):
@@ -144,7 +145,7 @@ class ShardingSolver:
             return None
         pricing = price_sharding(
             self.traced, result.strategies, self.mesh, tp, training=self.training,
-            dtype_bytes=self.dtype_bytes,
+            dtype_bytes=self.dtype_bytes, memo=self.memos.setdefault(tp, PriceMemo()),
         )  # fmt: skip
         return Sharding(tp, strategies, result, pricing)
 

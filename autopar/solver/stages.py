@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 INFEASIBLE = float("inf")
 
@@ -68,36 +69,33 @@ def _stage_memory(units, i, j, in_flight: float) -> float:
     return kept + max(u.transient_bytes for u in units[i:j])
 
 
-def _range_table(values: np.ndarray) -> np.ndarray:
-    """table[i, j] = sum(values[i:j]) for i < j, +inf elsewhere (not a stage)."""
+def _band_sums(values: np.ndarray, width: int) -> np.ndarray:
+    """band[r, j] = sum(values[i:j]) for i = j - width + r (stages of width - r units)."""
     prefix = np.concatenate([[0.0], np.cumsum(values)])
-    table = prefix[None, :] - prefix[:, None]
-    table[np.tril_indices(len(prefix))] = INFEASIBLE
-    return table
+    return prefix[None, :] - _band_of(prefix, width)
 
 
-def _cost_table(units, p2p) -> np.ndarray:
-    """cost[i, j]: time of a stage holding units [i, j), its send and receive included."""
-    # cut_after[c] prices the boundary after unit c - 1 (none before the first unit and
-    # after the last): a stage [i, j) receives across cut i and sends across cut j
-    inner = [p2p(u.out_bytes) for u in units[:-1]]
-    cut_after = np.array([0.0, *inner, 0.0])
-    cost = _range_table(np.array([u.time_s for u in units]))
-    return cost + cut_after[:, None] + cut_after[None, :]
+def _band_of(per_cut: np.ndarray, width: int) -> np.ndarray:
+    """band[r, j] = per_cut[i] for i = j - width + r, per_cut[0] where i < 0 (masked later)."""
+    padded = np.concatenate([np.full(width, per_cut[0]), per_cut])
+    return sliding_window_view(padded, len(per_cut))[:width]
 
 
-def _max_table(values: np.ndarray) -> np.ndarray:
-    """table[i, j] = max(values[i:j]) for i < j, 0 elsewhere."""
-    n = len(values)
-    table = np.zeros((n + 1, n + 1))
-    for i in range(n):
-        table[i, i + 1 :] = np.maximum.accumulate(values[i:])
-    return table
+def _band_max(values: np.ndarray, width: int) -> np.ndarray:
+    """band[r, j] = max(values[i:j]), grown one unit at a time from the shortest stages."""
+    band = np.zeros((width, len(values) + 1))
+    running = np.zeros(len(values) + 1)
+    for length in range(1, width + 1):
+        starts = np.arange(len(values) + 1) - length
+        running = np.maximum(running, np.where(starts >= 0, values[np.maximum(starts, 0)], 0.0))
+        band[width - length] = running
+    return band
 
 
 @dataclass(frozen=True)
-class _Tables:
-    """One recomputation mode's units as range tables: cost[i, j] and memory parts."""
+class _Band:
+    """One recomputation mode's stages of at most `width` units, indexed (r, j) for the
+    stage [j - width + r, j): its time (sends and receives included) and memory parts."""
 
     cost: np.ndarray
     params: np.ndarray
@@ -105,42 +103,97 @@ class _Tables:
     transient: np.ndarray
 
     @classmethod
-    def of(cls, units, p2p) -> _Tables:
+    def of(cls, units, p2p, width: int) -> _Band:
+        # cut_after[c] prices the boundary after unit c - 1 (none before the first unit and
+        # after the last): a stage [i, j) receives across cut i and sends across cut j
+        cut_after = np.array([0.0, *(p2p(u.out_bytes) for u in units[:-1]), 0.0])
+        inside = np.arange(len(units) + 1)[None, :] - width + np.arange(width)[:, None] >= 0
+        time = _band_sums(np.array([u.time_s for u in units]), width)
         return cls(
-            _cost_table(units, p2p),
-            _range_table(np.array([u.param_bytes for u in units])),
-            _range_table(np.array([u.activation_bytes for u in units])),
-            _max_table(np.array([u.transient_bytes for u in units])),
+            np.where(inside, time + _band_of(cut_after, width) + cut_after[None, :], INFEASIBLE),
+            _band_sums(np.array([u.param_bytes for u in units]), width),
+            _band_sums(np.array([u.activation_bytes for u in units]), width),
+            _band_max(np.array([u.transient_bytes for u in units]), width),
         )
+
+
+def _equal_split_bound(by_mode, num_stages, p2p, in_flight, budget) -> float:
+    """The slowest stage of `equal_bounds`, each stage in its fastest mode that fits: a
+    split the DP may beat but never lose to (+inf when a stage fits in no mode)."""
+    size = len(next(iter(by_mode.values())))
+    if size - 2 < num_stages:
+        return INFEASIBLE
+    slowest = 0.0
+    for k, (i, j) in enumerate(equal_bounds(size, num_stages)):
+        fitting = [
+            _stage_cost(units, i, j, p2p) for units in by_mode.values()
+            if _stage_memory(units, i, j, in_flight(k)) <= budget
+        ]  # fmt: skip
+        if not fitting:
+            return INFEASIBLE
+        slowest = max(slowest, min(fitting))
+    return slowest
+
+
+def _widest_stage(by_mode, bound: float) -> int:
+    """The most units a stage costing at most `bound` can hold (its compute alone, sends
+    and receives being non-negative, already bounds it)."""
+    widest = 1
+    for units in by_mode.values():
+        prefix = np.concatenate([[0.0], np.cumsum([u.time_s for u in units])])
+        ends = np.searchsorted(prefix, prefix + bound, side="right") - 1
+        widest = max(widest, int((ends - np.arange(len(prefix))).max()))
+    return widest
 
 
 def best_split(units, num_stages, p2p, in_flight: Callable[[int], float], budget) -> StageSplit:
     """Minimize the slowest stage under each stage's memory budget (ValueError if none fits).
 
-    `units` is a list, or a dict of recomputation mode -> the units under it; each stage
+    `units` is one list, or a dict mode -> list (same boundaries) of which each stage
     then takes the fastest mode that fits it. best[k][j] is the slowest stage of the best
     split of units [0, j) into k stages; best[k][j] = min_{i, mode} max(best[k-1][i],
     cost_mode[i, j]) over memory-feasible [i, j).
+
+    Only stages no slower than the equal split's slowest can be in the answer, so the DP
+    runs over stages at most `width` units long: a band of the (i, j) table, rows
+    r = i - j + width, built in time linear in the units for a given width, whose argmin
+    picks what the whole table's would.
     """
     by_mode = units if isinstance(units, dict) else {"none": units}
-    tables = {mode: _Tables.of(us, p2p) for mode, us in by_mode.items()}
     size = len(next(iter(by_mode.values())))
+    bound = _equal_split_bound(by_mode, num_stages, p2p, in_flight, budget) * (1 + 1e-9)
+    width = min(_widest_stage(by_mode, bound), size)
+    best, choices = _banded_dp(by_mode, num_stages, p2p, in_flight, budget, width)
+    if best > bound and width < size:  # rounding at the bound's edge: the whole table
+        best, choices = _banded_dp(by_mode, num_stages, p2p, in_flight, budget, size)
+    if best == INFEASIBLE:
+        raise ValueError("no split fits the memory budget")
+    return _traced_back(by_mode, choices, size, p2p, in_flight)
+
+
+def _banded_dp(by_mode, num_stages, p2p, in_flight, budget, width):
+    """The DP over stages of at most `width` units: the slowest stage of the best split and
+    each step's choices (mode * (size + 1) + i for every end j)."""
+    size = len(next(iter(by_mode.values())))
+    bands = [_Band.of(us, p2p, width) for us in by_mode.values()]
+    band_cost = np.stack([band.cost for band in bands])  # (mode, r, j)
+    columns = np.arange(size + 1)
+    fits = {}  # microbatches in flight -> band cost, +inf where the stage does not fit
     best = np.full(size + 1, INFEASIBLE)
     best[0] = 0.0
     choices = []
     for k in range(num_stages):
-        per_mode = [
-            np.where(t.params + in_flight(k) * t.activations + t.transient <= budget,
-                     np.maximum(best[:, None], t.cost), INFEASIBLE)
-            for t in tables.values()
-        ]  # fmt: skip
-        stacked = np.stack(per_mode)  # (mode, i, j)
-        flat = stacked.reshape(len(per_mode) * (size + 1), size + 1)
-        choices.append(np.argmin(flat, axis=0))
-        best = flat.min(axis=0)
-    if best[size] == INFEASIBLE:
-        raise ValueError("no split fits the memory budget")
-    return _traced_back(by_mode, choices, size, p2p, in_flight)
+        alive = in_flight(k)  # a schedule has few distinct counts: each mask is made once
+        if alive not in fits:
+            memory = np.stack([b.params + alive * b.activations + b.transient for b in bands])
+            fits[alive] = np.where(memory <= budget, band_cost, INFEASIBLE)
+        before = _band_of(best, width)  # best[i] of each cell (cells with i < 0 cost +inf)
+        flat = np.maximum(before[None], fits[alive]).reshape(-1, size + 1)
+        choice = np.argmin(flat, axis=0)
+        best = flat[choice, columns]
+        mode, r = np.divmod(choice, width)
+        choices.append(mode * (size + 1) + np.maximum(columns - width + r, 0))
+    return best[size], choices
 
 
 def _traced_back(by_mode, choices, size, p2p, in_flight) -> StageSplit:
