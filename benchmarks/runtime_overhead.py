@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's autopar, not an installed one
+RESULTS = ROOT / "benchmarks" / "results"
 WORLD, ROWS, SEQ, MICROBATCHES = 2, 4, 128, 4
 LLAMA = dict(
     num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
@@ -277,6 +280,14 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _uptime() -> str:
+    """`uptime`'s line (the load averages): a loaded machine slows every contender."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main(argv=None) -> int:
     from autopar.launch import run_local
 
@@ -285,13 +296,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--out", default=str(RESULTS / "runtime_overhead.json"))
     args = parser.parse_args(argv)
+    before = _uptime()
+    print(f"uptime: {before}", flush=True)
     per_rank = run_local(worker, WORLD, args.rounds, args.warmup, timeout_s=3600)
     summary = summarize(per_rank)
     print(table(summary))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "load_average": os.getloadavg()}  # fmt: skip
+            "uptime_before": before, "uptime_after": _uptime()}  # fmt: skip
     record = {"machine": meta, "rounds": args.rounds, "model": LLAMA, "batch": [ROWS, SEQ],
               **summary, "per_rank": per_rank}  # fmt: skip
     out.write_text(json.dumps(record, indent=1))
