@@ -8,17 +8,23 @@ Llama config (4 layers, hidden 256, batch 4 x 128 per replica) and trains them i
 interleaved rounds (each round one step of each contender, in turn), so that load
 on the machine falls on all of them alike:
 
-- tp=2: `autopar.parallelize(..., tp=2)` against `parallelize_module` with Megatron's
-  plan (q, k, v, gate, up column-parallel; o, down row-parallel; the LM head
-  column-parallel, gathered);
-- dp=2: `autopar.parallelize(..., dp=2)` against `DistributedDataParallel`;
+- tp=2: `autopar.parallelize(..., tp=2)` (the loss traced with the model) against
+  `parallelize_module` with torchtitan's Llama plan (q, k, v, gate, up
+  column-parallel; o, down row-parallel; sequence-parallel norms; the LM head
+  column-parallel under `loss_parallel`);
+- dp=2: `autopar.parallelize(..., dp=2, zero=0)` against `DistributedDataParallel`
+  (ZeRO pinned off, as DDP has none: left free the search may pick ZeRO, whose
+  reduce-scatter after backward does not overlap with it);
 - pp=2: `autopar.parallelize(..., pp=2)` (1F1B, 4 microbatches) against a
   hand-split model run by `PipelineStage` and `Schedule1F1B` with the same split.
 
 A step is forward, backward, gradient sync, AdamW's step and zeroing the gradients,
 ending with the loss as a Python float. Setup is the time from the model to a module
-ready to train (`parallelize`, or wrapping and splitting by hand), the slowest rank's.
-Prints median step times (the slowest rank's per round) and ratios, and writes them
+ready to train (`parallelize`, or wrapping and splitting by hand), the slowest rank's,
+after one untimed `parallelize` (the first call in a process also pays imports and
+torch.export's start: reported apart as the cold setup).
+Prints median step times (the slowest rank's per round), their ratios and the median
+of each round's ratio (steadier when the load drifts), and writes them
 to benchmarks/results/runtime_overhead.json. Check `uptime` first: a loaded machine
 makes every contender slower, and the ratios noisier.
 """
@@ -218,7 +224,7 @@ def contenders() -> dict[str, object]:
     pp = dict(pp=2, microbatches=MICROBATCHES, schedule="1f1b")
     return {
         "autopar tp=2": Autopar(traced_loss=True, tp=2), "parallelize_module": TensorParallel(),
-        "autopar dp=2": Autopar(dp=2), "DDP": DataParallel(),
+        "autopar dp=2": Autopar(dp=2, zero=0), "DDP": DataParallel(),
         "autopar pp=2": Autopar(**pp), "pipelining by hand": PipelineByHand(),
     }  # fmt: skip
 
@@ -235,6 +241,11 @@ def _batch(round_: int) -> torch.Tensor:
 def worker(rank: int, world_size: int, rounds: int, warmup: int) -> dict:
     torch.set_num_threads(1)
     built = contenders()
+    model = build_llama()  # the first call in a process pays imports and torch.export's start
+    dist.barrier()
+    start = time.perf_counter()
+    Autopar(traced_loss=True, tp=2).setup(model, _batch(0))  # the ILP solver's start too
+    cold = time.perf_counter() - start
     setup = {}
     for name, contender in built.items():
         model = build_llama()
@@ -251,7 +262,7 @@ def worker(rank: int, world_size: int, rounds: int, warmup: int) -> dict:
             contender.step(ids)
             if round_ >= warmup:
                 steps[name].append(time.perf_counter() - start)
-    return {"setup": setup, "steps": steps}
+    return {"setup": setup, "cold_setup": cold, "steps": steps}
 
 
 def summarize(per_rank: list[dict]) -> dict:
@@ -265,18 +276,32 @@ def summarize(per_rank: list[dict]) -> dict:
     }
     setup = {name: max(r["setup"][name] for r in per_rank) for name in names}
     ratios = {axis: step[ours] / step[theirs] for axis, ours, theirs in PAIRS}
-    return {"step_s": step, "setup_s": setup, "ratios": ratios}
+    slowest = {name: [max(t) for t in zip(*(r["steps"][name] for r in per_rank), strict=True)]
+               for name in names}  # fmt: skip
+    paired = {  # each round's ratio (the two ran back to back), then the median: load that
+        axis: statistics.median(a / b for a, b in zip(slowest[ours], slowest[theirs], strict=False))
+        for axis, ours, theirs in PAIRS  # drifts between rounds cancels out
+    }
+    cold = max(r["cold_setup"] for r in per_rank)
+    return {"step_s": step, "setup_s": setup, "cold_setup_s": cold, "ratios": ratios,
+            "paired_ratios": paired}  # fmt: skip
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'':22s} {'step ms':>9s} {'setup s':>8s}   {'ratio':>5s}"]
+    lines = [f"{'':22s} {'step ms':>9s} {'setup s':>8s}   {'ratio':>5s} {'paired':>6s}"]
     for axis, ours, theirs in PAIRS:
         for name in (ours, theirs):
             ratio = f"{summary['ratios'][axis]:5.2f}" if name == ours else ""
+            paired = f"{summary['paired_ratios'][axis]:6.2f}" if name == ours else ""
             lines.append(
                 f"{name:22s} {summary['step_s'][name] * 1e3:9.1f} "
-                f"{summary['setup_s'][name]:8.2f}   {ratio:>5s}"
+                f"{summary['setup_s'][name]:8.2f}   {ratio:>5s} {paired:>6s}"
             )
+    lines.append("ratio: median step over median step; paired: median of each round's ratio")
+    lines.append(
+        f"(the first parallelize in a process, tp=2, untimed above: {summary['cold_setup_s']:.2f} s, "
+        "imports and torch.export's first call included)"
+    )
     return "\n".join(lines)
 
 
