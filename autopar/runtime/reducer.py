@@ -2,12 +2,13 @@
 
 Parameters are grouped into buckets of about `bucket_bytes` (the first one smaller, so
 that communication starts early), in reverse order of registration: roughly the order
-backward produces their gradients. Before a step, `prepare` makes each parameter's
-`.grad` a zeroed view of its bucket, so autograd accumulates into the bucket in place
-(no copy in, none out). A hook after each gradient accumulation counts the parameter's
-accumulations; once every parameter of a bucket has all of its (one per backward pass
-per graph that reads it), the bucket's all-reduce starts, asynchronously, while
-backward goes on. Buckets start in index order, the same on every replica, as the
+backward produces their gradients. A hook after each gradient accumulation counts the
+parameter's accumulations: after the first of a step, the gradient autograd made is
+copied into the parameter's view of its bucket and `.grad` becomes that view, so later
+accumulations (microbatches, several stages) add into the bucket in place and nothing
+is copied out (no bucket is zeroed before a step either). Once every parameter of a
+bucket has all of its accumulations (one per backward pass per graph that reads it),
+the bucket's all-reduce starts, asynchronously, while backward goes on. Buckets start in index order, the same on every replica, as the
 collectives of a process group must. `finish` starts what backward left (buckets
 holding parameters that got no gradient), waits for all of them, and drops the
 gradient of each parameter that got none, as autograd would have left it.
@@ -98,13 +99,11 @@ class GradientReducer:
         self._active = False
 
     def prepare(self, backward_passes: int) -> None:
-        """Before a step of `backward_passes` backward passes per graph: gradients are
-        zeroed views of the buckets, and every count starts again."""
+        """Before a step of `backward_passes` backward passes per graph (gradients set to
+        None): every count starts again."""
         for bucket in self.buckets:
-            bucket.buffer.zero_()
             bucket.pending, bucket.work = len(bucket.params), None
-            for param, view in zip(bucket.params, bucket.views, strict=True):
-                param.grad = view
+            for param in bucket.params:
                 slot = self._slots[id(param)]
                 slot.expected, slot.seen = backward_passes * self._uses[id(param)], 0
         self._next, self._active = 0, True
@@ -114,6 +113,9 @@ class GradientReducer:
             return
         slot = self._slots[id(param)]
         slot.seen += 1
+        if slot.seen == 1:  # the step's first: its gradient into the bucket
+            slot.view.copy_(param.grad)
+            param.grad = slot.view
         if slot.seen == slot.expected:
             self.buckets[slot.bucket].pending -= 1
             self._start_ready()
@@ -130,6 +132,9 @@ class GradientReducer:
     def finish(self) -> None:
         """After the step's backward passes: every bucket summed over the group."""
         for bucket in self.buckets[self._next :]:
+            for param, view in zip(bucket.params, bucket.views, strict=True):
+                if self._slots[id(param)].seen == 0:  # no gradient: its part of the sum is 0
+                    view.zero_()
             self._start(bucket)
         self._next = len(self.buckets)
         for bucket in self.buckets:
