@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -170,18 +171,28 @@ def _plan_on_rank_zero(traced, example_inputs, mesh, plan_kwargs) -> Plan:
 def _traced_at(
     model, traced, example_inputs, example_kwargs, plan, loss
 ) -> tuple[TracedModel, Plan]:
-    """The model traced at the plan's microbatch size (graphs have static shapes), and the
-    plan applied to that graph by its stable node names (runtime/retrace.py)."""
-    if traced_batch(traced) == plan.microbatch_size:
+    """The model traced at the plan's microbatch size (graphs have static shapes) and in
+    the plan's compute dtype, and the plan applied to that graph by its stable node names
+    (runtime/retrace.py).
+
+    Mixed precision (`dtype=torch.bfloat16` of an fp32 model): the graph is traced on a
+    bf16 copy of the model, so its casts are the ones the model makes in bf16 (norms
+    and softmax upcast where the model says so); the runtime keeps the fp32 weights as
+    masters and feeds the graph their bf16 casts.
+    """
+    compute = _compute_dtype(plan, model)
+    if traced_batch(traced) == plan.microbatch_size and compute is None:
         return traced, plan
     from autopar.runtime.retrace import plan_for
 
     args = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     args, kwargs, target = pytree.tree_map(
-        lambda x: _with_rows(x, plan.microbatch_size),
+        lambda x: _with_rows(x, plan.microbatch_size, compute),
         (tuple(args), dict(example_kwargs or {}), loss["example_target"]),
     )
-    again = capture(model, args, kwargs or None, loss_fn=loss["loss_fn"], example_target=target)
+    source = model if compute is None else copy.deepcopy(model).to(compute)
+    again = capture(source, args, kwargs or None, loss_fn=loss["loss_fn"], example_target=target)
+    del source
     try:
         return again, plan_for(plan, again.graph_module.graph)
     except AutoparError as error:
@@ -193,8 +204,23 @@ def _traced_at(
         ) from error
 
 
-def _with_rows(x, rows: int):
-    """`x` with `rows` rows along dim 0 (its first rows, repeated if it has fewer)."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+def _compute_dtype(plan, model) -> torch.dtype | None:
+    """The 16-bit dtype the plan trains in when the model's weights are wider (fp32
+    masters, 16-bit compute); None when the graph runs in the model's own dtype."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(plan.dtype)
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtype is None or not floating or floating == {dtype}:
+        return None
+    return dtype
+
+
+def _with_rows(x, rows: int, dtype: torch.dtype | None = None):
+    """`x` with `rows` rows along dim 0 (its first rows, repeated if it has fewer); a
+    floating tensor in `dtype` when one is given."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
+    if x.dim() == 0 or x.shape[0] == rows:
         return x
     return x[torch.arange(rows, device=x.device) % x.shape[0]]

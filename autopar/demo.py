@@ -199,7 +199,8 @@ def _train_worker(rank: int, world_size: int, steps: int) -> tuple[list[float], 
     optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3)
     losses = []
     for ids in _batches(steps):
-        losses.append(float(pm.train_step((ids,), ids, next_token_loss)))
+        mine = ids[pm.dp_rank :: pm.dp_size]  # this replica's rows, as a DistributedSampler deals
+        losses.append(float(pm.train_step((mine,), mine, next_token_loss)))
         optimizer.step()
         optimizer.zero_grad()
     return losses, pm.plan.summary()

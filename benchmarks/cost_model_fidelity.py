@@ -161,7 +161,8 @@ def _worker(rank, world, plans, calibration, rounds, warmup):
             slowdown = _probe(a[:, :256].contiguous())
             dist.barrier()
             start = time.perf_counter()
-            pm.train_step((ids,), ids, next_token_loss)
+            mine = ids[pm.dp_rank :: pm.dp_size]  # this replica's rows of the global batch
+            pm.train_step((mine,), mine, next_token_loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dist.barrier()

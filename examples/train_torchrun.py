@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from nanogpt import GPT, GPTConfig  # examples/nanogpt.py, beside this script
 from torch.nn import functional as F
+from torch.utils.data import DistributedSampler
 
 import autopar
 
@@ -65,8 +66,12 @@ def train(steps: int, lr: float, pins: dict, checkpoint: str | None, save_every:
         start = autopar.load_checkpoint(checkpoint, pm, optimizer)["step"]
         if rank == 0:
             print(f"resumed from {checkpoint} at step {start}", flush=True)
+    # each data-parallel replica loads only its rows; a replica's tp and pp ranks the same
+    sampler = DistributedSampler(range(GLOBAL_BATCH), pm.dp_size, pm.dp_rank, shuffle=False)
+    rows = list(sampler)
     for step, ids in enumerate(batches(steps)[start:], start):
-        loss = pm.train_step((ids,), ids, next_token_loss)  # schedule, dp gradient averaging
+        mine = ids[rows]  # this replica's batch
+        loss = pm.train_step((mine,), mine, next_token_loss)  # the mean over all replicas
         optimizer.step()
         optimizer.zero_grad()
         if rank == 0:

@@ -10,6 +10,13 @@ import torch
 
 from autopar.launch import run_local
 
+
+def replica_batch(batch: torch.Tensor, pm) -> torch.Tensor:
+    """This data-parallel replica's rows of a global batch, as a `DistributedSampler`
+    without shuffling deals them (row i to replica i mod dp)."""
+    return batch[pm.dp_rank :: pm.dp_size]
+
+
 # --- parity of a ParallelModule with the single-device model --------------------------------
 
 

@@ -14,7 +14,7 @@ import conftest
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import relative_error
+from distributed import relative_error, replica_batch
 
 from autopar.launch import run_local
 
@@ -46,10 +46,12 @@ def adamw(parameters) -> torch.optim.AdamW:
 
 
 def train(pm, optimizer, steps: list[torch.Tensor]) -> list[float]:
-    """The one place training steps run: `pm.train_step` on the global batch."""
+    """The one place training steps run: `pm.train_step` on this replica's rows of each
+    global batch."""
     losses = []
     for ids in steps:
-        losses.append(float(pm.train_step(ids, ids, lm_loss)))
+        mine = replica_batch(ids, pm)
+        losses.append(float(pm.train_step(mine, mine, lm_loss)))
         optimizer.step()
         optimizer.zero_grad()
     return losses

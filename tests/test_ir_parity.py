@@ -15,6 +15,7 @@ from __future__ import annotations
 import conftest
 import pytest
 import torch
+from distributed import replica_batch
 from test_pipeline_parity import _numpy, _worst, adamw, free_comm_mesh, lm_loss
 
 from autopar.launch import run_local
@@ -91,7 +92,8 @@ def parity_case(rank: int, name: str, dp: int, tp: int, traced_loss: bool) -> di
     optimizer = adamw(pm.parameters())
     losses, grads = [], {}
     for step, ids in enumerate(batches(name)):
-        losses.append(float(pm.train_step(ids, ids, *([] if traced_loss else [loss_fn]))))
+        mine = replica_batch(ids, pm)
+        losses.append(float(pm.train_step(mine, mine, *([] if traced_loss else [loss_fn]))))
         if step == 0:
             grads = _numpy(pm.full_grads())
         optimizer.step()

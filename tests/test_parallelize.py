@@ -174,7 +174,7 @@ def test_parallelize_paths_and_misuse_on_two_ranks(tmp_path):
         )
         assert "tp=3" in found["bad pin"], found["bad pin"]  # rank 0's error, on every rank
         assert found["given plan loss"] <= 1e-5 and found["grads"] <= 1e-5, rank
-        assert "pass a global batch of 4 rows" in found["rows"]
+        assert "pass this replica's batch of 4 rows" in found["rows"]
         assert found["logits"] <= 1e-5, rank  # every rank gets the whole output
         assert f"stage {rank} of 2 on pp rank {rank}" in found["code"]
         assert found["planned layout"] == (1, 2, 1)

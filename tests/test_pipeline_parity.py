@@ -21,7 +21,7 @@ import conftest
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import relative_error
+from distributed import relative_error, replica_batch
 
 from autopar.launch import run_local
 
@@ -127,7 +127,8 @@ def parity_case(rank: int, model_name, layout, schedule, microbatches, options=N
     optimizer = adamw(pm.parameters())
     losses, grads = [], {}
     for step, ids in enumerate(batches()):
-        losses.append(float(pm.train_step(ids, ids, *([] if traced_loss else [lm_loss]))))
+        mine = replica_batch(ids, pm)
+        losses.append(float(pm.train_step(mine, mine, *([] if traced_loss else [lm_loss]))))
         if step == 0:
             grads = pm.full_grads()
         optimizer.step()

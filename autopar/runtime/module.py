@@ -34,6 +34,7 @@ from autopar.runtime.state import (
     Slot,
     build_slots,
     partial_grad_slots,
+    read_params,
     state_slots,
     sum_grads,
 )
@@ -79,6 +80,8 @@ class ParallelModule(nn.Module):
         self._partial_grads = partial_grad_slots(traced, self.graph_module, model, slots)
         placeholders = self.graph_module.graph.find_nodes(op="placeholder")
         self._feeds = placeholder_feeds(traced, placeholders, model, slots, self, device)
+        self.graph_reads = read_params(self._feeds, placeholders)  # for the dp reducer
+        self._dtypes = compute_dtypes(self._feeds, placeholders)
         signature = traced.exported.graph_signature
         self._output_kinds = [(spec.kind, spec.target) for spec in signature.output_specs]
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
@@ -103,6 +106,8 @@ class ParallelModule(nn.Module):
         user_inputs = iter(flat_inputs)
         inputs = [feed.local() if isinstance(feed, Slot) else feed for feed in self._feeds]
         inputs = [next(user_inputs) if value is _USER_INPUT else value for value in inputs]
+        if self._dtypes is not None:
+            inputs = cast_inputs(inputs, self._dtypes)
         with bound_axes({self.axis: self._axis}):
             outputs = self.graph_module(*inputs)
         return self._route_outputs(outputs)
@@ -171,6 +176,36 @@ def flatten_inputs(in_spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> list:
             f"{spec}, captured {in_spec}; call with the same arguments and keywords"
         )
     return flat
+
+
+def compute_dtypes(feeds: list, nodes: list) -> list | None:
+    """Mixed precision: the dtype each placeholder was traced with, where a stored tensor
+    that feeds one has another (fp32 master weights, a graph traced in bf16); else None.
+
+    The cast is differentiable, so the gradient reaches the fp32 master as fp32 and
+    accumulates there (over microbatches too) in fp32.
+    """
+    traced = [getattr(node.meta.get("val"), "dtype", None) for node in nodes]
+    mixed = any(
+        isinstance(feed, Slot) and dtype is not None and feed.local().dtype != dtype
+        for feed, dtype in zip(feeds, traced, strict=True)
+    )
+    if not mixed:
+        return None
+    return [dtype if dtype is not None and dtype.is_floating_point else None for dtype in traced]
+
+
+def cast_inputs(values: list, dtypes: list) -> list:
+    """Each floating tensor in the dtype its placeholder was traced with."""
+    return [
+        value.to(dtype)
+        if dtype is not None
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.dtype != dtype
+        else value
+        for value, dtype in zip(values, dtypes, strict=True)
+    ]
 
 
 class _UserInput:

@@ -6,20 +6,24 @@ What runs where, for rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank:
   `train_step` is a gradient-accumulation loop over the microbatches.
 - pp > 1: a `PipelineModule` with this pp rank's stages, driven by the plan's
   torch.distributed.pipelining schedule over the pp group.
-- dp: each replica takes its contiguous 1/dp of the global batch; after backward
-  the gradients are averaged over the dp group (one all-reduce per dtype), or, under
-  ZeRO 1 and 2, reduce-scattered into this rank's slices (runtime/zero.py), which are
-  then the parameters an optimizer steps.
+- dp: each replica trains on its own batch (what a `DistributedSampler` with
+  `num_replicas=pm.dp_size, rank=pm.dp_rank` yields; the tp and pp ranks of one
+  replica pass the same batch). Each microbatch's loss is divided by the number of
+  microbatches times dp, so gradients summed over dp are those of the mean loss: in
+  buckets during backward (runtime/reducer.py, as DDP), or, under ZeRO 1 and 2,
+  reduce-scattered after it into this rank's slices (runtime/zero.py), which are then
+  the parameters an optimizer steps.
 
 `train_step` leaves in `.grad` the gradient of the mean of `loss_fn` over the
-microbatches and replicas (equal to the unsplit model's when `loss_fn` is a mean
-over equally sized microbatches) and returns that mean loss on every rank.
-`pm(*inputs)` returns the full output on every rank. Every graph is traced at
-`plan.microbatch_size` rows, so inputs are cut into chunks of that many rows.
+microbatches and replicas (equal to the unsplit model's on the global batch when
+`loss_fn` is a mean over equally sized microbatches) and returns that mean loss on
+every rank. `pm(*inputs)` returns the full output on every rank. Every graph is
+traced at `plan.microbatch_size` rows, so inputs are cut into chunks of that many rows.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -30,9 +34,10 @@ from torch.utils import _pytree as pytree
 from autopar.capture import TracedModel
 from autopar.errors import AutoparError
 from autopar.runtime.checkpoint import load_model_state_dict, model_state_dict
-from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
+from autopar.runtime.groups import MeshGroups
 from autopar.runtime.module import ParallelModule, flatten_inputs
 from autopar.runtime.pipeline import PipelineModule
+from autopar.runtime.reducer import GradientReducer
 from autopar.runtime.zero import DataParallelShards
 
 
@@ -59,10 +64,13 @@ class DistributedModule(nn.Module):
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
         self.traced_loss = traced.traced_loss
         self.shards = None  # ZeRO: this dp rank's slices, what the optimizer steps
+        self.reducer = None  # otherwise the gradients' sum over dp, during backward
+        params = list(self.part.parameters())
         if plan.zero >= 1 and plan.dp > 1:
-            self.shards = DataParallelShards(
-                list(self.part.parameters()), groups.dp_group, groups.dp_rank, plan.dp
-            )
+            self.shards = DataParallelShards(params, groups.dp_group, groups.dp_rank, plan.dp)
+        elif plan.dp > 1:
+            reads = Counter(id(p) for p in self.part.graph_reads)
+            self.reducer = GradientReducer(params, [reads[id(p)] for p in params], groups.dp_group)
 
     def parameters(self, recurse: bool = True):
         """What an optimizer steps: this rank's shards (under ZeRO, its dp slices of them)."""
@@ -102,13 +110,13 @@ class DistributedModule(nn.Module):
     # --- training ------------------------------------------------------------------------
 
     def train_step(self, inputs, target: torch.Tensor, loss_fn: Callable | None = None) -> float:
-        """Forward and backward on the global batch; the mean loss (equal on every rank).
+        """Forward and backward on this replica's batch; the mean loss over all replicas.
 
-        `inputs` (a tuple, or one tensor) and `target` are the global batch, the same
-        on every rank; `loss_fn(output, target)` gets the model's output structure for
-        one microbatch, unless the loss was traced with the model (`loss_fn=` at plan
-        time): then the graph computes it. Gradients are set afresh (previous `.grad`
-        values are dropped).
+        `inputs` (a tuple, or one tensor) and `target` are this data-parallel replica's
+        batch (`pm.dp_rank` of `pm.dp_size`), the same on its tp and pp ranks;
+        `loss_fn(output, target)` gets the model's output structure for one microbatch,
+        unless the loss was traced with the model (`loss_fn=` at plan time): then the
+        graph computes it. Gradients are set afresh (previous `.grad` values are dropped).
         """
         inputs = inputs if isinstance(inputs, tuple | list) else (inputs,)
         loss_fn = self._loss_fn(loss_fn)
@@ -116,12 +124,33 @@ class DistributedModule(nn.Module):
         if self.traced_loss:
             inputs = (*inputs, target)  # the graph reads the target as its last input
         flat = flatten_inputs(self._in_spec, tuple(inputs), {})
-        flat, target = self._replica_batch(flat, target)
+        self._check_rows(_batch_rows(flat + [target]))
+        device = self.groups.device
+        flat, target = [_to(x, device) for x in flat], _to(target, device)
         self.zero_grad(set_to_none=True)
+        if self.reducer is not None:
+            self.reducer.prepare(_batch_rows(flat + [target]) // self.microbatch_size)
         local = self._guarded("train_step", self._forward_backward, flat, target, loss_fn)
-        self._guarded("train_step", self.part.sum_partial_grads)
-        self._guarded("train_step", self._average_grads)
+        self._guarded("train_step", self._sync_grads)
         return self._guarded("train_step", self._mean_loss, local)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel replica: `DistributedSampler(rank=pm.dp_rank)`."""
+        return self.groups.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        """The number of data-parallel replicas: `DistributedSampler(num_replicas=...)`."""
+        return self.groups.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.groups.tp_rank
+
+    @property
+    def pp_rank(self) -> int:
+        return self.groups.pp_rank
 
     def _loss_fn(self, loss_fn: Callable | None) -> Callable:
         if self.traced_loss and loss_fn is not None:
@@ -138,60 +167,55 @@ class DistributedModule(nn.Module):
             )
         return loss_fn
 
-    def _replica_batch(self, flat: list, target: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """This dp replica's contiguous 1/dp of every batched input and of the target."""
-        dp, rank = self.plan.dp, self.groups.dp_rank
-        rows = _batch_rows(flat + [target])
-        if rows % dp:
-            raise AutoparError(
-                f"the global batch has {rows} rows, which does not split over dp={dp} replicas"
+    def _check_rows(self, rows: int) -> None:
+        """A replica's batch must split into the plan's microbatches (all of them, pp > 1)."""
+        size, count = self.microbatch_size, self.plan.num_microbatches
+        pipelined = isinstance(self.part, PipelineModule)
+        if (rows != size * count) if pipelined else (rows % size):
+            wanted = (
+                f"{count} microbatches of {size} rows" if pipelined else f"a multiple of {size}"
             )
-        size = rows // dp
-        device = self.groups.device
-        flat = [_to(_rows(x, rank * size, size), device) if _batched(x) else x for x in flat]
-        return flat, _to(_rows(target, rank * size, size), device)
+            raise AutoparError(
+                f"train_step got a batch of {rows} rows, but this plan runs {wanted} per "
+                f"replica (dp={self.plan.dp}); pass this replica's batch of "
+                f"{size * count} rows (a DistributedSampler with num_replicas=pm.dp_size, "
+                "rank=pm.dp_rank)"
+            )
 
     def _forward_backward(self, flat: list, target: torch.Tensor, loss_fn) -> torch.Tensor | None:
         if isinstance(self.part, PipelineModule):
-            expected = self.plan.num_microbatches * self.microbatch_size
-            rows = _batch_rows(flat + [target])
-            if rows != expected:
-                raise AutoparError(
-                    f"each of the dp={self.plan.dp} replicas got {rows} rows, but the pipeline "
-                    f"runs {self.plan.num_microbatches} microbatches of {self.microbatch_size}: "
-                    f"pass a global batch of {expected * self.plan.dp} rows"
-                )
             return self.part.run_schedule(flat, target, loss_fn)
         return self._accumulate(flat, target, loss_fn)
 
     def _accumulate(self, flat: list, target: torch.Tensor, loss_fn) -> torch.Tensor:
-        """pp == 1: gradient accumulation over the microbatches; the mean loss."""
+        """pp == 1: gradient accumulation over the microbatches; the mean loss / dp."""
         size = self.microbatch_size
         chunks = _split_rows(flat + [target], size, size)
         total = torch.zeros((), dtype=torch.float64, device=self.groups.device)
         for *chunk, chunk_target in chunks:
             output = pytree.tree_unflatten(self.part.run_flat(chunk), self._out_spec)
-            loss = loss_fn(output, chunk_target) / len(chunks)
+            loss = loss_fn(output, chunk_target) / (len(chunks) * self.plan.dp)
             loss.backward()
             total += loss.detach()
         return total
 
-    def _average_grads(self) -> None:
-        if self.plan.dp == 1:
-            return
+    def _sync_grads(self) -> None:
+        """Sum every gradient over dp (the mean: each replica's loss was divided by dp),
+        tied copies' over pp and the ones left partial over tp."""
+        if self.reducer is not None:
+            self.reducer.finish()  # before anything else reads its buckets
+        if isinstance(self.part, PipelineModule):
+            self.part.sum_tied_grads()
+        self.part.sum_partial_grads()
         if self.shards is not None:
             self.shards.scatter_grads()
-            return
-        params = [p for p in self.parameters() if p.grad is not None]
-        summed = all_reduce_coalesced([p.grad for p in params], self.groups.dp_group)
-        for param, grad in zip(params, summed, strict=True):
-            param.grad = grad.div_(self.plan.dp)
 
     def _mean_loss(self, local: torch.Tensor | None) -> float:
-        """Mean over dp replicas of the last stage's loss, on every rank (one all-reduce)."""
+        """The sum over dp replicas of the last stage's loss / dp, on every rank (one
+        all-reduce over the world)."""
         share = torch.zeros((), dtype=torch.float64, device=self.groups.device)
         if local is not None:  # every tp rank of the last stage holds the same value
-            share += local.to(torch.float64) / (self.plan.dp * self.plan.tp)
+            share += local.to(torch.float64) / self.plan.tp
         dist.all_reduce(share)
         return float(share)
 

@@ -14,8 +14,9 @@ gradients are summed over the pp group, so the copies see the same gradient and
 stay equal under any optimizer.
 
 Gradient scaling: the schedule runs with `scale_grads=False` and the loss of each
-microbatch is divided by the number of microbatches instead, so gradients are
-those of the mean loss even when one parameter is shared by two stages of a rank.
+microbatch is divided by the number of microbatches times dp instead, so gradients
+summed over the dp replicas are those of the mean loss, even when one parameter is
+shared by two stages of a rank.
 
 Across a stage boundary a value travels contiguous; the receiving stage puts it
 back in the memory layout it was traced with (its view nodes depend on it). User
@@ -45,12 +46,13 @@ from autopar.ops import Axis, bound_axes
 from autopar.ops.layout import dim_order, with_dim_order
 from autopar.placement import Placement, Replicate
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
-from autopar.runtime.module import check_state_dict, placeholder_feeds
+from autopar.runtime.module import cast_inputs, check_state_dict, compute_dtypes, placeholder_feeds
 from autopar.runtime.schedule import build_schedule, check_stage_ranks
 from autopar.runtime.state import (
     Slot,
     build_slots,
     partial_grad_slots,
+    read_params,
     sum_grads,
     tensor_placements,
     tensors_by_id,
@@ -77,11 +79,20 @@ class StageModule(nn.Module):
         placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
         self._received = placeholders[: len(stage.received)]
         self._orders = [dim_order(node.meta["val"]) for node in self._received]
+        given_end = len(stage.received) + len(stage.inputs)
+        state_nodes = placeholders[given_end:]
+        self.graph_reads = read_params(feeds, state_nodes)
+        self._dtypes = compute_dtypes(feeds, state_nodes)
+        given = placeholders[len(stage.received) : given_end]
+        self._given_dtypes = [node.meta["val"].dtype for node in given]
 
     def forward(self, *received: torch.Tensor, **user_inputs) -> tuple[torch.Tensor, ...]:
         inputs = [with_dim_order(x, order) for x, order in zip(received, self._orders, strict=True)]
         given = [user_inputs[input_key(name)] for name in self.stage.inputs]
         state = [feed.local() for feed in self._feeds]
+        if self._dtypes is not None:  # mixed precision: the traced dtypes
+            state = cast_inputs(state, self._dtypes)
+            given = cast_inputs(given, self._given_dtypes)
         with bound_axes({self._axis.name: self._axis}):
             outputs = self.graph_module(*inputs, *given, *state)
         if self._is_last:
@@ -159,6 +170,7 @@ class PipelineModule(nn.Module):
         self.tp_rank, self.tp_size = groups.tp_rank, groups.tp
         self.num_stages = len(plan.stages)
         self.num_microbatches = plan.num_microbatches
+        self._loss_divisor = plan.num_microbatches * plan.dp  # each microbatch's share
         self._rank_of_stage = [stage.pp_rank for stage in plan.stages]
         graph_module = shard_graph(traced, plan.node_placements(), plan.tp)
         stages = split_plan_stages(graph_module, plan, traced)
@@ -176,6 +188,7 @@ class PipelineModule(nn.Module):
         axis = Axis("tp", groups.tp_group, groups.tp, groups.tp_rank)
         local = [stage for stage in stages if self._rank_of_stage[stage.index] == groups.pp_rank]
         self.stage_modules = [self._stage_module(traced, model, s, axis) for s in local]
+        self.graph_reads = [p for module in self.stage_modules for p in module.graph_reads]
         self._stage0_inputs = [traced.user_inputs.index(name) for name in stages[0].received]
         later = dict.fromkeys(name for module in self.stage_modules for name in module.stage.inputs)
         self._later_inputs = {name: traced.user_inputs.index(name) for name in later}
@@ -227,18 +240,18 @@ class PipelineModule(nn.Module):
     # --- training ------------------------------------------------------------------------
 
     def _microbatch_loss(self, output, target) -> torch.Tensor:
-        """The schedule's loss: the user's loss on the model's output structure, over m."""
+        """The schedule's loss: the user's loss on the model's output structure, over m dp."""
         flat = list(output) if isinstance(output, tuple | list) else [output]
         structured = pytree.tree_unflatten(flat, self._out_spec)
-        return self._loss_fn(structured, target) / self.num_microbatches
+        return self._loss_fn(structured, target) / self._loss_divisor
 
     def run_schedule(
         self, flat_inputs: Sequence, target: torch.Tensor, loss_fn
     ) -> torch.Tensor | None:
-        """Run the schedule on one replica's batch; the mean microbatch loss on the last stage.
+        """Run the schedule on one replica's batch; on the last stage, its mean loss / dp.
 
-        Gradients accumulate into the shards' `.grad` (set them to None first); tied
-        parameters' gradients are then summed over the pp ranks holding them.
+        Gradients accumulate into the shards' `.grad` (set them to None first); call
+        `sum_tied_grads` once the dp sync of the step is done.
         """
         self._loss_fn = loss_fn
         args = [flat_inputs[i] for i in self._stage0_inputs] if self.holds_stage(0) else []
@@ -247,7 +260,6 @@ class PipelineModule(nn.Module):
             *args, target=target if self.holds_last_stage else None, losses=losses,
             return_outputs=False, **self._given(flat_inputs),
         )  # fmt: skip
-        self._sum_tied_grads()
         return torch.stack(losses).sum().detach() if losses else None
 
     def _given(self, flat_inputs: Sequence) -> dict[str, torch.Tensor]:
@@ -258,7 +270,9 @@ class PipelineModule(nn.Module):
         """Sum over tp the gradients this rank's stages leave partial (see ParallelModule)."""
         sum_grads(self._partial_grads, self.groups.tp_group)
 
-    def _sum_tied_grads(self) -> None:
+    def sum_tied_grads(self) -> None:
+        """Sum over the pp ranks holding it the gradient of each parameter read by stages
+        on several pp ranks (GPT-2's tied embedding and LM head), so the copies stay equal."""
         tied = [h for h in self._held.values() if h.is_parameter and len(h.holders) > 1]
         if not tied:
             return

@@ -6,20 +6,38 @@ so the two graphs name the same computations alike and the plan is looked up by 
 The one difference torch.export makes is to leave out view-like ops that do nothing
 at a shape (`normalize.MAY_VANISH`; at batch 1, `expand(mask, [1, -1, T, T])` of a
 `(1, 1, T, T)` mask). Such an op keeps its placement's shape where it does nothing,
-so inputs are matched modulo view chains (`normalize.view_root`), and a node the plan
+so inputs are matched modulo view chains (as `normalize.view_root` does), and a node the plan
 lacks, which must be such an op, passes its input's placement through.
+
+The same holds for dtype casts when the runtime graph is traced in bf16 for a plan
+made in fp32 (mixed precision): a cast to fp32 that does nothing in fp32 aliases its
+input there and copies in bf16, so a reader may see the cast in one graph and its
+input in the other; inputs are matched modulo casts too (a cast keeps placements).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.fx as fx
 
 from autopar.errors import AutoparError
-from autopar.normalize import MAY_VANISH, MAY_VANISH_NAMES, view_root
+from autopar.normalize import MAY_VANISH, MAY_VANISH_NAMES
 from autopar.placement import TP, NodePlacement, Replicate
 from autopar.plan import PlanNode
+
+aten = torch.ops.aten
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+_PASS = MAY_VANISH | _CASTS
+_PASS_NAMES = MAY_VANISH_NAMES | {str(op) for op in _CASTS}
+
+
+def _root(node: fx.Node) -> fx.Node:
+    """The value a chain of views and casts reads (the node itself outside one)."""
+    while node.op == "call_function" and node.target in _PASS and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
 
 
 def _differs(node: fx.Node, message: str) -> AutoparError:
@@ -30,9 +48,9 @@ def _differs(node: fx.Node, message: str) -> AutoparError:
 
 
 def _plan_root(plan, name: str) -> str:
-    """`view_root` on the plan's own graph, through its recorded sources."""
+    """`_root` on the plan's own graph, through its recorded sources."""
     entry = plan.strategies.get(name)
-    while entry is not None and entry.op in MAY_VANISH_NAMES and entry.sources:
+    while entry is not None and entry.op in _PASS_NAMES and entry.sources:
         name = entry.sources[0]
         entry = plan.strategies.get(name)
     return name
@@ -51,7 +69,7 @@ def _placement_for(plan, node: fx.Node, made: dict) -> NodePlacement | None:
     seen: dict[str, object] = {}
     for source, wanted in zip(entry.sources, placement.inputs, strict=True):
         seen.setdefault(_plan_root(plan, source), wanted)
-    inputs = [seen.get(view_root(u).name) for u in node.all_input_nodes]
+    inputs = [seen.get(_root(u).name) for u in node.all_input_nodes]
     if None in inputs:
         raise _differs(node, f"its inputs are not the plan's {entry.sources}")
     return NodePlacement(placement.output, tuple(inputs))

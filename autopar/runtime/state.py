@@ -132,6 +132,17 @@ def state_slots(model: nn.Module, slots: dict[int, Slot]) -> dict[str, Slot]:
     }
 
 
+def read_params(feeds: list, nodes: list[fx.Node]) -> list[nn.Parameter]:
+    """The parameters that feed placeholders `nodes` which the graph reads, each once
+    (a graph accumulates a parameter's gradient once per backward pass)."""
+    found = {
+        id(feed.local()): feed.local()
+        for feed, node in zip(feeds, nodes, strict=True)
+        if isinstance(feed, Slot) and feed.is_parameter and node.users
+    }
+    return list(found.values())
+
+
 def partial_grad_slots(traced, graph_module: fx.GraphModule, model, slots) -> list[Slot]:
     """The slots of the parameters whose gradients the graph leaves as partial sums over tp
     (codegen's `meta["partial_grads"]`), among those this rank holds."""

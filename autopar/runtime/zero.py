@@ -48,14 +48,14 @@ class DataParallelShards(nn.Module):
         return found
 
     def scatter_grads(self) -> None:
-        """Mean over dp of every gradient, this rank's slice into each shard's `.grad` (a
-        parameter the step left without gradient, the same on every replica, keeps none)."""
+        """Sum over dp of every gradient (the mean: each replica's loss was divided by dp),
+        this rank's slice into each shard's `.grad` (a parameter the step left without
+        gradient, the same on every replica, keeps none)."""
         for indices in self._by_dtype(with_grad=True).values():
             rows = [self._padded_grad(i).view(self.size, self.chunks[i]) for i in indices]
             full = torch.cat(rows, dim=1).contiguous()  # (dp, sum of chunks): rank r's row
             mine = full.new_empty(full.shape[1])
             dist.reduce_scatter_tensor(mine, full.view(-1), group=self.group)
-            mine.div_(self.size)
             for i, piece in zip(
                 indices, mine.split([self.chunks[i] for i in indices]), strict=True
             ):
