@@ -13,7 +13,9 @@ Conventions:
   registry's formulas, one multiply-add = 2 FLOPs; elementwise ops, norms and
   softmax count 0 (they are memory-bound and priced by their bytes). The
   composite ops the export graph keeps (`linear`, `matmul`,
-  `scaled_dot_product_attention`) are mapped onto those formulas; any other
+  `scaled_dot_product_attention`) and the grouped expert matmuls of
+  mixture-of-experts layers (found by name: transformers' exists only once its MoE
+  integration is imported, perhaps after autopar) have formulas here; any other
   composite op (`conv2d`, `einsum`, ...) is counted on its decomposition, traced
   over the node's FakeTensors (no real computation). Causal attention is counted
   as full attention, as the registry does.
@@ -100,34 +102,26 @@ def _val(node: fx.Node):
     return node.meta.get("val")
 
 
-def _linear_flops(x, weight, *_, out_val=None, **__) -> int:
-    # x: (..., in), weight: (out, in) -> one (M, in) @ (in, out) matmul
+def _linear_flops(x, weight, *_, out_val=None, **__) -> int:  # one (M, in) @ (in, out)
     return mm_flop((math.prod(x.shape[:-1]), x.shape[-1]), (weight.shape[1], weight.shape[0]))
 
 
 def _matmul_flops(a, b, *_, out_val=None, **__) -> int:
-    inner = a.shape[-1]
-    return 2 * math.prod(out_val.shape) * inner
+    """Each output element a dot product of a's last dim (grouped: with its expert's)."""
+    return 2 * math.prod(out_val.shape) * a.shape[-1]
 
 
 def _sdpa_flops(query, key, value, *_, out_val=None, **__) -> int:
     return sdpa_flop_count(query.shape, key.shape, value.shape)
 
 
-def _grouped_mm_flops(x, w, *_, out_val=None, **__) -> int:
-    # x (T, K), w (E, K, N): every token row meets one expert's (K, N) matrix
-    return 2 * math.prod(x.shape) * w.shape[-1] if x.dim() == 2 else 0
-
-
-# Ops the export graph keeps but flop_registry does not know, by qualified name (the
-# grouped expert matmuls of mixture-of-experts layers; transformers' exists only once
-# its MoE integration is imported, perhaps after autopar).
+# Ops the export graph keeps but flop_registry does not know, by qualified name.
 _COMPOSITE_FLOPS: dict[str, Callable[..., int]] = {
     "aten::linear": _linear_flops,
     "aten::matmul": _matmul_flops,
     "aten::scaled_dot_product_attention": _sdpa_flops,
-    "aten::_grouped_mm": _grouped_mm_flops,
-    "transformers::grouped_mm_fallback": _grouped_mm_flops,
+    "aten::_grouped_mm": _matmul_flops,
+    "transformers::grouped_mm_fallback": _matmul_flops,
 }
 
 

@@ -42,77 +42,20 @@ from autopar.capture import TracedModel
 from autopar.codegen import annotated_code, gather_full, recompute, shard_graph, shard_tensor
 from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
 from autopar.errors import AutoparError
-from autopar.ops import Axis, bound_axes
-from autopar.ops.layout import dim_order, with_dim_order
+from autopar.ops import Axis
 from autopar.placement import Placement, Replicate
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
-from autopar.runtime.module import cast_inputs, check_state_dict, compute_dtypes, placeholder_feeds
+from autopar.runtime.module import check_state_dict, placeholder_feeds
 from autopar.runtime.schedule import build_schedule, check_stage_ranks
+from autopar.runtime.stage import StageModule, input_key, local_shape
 from autopar.runtime.state import (
     Slot,
     build_slots,
     partial_grad_slots,
-    read_params,
     sum_grads,
     tensor_placements,
     tensors_by_id,
 )
-
-
-class StageModule(nn.Module):
-    """One pipeline stage on this rank: `forward(*received, **user_inputs) -> tuple(sent)`.
-
-    Feeds the stage graph the received values (in their traced memory layout), the
-    user inputs it reads (by name; others are ignored: the schedule gives every stage
-    of a rank the same keyword arguments) and this rank's shards of the stage's
-    state; binds the tp axis for its collectives.
-    """
-
-    def __init__(self, stage: StageGraph, feeds: list[Slot], axis: Axis, is_last: bool):
-        super().__init__()
-        self.index = stage.index
-        self.stage = stage
-        self.graph_module = stage.graph_module
-        self._feeds = feeds
-        self._axis = axis
-        self._is_last = is_last
-        placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
-        self._received = placeholders[: len(stage.received)]
-        self._orders = [dim_order(node.meta["val"]) for node in self._received]
-        given_end = len(stage.received) + len(stage.inputs)
-        state_nodes = placeholders[given_end:]
-        self.graph_reads = read_params(feeds, state_nodes)
-        self._dtypes = compute_dtypes(feeds, state_nodes)
-        given = placeholders[len(stage.received) : given_end]
-        self._given_dtypes = [node.meta["val"].dtype for node in given]
-
-    def forward(self, *received: torch.Tensor, **user_inputs) -> tuple[torch.Tensor, ...]:
-        inputs = [with_dim_order(x, order) for x, order in zip(received, self._orders, strict=True)]
-        given = [user_inputs[input_key(name)] for name in self.stage.inputs]
-        state = [feed.local() for feed in self._feeds]
-        if self._dtypes is not None:  # mixed precision: the traced dtypes
-            state = cast_inputs(state, self._dtypes)
-            given = cast_inputs(given, self._given_dtypes)
-        with bound_axes({self._axis.name: self._axis}):
-            outputs = self.graph_module(*inputs, *given, *state)
-        if self._is_last:
-            return tuple(outputs)
-        return tuple(value.contiguous() for value in outputs)  # p2p sends whole buffers
-
-    def received_buffers(self, device: torch.device) -> list[torch.Tensor]:
-        """Empty tensors for this stage's inputs from the previous stage (contiguous)."""
-        return [torch.empty(_local_shape(node), dtype=node.meta["val"].dtype, device=device)
-                for node in self._received]  # fmt: skip
-
-
-def input_key(name: str) -> str:
-    """The keyword a user input travels under (apart from the schedule's own keywords)."""
-    return f"user_input_{name}"
-
-
-def _local_shape(node: fx.Node) -> tuple[int, ...]:
-    shape = node.meta.get("local_shape")
-    return tuple(shape) if shape is not None else tuple(node.meta["val"].shape)
 
 
 @dataclass(frozen=True)
@@ -323,7 +266,7 @@ class PipelineModule(nn.Module):
             values = [value.contiguous() for value in outputs]
         else:
             values = [
-                torch.empty(_local_shape(node), dtype=node.meta["val"].dtype,
+                torch.empty(local_shape(node), dtype=node.meta["val"].dtype,
                             device=self.groups.device)
                 for node in self._output_nodes
             ]  # fmt: skip
