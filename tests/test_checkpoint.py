@@ -99,10 +99,9 @@ def _numpy(state: dict) -> dict:
 def save_then_resume(rank: int, world_size: int, path: str) -> dict:
     """dp=2 tp=2 pp=2: train and save; dp=4 tp=2 pp=1: load and train on."""
     import autopar
-    from autopar.runtime.checkpoint import held_slots
 
     pm = parallel(world_size, (2, 2, 2), 2)
-    layouts = sorted({str(slot.placement) for slot in held_slots(pm).values()})
+    layouts = sorted({str(slot.placement) for slot in pm.part.held_slots().values()})
     optimizer = adamw(pm.parameters())
     before = train(pm, optimizer, batches()[:SAVED_AT])
     autopar.save_checkpoint(path, pm, optimizer, extra={"step": SAVED_AT})

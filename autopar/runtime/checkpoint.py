@@ -47,25 +47,6 @@ from autopar.runtime.state import Slot
 Stored = torch.Tensor  # a DTensor on the tp axis, or a plain full tensor
 
 
-# --- where this rank's state lives (the one reader of the runtime's slot tables) -----------
-
-
-def held_slots(pm) -> dict[str, Slot]:
-    """Every `model.state_dict()` key whose tensor this rank holds -> its slot."""
-    part = pm.part
-    if hasattr(part, "_state_slots"):  # pp == 1: every tensor
-        return dict(part._state_slots)
-    return {name: part._slots[key] for name, key in part._state_keys.items() if key in part._slots}
-
-
-def model_shapes(pm) -> dict[str, torch.Size]:
-    """Every `model.state_dict()` key (held here or not) -> its full shape."""
-    part = pm.part
-    if hasattr(part, "_state_slots"):
-        return {name: slot.shape for name, slot in part._state_slots.items()}
-    return {name: part._held[key].shape for name, key in part._state_keys.items()}
-
-
 def _placement(pm, slot: Slot):
     return slot.placement if pm.plan.tp > 1 else Replicate()
 
@@ -113,19 +94,20 @@ def model_state_dict(pm) -> dict[str, Stored]:
     """This rank's part of the single-device state dict, for `dcp.save` (tp collectives for
     block-interleaved shards: every rank of a stage calls it)."""
     pm._fresh()  # under ZeRO, the parameters take the optimizer's last step
-    return {name: _stored(pm, slot, slot.local()) for name, slot in held_slots(pm).items()}
+    return {name: _stored(pm, slot, slot.local()) for name, slot in pm.part.held_slots().items()}
 
 
 def _model_buffers(pm) -> dict[str, Stored]:
     return {
-        name: _stored(pm, slot, slot.local(), gather=False) for name, slot in held_slots(pm).items()
+        name: _stored(pm, slot, slot.local(), gather=False)
+        for name, slot in pm.part.held_slots().items()
     }
 
 
 def load_model_state_dict(pm, state_dict: Mapping[str, Stored]) -> None:
     """Load what `dcp.load` read into a `pm.state_dict()` (of this plan or another's layout
     of the same keys: full tensors are cut here)."""
-    slots = held_slots(pm)
+    slots = pm.part.held_slots()
     missing = sorted(set(slots) - set(state_dict))
     if missing:
         raise AutoparError(
@@ -143,7 +125,7 @@ def load_model_state_dict(pm, state_dict: Mapping[str, Stored]) -> None:
 
 def _optimized(pm) -> dict[int, tuple[Slot, int | None]]:
     """id(parameter the optimizer steps) -> (its slot, its ZeRO index or None)."""
-    by_param = {id(slot.local()): slot for slot in held_slots(pm).values()}
+    by_param = {id(slot.local()): slot for slot in pm.part.held_slots().values()}
     if pm.shards is None:
         return {key: (slot, None) for key, slot in by_param.items()}
     return {
@@ -300,7 +282,7 @@ def _extra_text(extra: Mapping | None) -> str:
 def load_checkpoint(path, pm, optimizer=None) -> dict:
     """Load a checkpoint of the same model saved under any plan; returns its `extra`."""
     metadata = _read_metadata(path)
-    _check_model(path, metadata, model_shapes(pm))
+    _check_model(path, metadata, pm.part.state_shapes())
     state: dict = {"model": _model_buffers(pm), "extra": ""}
     if optimizer is not None:
         if "optim.param_groups" not in metadata.state_dict_metadata:

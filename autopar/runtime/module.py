@@ -132,6 +132,14 @@ class ParallelModule(nn.Module):
         waits for the step); call once after the backward passes of a step."""
         sum_grads(self._partial_grads, self.tp_group)
 
+    def held_slots(self) -> dict[str, Slot]:
+        """Every `model.state_dict()` key -> the slot of its tensor (this rank holds all)."""
+        return dict(self._state_slots)
+
+    def state_shapes(self) -> dict[str, torch.Size]:
+        """Every `model.state_dict()` key -> its full shape."""
+        return {key: slot.shape for key, slot in self._state_slots.items()}
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model's `state_dict()`: same keys (tied aliases too), full values."""
         gathered: dict[str, torch.Tensor] = {}

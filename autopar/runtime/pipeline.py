@@ -290,6 +290,15 @@ class PipelineModule(nn.Module):
         slot = self._slots.get(held.key)
         return None if slot is None or self.groups.pp_rank != held.holders[0] else slot.local()
 
+    def held_slots(self) -> dict[str, Slot]:
+        """Every `model.state_dict()` key whose tensor this pp rank holds -> its slot."""
+        keys = self._state_keys.items()
+        return {name: self._slots[key] for name, key in keys if key in self._slots}
+
+    def state_shapes(self) -> dict[str, torch.Size]:
+        """Every `model.state_dict()` key (held here or not) -> its full shape."""
+        return {name: self._held[key].shape for name, key in self._state_keys.items()}
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device `state_dict()` on every rank (tied aliases included)."""
         full: dict[int, torch.Tensor] = {}
