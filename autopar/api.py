@@ -80,11 +80,8 @@ def plan(
             f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}, or None "
             "(let the search choose per pipeline stage)"
         )
-    if zero not in (None, 0, 1, 2):
-        hint = "; zero=3 (parameters sharded too) is not supported yet" if zero == 3 else ""
-        raise AutoparError(
-            f"zero={zero!r} must be 0, 1 or 2, or None (let the search choose){hint}"
-        )
+    if zero not in (None, 0, 1, 2, 3):
+        raise AutoparError(f"zero={zero!r} must be 0, 1, 2 or 3, or None (let the search choose)")
     pins = Pins(
         dp, tp, pp, microbatches, microbatch_size, schedule, sequence_parallel, recompute, zero
     )

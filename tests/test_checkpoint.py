@@ -4,7 +4,7 @@ One 8-rank launch trains GPT-2 (tied LM head, fused QKV: a block-interleaved sha
 a vocabulary of 127 that tp=2 pads)
 for `SAVED_AT` AdamW steps under dp=2 tp=2 pp=2 and saves; the same ranks then load
 it under dp=4 tp=2 pp=1 and train on. One 4-rank launch loads it under dp=2 tp=1 pp=2
-with ZeRO-1 and trains on. Both must give the losses, and the final state, of the
+with ZeRO-3, trains a step and saves, then loads that under ZeRO-1 and trains on. Both must give the losses, and the final state, of the
 unsplit model trained without interruption, to 1e-5.
 """
 
@@ -114,13 +114,19 @@ def save_then_resume(rank: int, world_size: int, path: str) -> dict:
 
 
 def resume_elsewhere(rank: int, world_size: int, path: str) -> dict:
-    """dp=2 tp=1 pp=2 with ZeRO-1 (the optimizer's states in dp slices): load, train on."""
+    """dp=2 tp=1 pp=2 with ZeRO-3 (the parameters in dp slices): load, train a step, save;
+    the same with ZeRO-1 (only the optimizer's states in dp slices): load that, train on."""
     import autopar
 
-    pm = parallel(world_size, (2, 1, 2), 2, zero=1)
+    pm = parallel(world_size, (2, 1, 2), 2, zero=3)
     optimizer = adamw(pm.parameters())
     extra = autopar.load_checkpoint(path, pm, optimizer)
-    losses = train(pm, optimizer, batches()[extra["step"] :])
+    losses = train(pm, optimizer, batches()[extra["step"] : extra["step"] + 1])
+    autopar.save_checkpoint(path + "-zero3", pm, optimizer, extra={"step": extra["step"] + 1})
+    pm = parallel(world_size, (2, 1, 2), 2, zero=1)
+    optimizer = adamw(pm.parameters())
+    extra = autopar.load_checkpoint(path + "-zero3", pm, optimizer)
+    losses += train(pm, optimizer, batches()[extra["step"] :])
     return {"losses": losses, "state": _numpy(pm.full_state_dict())}
 
 

@@ -65,6 +65,35 @@ def test_zero_shards_the_states_over_dp(gpt_4096):
     }  # fmt: skip
 
 
+def _largest_unit_numel(traced) -> float:
+    """Parameters of the largest block, or of everything outside the blocks (an upper
+    bound on what one pipeline unit holds)."""
+    per_unit: dict[str, float] = {}
+    for node in traced.graph_module.graph.find_nodes(op="placeholder"):
+        if node.name in traced.param_fqns:
+            name = traced.param_fqns[node.name]
+            unit = name.split(".")[2] if ".h." in name else "outside"
+            per_unit[unit] = per_unit.get(unit, 0) + node.meta["val"].numel()
+    return max(per_unit.values())
+
+
+def test_zero3_shards_the_weights_too(gpt_4096):
+    """ZeRO-3 also keeps 1/dp of the 2 weight bytes, less what one unit holds gathered
+    while it runs (at most the largest unit's weights), and pays per microbatch for two
+    gathers and a reduce-scatter where ZeRO-2 pays one gather and one reduce-scatter."""
+    params = gpt_4096[2] / 8
+    two, three = (_plan(gpt_4096, zero=z, recompute="none") for z in (2, 3))
+    assert three.zero == 3
+    saved = two.cost.memory_per_device_bytes - three.cost.memory_per_device_bytes
+    assert 0 < saved <= 2 * params * (1 - 1 / 2)
+    largest_unit = _largest_unit_numel(gpt_4096[0]) / 8 * 2
+    assert saved >= 2 * params * (1 - 1 / 2) - largest_unit
+    kinds = sorted((c.kind, c.phase) for c in three.collectives if c.axis == "dp")
+    assert kinds == [("all_gather", "backward"), ("all_gather", "forward"),
+                     ("reduce_scatter", "backward")]  # fmt: skip
+    assert three.cost.step_time_s > two.cost.step_time_s
+
+
 def test_recomputation_trades_compute_for_memory(gpt_4096):
     plans = {
         mode: _plan(gpt_4096, zero=0, recompute=mode) for mode in ("none", "selective", "full")

@@ -147,6 +147,9 @@ def parity_case(rank: int, model_name, layout, schedule, microbatches, options=N
             "traced_loss": pm.traced_loss is not None,
         },  # fmt: skip
         "stages": len(pm.part.stage_modules) if pp > 1 else 1,
+        "sliced": all(
+            slot.sliced is not None for slot in pm.part.held_slots().values() if slot.is_parameter
+        ),  # fmt: skip
         "seconds": time.perf_counter() - start,
     }
     if rank == 0:  # identical on every rank (gathered and broadcast)
@@ -200,12 +203,15 @@ LAYOUTS = {
     },
 }  # fmt: skip
 
-# ZeRO and activation recomputation, pinned, in 3D and in pure data parallelism
+# ZeRO (1, 2, 3) and activation recomputation, pinned, in 3D and in pure data parallelism
 MEMORY_CASES = [
     ("gpt2", (2, 2, 2), "1f1b", 2, {"zero": 1, "recompute": "full"}),
     ("llama", (2, 2, 2), "interleaved1f1b", 2, {"zero": 2, "recompute": "selective"}),
     ("gpt2", (8, 1, 1), None, 1, {"zero": 2, "recompute": "selective"}),
     ("llama", (8, 1, 1), None, 1, {"zero": 1, "recompute": "full"}),
+    ("gpt2", (2, 2, 2), "1f1b", 2, {"zero": 3, "recompute": "selective"}),
+    ("llama", (4, 2, 1), None, 2, {"zero": 3, "recompute": "full"}),
+    ("llama", (8, 1, 1), None, 1, {"zero": 3, "recompute": "none"}),
 ]
 # sequence parallelism with the vocabulary-parallel loss traced, in 3D
 SEQUENCE_CASES = [
@@ -252,6 +258,10 @@ def _case_failures(rank: int, case: tuple, result: dict, reference: dict) -> lis
         failures.append(f"{where}: the solver was expected to shard")
     if rank == 0 and layout[1] == 1 and _collectives(result["code"]):
         failures.append(f"{where}: tp=1 code runs tensor-parallel reshards")
+    if (options.get("zero") == 3) != result["sliced"]:
+        failures.append(f"{where}: parameters stored as dp slices: {result['sliced']}")
+    if rank == 0 and options.get("zero") == 3 and "gather_params('dp'" not in result["code"]:
+        failures.append(f"{where}: no per-block gather in pm.code")
     if rank == 0 and layout[2] > 1 and "receives" not in result["code"]:
         failures.append(f"{where}: no stage header in pm.code")
     return failures

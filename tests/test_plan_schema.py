@@ -115,7 +115,7 @@ EDITS = {
         lambda d: d.update(recompute="full"),
         ["field recompute is 'full'", "'none', as its stages say"],
     ),
-    "ZeRO-3": (lambda d: d.update(zero=3), ["field zero is 3", "0, 1 or 2"]),
+    "ZeRO-4": (lambda d: d.update(zero=4), ["field zero is 4", "0, 1, 2 or 3"]),
     "ZeRO without replicas": (
         lambda d: d.update(dp=1, pp=4, global_batch_size=0, zero=1),
         ["field zero is 1", "0 at dp=1"],

@@ -31,14 +31,20 @@ def _block(node: fx.Node, blocks: dict[fx.Node, str | None]) -> str | None:
     return blocks[users[0]] if users else None
 
 
+def node_blocks(graph: fx.Graph) -> dict[fx.Node, str | None]:
+    """The transformer block of each computed node (None: outside every block)."""
+    blocks: dict[fx.Node, str | None] = {}
+    for node in reversed([n for n in graph.nodes if n.op == "call_function"]):
+        blocks[node] = _block(node, blocks)  # users first, for inserted reshards
+    return blocks
+
+
 def _regions(graph: fx.Graph, mode: str) -> list[list[fx.Node]]:
     """Runs of consecutive computed nodes to recompute, in graph order."""
     computed = [n for n in graph.nodes if n.op == "call_function"]
     if mode == "selective":
         return [[n] for n in computed if n.target in ATTENTION_CORE]
-    blocks: dict[fx.Node, str | None] = {}
-    for node in reversed(computed):  # users first, for inserted reshards
-        blocks[node] = _block(node, blocks)
+    blocks = node_blocks(graph)
     regions, current, owner = [], [], None
     for node in computed:
         if blocks[node] != owner or blocks[node] is None:

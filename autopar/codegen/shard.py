@@ -35,6 +35,7 @@ from autopar.capture import TracedModel
 from autopar.codegen.lowering import LOWERED, lower
 from autopar.codegen.sizes import localize_sizes
 from autopar.errors import PlanError
+from autopar.ops.zero import gather_params
 from autopar.placement import (
     NodePlacement,
     Placement,
@@ -76,6 +77,7 @@ def _register_readable_names() -> None:
         return
     register("redistribute", "from autopar.ops import redistribute", ops.redistribute)
     register("recomputed", "from autopar.ops import recomputed", ops.recomputed)
+    register("gather_params", "from autopar.ops.zero import gather_params", gather_params)
     for fn in LOWERED:
         register(fn.__name__, f"from autopar.ops.vocab import {fn.__name__}", fn)
 

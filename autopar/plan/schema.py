@@ -70,7 +70,7 @@ FIELDS = {
     "unit_times_s": (_object_of(_is_number), "an object of unit -> seconds"),
     "sequence_parallel": (_kind(bool), "true or false"),
     "recompute": (_kind(str), "a recomputation mode (a string)"),
-    "zero": (lambda v: _is_whole(v) and v <= 2, "a ZeRO stage: 0, 1 or 2"),
+    "zero": (lambda v: _is_whole(v) and v <= 3, "a ZeRO stage: 0, 1, 2 or 3"),
     "model": TEXT,
     "dtype": TEXT,
     "seq_len": (lambda v: v is None or _is_whole(v, 1), f"null or {POSITIVE}"),

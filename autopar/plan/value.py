@@ -105,7 +105,7 @@ class Plan:
     unit_times_s: dict[str, float] = field(default_factory=dict)  # per microbatch, fwd + bwd
     sequence_parallel: bool = False  # normalizations split on the sequence dim over tp
     recompute: str = "none"  # the stages' recomputation, "mixed" when they differ
-    zero: int = 0  # ZeRO stage over dp: 1 optimizer states sharded, 2 gradients too
+    zero: int = 0  # ZeRO over dp: 1 optimizer states sharded, 2 gradients too, 3 weights too
     model: str = ""  # what was planned: a built-in name, package.module:factory or a class
     dtype: str = ""  # the training dtype ("bfloat16"), or the mesh's default
     seq_len: int | None = None  # dim 1 of the first user input, when it has one

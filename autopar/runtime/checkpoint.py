@@ -17,8 +17,9 @@ that hold a chunk (a dp replica, a pipeline stage holding a tied weight) write i
 Two layouts are stored in the single-device layout instead: a block-interleaved
 shard `Shard(dim, groups)` (a fused QKV projection; its chunks are not one
 rectangle of the full tensor), all-gathered over tp before saving and cut locally
-after loading; and under ZeRO the optimizer states, whose dp slices are flat ranges
-of the tp shard, all-gathered over dp into the tp shard's shape. Loading reads the
+after loading; and under ZeRO the optimizer states (under ZeRO-3 the parameters
+too), whose dp slices are flat ranges of the tp shard, all-gathered over dp into the
+tp shard's shape. Loading reads the
 chunks each rank's new layout needs, so another dp, tp, pp or world size gets the
 same numbers.
 
@@ -33,7 +34,6 @@ import os
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.tensor import DTensor
@@ -41,8 +41,9 @@ from torch.distributed.tensor import Shard as TorchShard
 
 from autopar.codegen.params import gather_full, shard_tensor
 from autopar.errors import AutoparError
+from autopar.ops.zero import dp_slice
 from autopar.placement import Replicate
-from autopar.runtime.state import Slot
+from autopar.runtime.state import DpSlices, Slot, gather_slices, load_tp_local, tp_local
 
 Stored = torch.Tensor  # a DTensor on the tp axis, or a plain full tensor
 
@@ -94,14 +95,19 @@ def model_state_dict(pm) -> dict[str, Stored]:
     """This rank's part of the single-device state dict, for `dcp.save` (tp collectives for
     block-interleaved shards: every rank of a stage calls it)."""
     pm._fresh()  # under ZeRO, the parameters take the optimizer's last step
-    return {name: _stored(pm, slot, slot.local()) for name, slot in pm.part.held_slots().items()}
+    return {name: _stored(pm, slot, tp_local(slot)) for name, slot in pm.part.held_slots().items()}
 
 
 def _model_buffers(pm) -> dict[str, Stored]:
     return {
-        name: _stored(pm, slot, slot.local(), gather=False)
+        name: _stored(pm, slot, _empty_tp_shard(slot), gather=False)
         for name, slot in pm.part.held_slots().items()
     }
+
+
+def _empty_tp_shard(slot: Slot, dtype: torch.dtype | None = None) -> torch.Tensor:
+    local = slot.local()
+    return torch.zeros(_tp_shape(slot), dtype=dtype or local.dtype, device=local.device)
 
 
 def load_model_state_dict(pm, state_dict: Mapping[str, Stored]) -> None:
@@ -115,7 +121,9 @@ def load_model_state_dict(pm, state_dict: Mapping[str, Stored]) -> None:
             "filled it (or use autopar.load_checkpoint)"
         )
     for name, slot in slots.items():
-        _restore(pm, slot, state_dict[name], slot.local())
+        local = _empty_tp_shard(slot)
+        _restore(pm, slot, state_dict[name], local)
+        load_tp_local(slot, local)
     if pm.shards is not None:
         pm.shards.reset_from_params()
 
@@ -123,25 +131,26 @@ def load_model_state_dict(pm, state_dict: Mapping[str, Stored]) -> None:
 # --- the optimizer ----------------------------------------------------------------------
 
 
-def _optimized(pm) -> dict[int, tuple[Slot, int | None]]:
-    """id(parameter the optimizer steps) -> (its slot, its ZeRO index or None)."""
+def _optimized(pm) -> dict[int, tuple[Slot, DpSlices | None]]:
+    """id(parameter the optimizer steps) -> (its slot, how it is sliced over dp or None):
+    under ZeRO-3 the slots hold the slices; under ZeRO 1 and 2, `pm.shards` does."""
     by_param = {id(slot.local()): slot for slot in pm.part.held_slots().values()}
     if pm.shards is None:
-        return {key: (slot, None) for key, slot in by_param.items()}
+        return {key: (slot, slot.sliced) for key, slot in by_param.items()}
     return {
-        id(shard): (by_param[id(param)], index)
-        for index, (shard, param) in enumerate(zip(pm.shards.shards, pm.shards.params, strict=True))
+        id(shard): (by_param[id(param)], pm.shards.slicing)
+        for shard, param in zip(pm.shards.shards, pm.shards.params, strict=True)
     }
 
 
-def _tp_local(pm, index: int | None, value: torch.Tensor) -> torch.Tensor:
-    """A state tensor of a ZeRO slice, all-gathered over dp into the tp shard's shape."""
-    if index is None:
-        return value
-    shards, param = pm.shards, pm.shards.params[index]
-    full = value.new_empty(shards.size * shards.chunks[index])
-    dist.all_gather_into_tensor(full, value.detach().contiguous(), group=shards.group)
-    return full[: param.numel()].view_as(param)
+def _tp_shape(slot: Slot) -> torch.Size:
+    """The shape of this rank's tp shard of `slot`'s tensor."""
+    return slot.tp_shape if slot.tp_shape is not None else slot.local().shape
+
+
+def _tp_local(slot: Slot, sliced: DpSlices | None, value: torch.Tensor) -> torch.Tensor:
+    """A state tensor of a dp slice, all-gathered over dp into the tp shard's shape."""
+    return value if sliced is None else gather_slices(value, sliced, _tp_shape(slot))
 
 
 def _is_per_element(value, param: torch.Tensor) -> bool:
@@ -154,11 +163,11 @@ def optimizer_state_dict(pm, optimizer: torch.optim.Optimizer) -> dict:
     optimized = _optimized(pm)
     state: dict[str, dict] = {}
     for param in _params(optimizer):
-        slot, index = _slot_of(optimized, param)
+        slot, sliced = _slot_of(optimized, param)
         entry = {}
         for key, value in optimizer.state.get(param, {}).items():
             if _is_per_element(value, param):
-                local = _tp_local(pm, index, value)
+                local = _tp_local(slot, sliced, value)
                 entry[key] = _stored(pm, slot, local)
             else:
                 entry[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -171,7 +180,7 @@ def _params(optimizer) -> list[torch.Tensor]:
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 
-def _slot_of(optimized, param) -> tuple[Slot, int | None]:
+def _slot_of(optimized, param) -> tuple[Slot, DpSlices | None]:
     if id(param) not in optimized:
         raise AutoparError(
             "the optimizer steps a tensor that is not one of pm.parameters(); build it "
@@ -197,7 +206,6 @@ def _optimizer_buffers(pm, optimizer, metadata) -> dict:
     state: dict[str, dict] = {}
     for param in _params(optimizer):
         slot, _ = _slot_of(optimized, param)
-        local_shape = slot.local().shape
         prefix = f"optim.state.{slot.name}."
         entry = {}
         for fqn, md in stored.items():
@@ -207,9 +215,7 @@ def _optimizer_buffers(pm, optimizer, metadata) -> dict:
             if isinstance(md, BytesStorageMetadata):
                 entry[key] = None
             elif md.size == slot.shape and len(md.size) > 0:
-                local = torch.zeros(
-                    local_shape, dtype=md.properties.dtype, device=slot.local().device
-                )
+                local = _empty_tp_shard(slot, md.properties.dtype)
                 entry[key] = _stored(pm, slot, local, gather=False)
             else:
                 entry[key] = torch.empty(md.size, dtype=md.properties.dtype)
@@ -222,16 +228,16 @@ def load_optimizer_state_dict(pm, optimizer, state_dict: Mapping) -> None:
     """Put loaded state into `optimizer` (built on this pm's parameters)."""
     optimized = _optimized(pm)
     for param in _params(optimizer):
-        slot, index = _slot_of(optimized, param)
+        slot, sliced = _slot_of(optimized, param)
         entry = state_dict["state"].get(slot.name)
         if entry is not None:
             optimizer.state[param] = {
-                key: _local_state(pm, slot, index, value) for key, value in entry.items()
+                key: _local_state(pm, slot, sliced, value) for key, value in entry.items()
             }
     _load_hyperparameters(optimizer, state_dict["param_groups"])
 
 
-def _local_state(pm, slot: Slot, index: int | None, value):
+def _local_state(pm, slot: Slot, sliced: DpSlices | None, value):
     """A loaded state value as this rank's optimizer keeps it: a per-element state cut to
     the tp shard (and to the dp slice under ZeRO); anything else as it was saved."""
     per_element = isinstance(value, DTensor) or (
@@ -239,9 +245,9 @@ def _local_state(pm, slot: Slot, index: int | None, value):
     )
     if not per_element:
         return value
-    local = torch.zeros(slot.local().shape, dtype=value.dtype, device=slot.local().device)
+    local = _empty_tp_shard(slot, value.dtype)
     _restore(pm, slot, value, local)
-    return local if index is None else pm.shards._slice(local, pm.shards.chunks[index])
+    return local if sliced is None else dp_slice(local, sliced.rank, sliced.size)
 
 
 def _load_hyperparameters(optimizer, text: str) -> None:

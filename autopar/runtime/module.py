@@ -27,16 +27,23 @@ from autopar.codegen import (
     shard_tensor,
 )
 from autopar.codegen import recompute as recompute_regions
+from autopar.codegen.zero import gather_per_block
 from autopar.errors import AutoparError
 from autopar.ops import Axis, bound_axes
+from autopar.ops.zero import regathered_in_backward
 from autopar.placement import Replicate
 from autopar.runtime.state import (
+    DpSlices,
     Slot,
     build_slots,
+    dp_axes,
+    load_tp_local,
     partial_grad_slots,
     read_params,
+    sliced_placeholders,
     state_slots,
     sum_grads,
+    tp_local,
 )
 
 _USER_OUTPUTS = (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT)
@@ -50,8 +57,10 @@ class ParallelModule(nn.Module):
     group of the tp axis (None: the default group, or a single rank when
     torch.distributed is not initialized); `tp_size` and `tp_rank` default to that
     group's and are checked against it. `recompute` ("none", "selective", "full") says
-    which regions run again in backward instead of keeping their activations. `model` supplies the values (it may live
-    on the meta device; then call `load_full_state_dict`).
+    which regions run again in backward instead of keeping their activations; `sliced`
+    (ZeRO-3) stores trainable parameters as dp slices, gathered per block. `model`
+    supplies the values (it may live on the meta device; then call
+    `load_full_state_dict`).
     """
 
     def __init__(
@@ -66,16 +75,23 @@ class ParallelModule(nn.Module):
         axis: str = "tp",
         device: torch.device | str | None = None,
         recompute: str = "none",
+        sliced: DpSlices | None = None,
     ):
         super().__init__()
         tp_size, tp_rank = _size_and_rank(tp_size, tp_rank, tp_group)
         self.tp_size, self.tp_rank, self.tp_group, self.axis = tp_size, tp_rank, tp_group, axis
-        self._axis = Axis(axis, tp_group, tp_size, tp_rank)
-        self.graph_module = recompute_regions(
-            shard_graph(traced, placements, tp_size, axis=axis), recompute
-        )
+        self._axes = {axis: Axis(axis, tp_group, tp_size, tp_rank), **dp_axes(sliced)}
+        self._sliced = sliced is not None
+        self.graph_module = shard_graph(traced, placements, tp_size, axis=axis)
         self.shards = nn.Module()
-        slots = build_slots(traced, self.graph_module, model, self.shards, tp_rank, tp_size, device)
+        slots = build_slots(
+            traced, self.graph_module, model, self.shards, tp_rank, tp_size, device,
+            sliced=sliced,
+        )  # fmt: skip
+        if sliced is not None:
+            names = sliced_placeholders(traced, model)
+            gather_per_block(self.graph_module, names, sliced.size)
+        self.graph_module = recompute_regions(self.graph_module, recompute)
         self._state_slots = state_slots(model, slots)
         self._partial_grads = partial_grad_slots(traced, self.graph_module, model, slots)
         placeholders = self.graph_module.graph.find_nodes(op="placeholder")
@@ -108,7 +124,7 @@ class ParallelModule(nn.Module):
         inputs = [next(user_inputs) if value is _USER_INPUT else value for value in inputs]
         if self._dtypes is not None:
             inputs = cast_inputs(inputs, self._dtypes)
-        with bound_axes({self.axis: self._axis}):
+        with bound_axes(self._axes), regathered_in_backward(self._sliced):
             outputs = self.graph_module(*inputs)
         return self._route_outputs(outputs)
 
@@ -146,7 +162,7 @@ class ParallelModule(nn.Module):
         result = {}
         for key, slot in self._state_slots.items():
             if slot.name not in gathered:
-                gathered[slot.name] = self._gather(slot.local(), slot)
+                gathered[slot.name] = self._gather(tp_local(slot), slot)
             result[key] = gathered[slot.name]
         return result
 
@@ -154,7 +170,7 @@ class ParallelModule(nn.Module):
         """Full gradients of the parameters, keyed like `full_state_dict` (None: no grad)."""
         result = {}
         for key, slot in self._state_slots.items():
-            grad = slot.local().grad if slot.is_parameter else None
+            grad = tp_local(slot, grad=True) if slot.is_parameter else None
             if slot.is_parameter:
                 result[key] = None if grad is None else self._gather(grad, slot)
         return result
@@ -166,10 +182,9 @@ class ParallelModule(nn.Module):
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a single-device state dict, keeping this rank's shards."""
         check_state_dict(state_dict, self._state_slots)
-        with torch.no_grad():
-            for key, slot in self._state_slots.items():
-                local = shard_tensor(state_dict[key], slot.placement, self.tp_rank, self.tp_size)
-                slot.local().copy_(local)
+        for key, slot in self._state_slots.items():
+            local = shard_tensor(state_dict[key], slot.placement, self.tp_rank, self.tp_size)
+            load_tp_local(slot, local)
 
 
 def flatten_inputs(in_spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> list:

@@ -12,7 +12,9 @@ What runs where, for rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank:
   microbatches times dp, so gradients summed over dp are those of the mean loss: in
   buckets during backward (runtime/reducer.py, as DDP), or, under ZeRO 1 and 2,
   reduce-scattered after it into this rank's slices (runtime/zero.py), which are then
-  the parameters an optimizer steps.
+  the parameters an optimizer steps; under ZeRO-3 the parts store only those slices
+  and their graphs gather each block's parameters and reduce-scatter its gradients
+  (ops/zero.py).
 
 `train_step` leaves in `.grad` the gradient of the mean of `loss_fn` over the
 microbatches and replicas (equal to the unsplit model's on the global batch when
@@ -38,6 +40,7 @@ from autopar.runtime.groups import MeshGroups
 from autopar.runtime.module import ParallelModule, flatten_inputs
 from autopar.runtime.pipeline import PipelineModule
 from autopar.runtime.reducer import GradientReducer
+from autopar.runtime.state import DpSlices
 from autopar.runtime.zero import DataParallelShards
 
 
@@ -54,21 +57,22 @@ class DistributedModule(nn.Module):
         self.plan = plan
         self.groups = groups
         self.microbatch_size = plan.microbatch_size
+        sliced = DpSlices(groups.dp_group, groups.dp_rank, plan.dp) if plan.zero == 3 else None
         if plan.pp == 1:
             self.part = ParallelModule(
                 traced, plan.node_placements(), model, tp_group=groups.tp_group,
-                device=groups.device, recompute=plan.stages[0].recompute,
+                device=groups.device, recompute=plan.stages[0].recompute, sliced=sliced,
             )  # fmt: skip
         else:
-            self.part = PipelineModule(traced, plan, model, groups)
+            self.part = PipelineModule(traced, plan, model, groups, sliced)
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
         self.traced_loss = traced.traced_loss
         self.shards = None  # ZeRO: this dp rank's slices, what the optimizer steps
         self.reducer = None  # otherwise the gradients' sum over dp, during backward
         params = list(self.part.parameters())
-        if plan.zero >= 1 and plan.dp > 1:
+        if plan.zero in (1, 2) and plan.dp > 1:
             self.shards = DataParallelShards(params, groups.dp_group, groups.dp_rank, plan.dp)
-        elif plan.dp > 1:
+        elif plan.dp > 1 and sliced is None:  # ZeRO-3's graphs reduce-scatter gradients
             reads = Counter(id(p) for p in self.part.graph_reads)
             self.reducer = GradientReducer(params, [reads[id(p)] for p in params], groups.dp_group)
 

@@ -41,20 +41,27 @@ from torch.utils import _pytree as pytree
 from autopar.capture import TracedModel
 from autopar.codegen import annotated_code, gather_full, recompute, shard_graph, shard_tensor
 from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
+from autopar.codegen.zero import gather_per_block
 from autopar.errors import AutoparError
 from autopar.ops import Axis
+from autopar.ops.layout import padded
 from autopar.placement import Placement, Replicate
 from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
 from autopar.runtime.module import check_state_dict, placeholder_feeds
 from autopar.runtime.schedule import build_schedule, check_stage_ranks
 from autopar.runtime.stage import StageModule, input_key, local_shape
 from autopar.runtime.state import (
+    DpSlices,
     Slot,
     build_slots,
+    dp_axes,
+    load_tp_local,
     partial_grad_slots,
+    sliced_placeholders,
     sum_grads,
     tensor_placements,
     tensors_by_id,
+    tp_local,
 )
 
 
@@ -105,7 +112,10 @@ def held_tensors(traced, graph_module, model, stages, rank_of_stage) -> dict[int
 class PipelineModule(nn.Module):
     """This rank's stages of a pipelined plan, their parameter shards and schedule."""
 
-    def __init__(self, traced: TracedModel, plan, model: nn.Module, groups: MeshGroups):
+    def __init__(
+        self, traced: TracedModel, plan, model: nn.Module, groups: MeshGroups,
+        sliced: DpSlices | None = None,
+    ):  # fmt: skip
         super().__init__()
         check_stage_ranks(plan)
         _check_outputs(traced)
@@ -116,6 +126,9 @@ class PipelineModule(nn.Module):
         self._loss_divisor = plan.num_microbatches * plan.dp  # each microbatch's share
         self._rank_of_stage = [stage.pp_rank for stage in plan.stages]
         graph_module = shard_graph(traced, plan.node_placements(), plan.tp)
+        if sliced is not None:  # ZeRO-3: a stage gathers the blocks it reads
+            gather_per_block(graph_module, sliced_placeholders(traced, model), sliced.size)
+        self._sliced = sliced
         stages = split_plan_stages(graph_module, plan, traced)
         for stage in stages:
             recompute(stage.graph_module, plan.stages[stage.index].recompute)
@@ -124,13 +137,13 @@ class PipelineModule(nn.Module):
         self.shards = nn.Module()
         self._slots = build_slots(
             traced, graph_module, model, self.shards, self.tp_rank, self.tp_size,
-            groups.device, keep=mine,
+            groups.device, keep=mine, sliced=sliced,
         )  # fmt: skip
         self._state_keys = _state_keys(model)
         self._partial_grads = partial_grad_slots(traced, graph_module, model, self._slots)
-        axis = Axis("tp", groups.tp_group, groups.tp, groups.tp_rank)
+        axes = {"tp": Axis("tp", groups.tp_group, groups.tp, groups.tp_rank), **dp_axes(sliced)}
         local = [stage for stage in stages if self._rank_of_stage[stage.index] == groups.pp_rank]
-        self.stage_modules = [self._stage_module(traced, model, s, axis) for s in local]
+        self.stage_modules = [self._stage_module(traced, model, s, axes) for s in local]
         self.graph_reads = [p for module in self.stage_modules for p in module.graph_reads]
         self._stage0_inputs = [traced.user_inputs.index(name) for name in stages[0].received]
         later = dict.fromkeys(name for module in self.stage_modules for name in module.stage.inputs)
@@ -145,7 +158,7 @@ class PipelineModule(nn.Module):
         ]  # fmt: skip
         self._schedule = build_schedule(plan, pipeline_stages, self._microbatch_loss)
 
-    def _stage_module(self, traced, model, stage: StageGraph, axis: Axis) -> StageModule:
+    def _stage_module(self, traced, model, stage: StageGraph, axes: dict) -> StageModule:
         placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
         state_nodes = placeholders[len(stage.received) + len(stage.inputs) :]
         feeds = placeholder_feeds(traced, state_nodes, model, self._slots, self, self.groups.device)
@@ -153,7 +166,8 @@ class PipelineModule(nn.Module):
                    if not isinstance(feed, Slot)]  # fmt: skip
         if unknown:
             raise AutoparError(f"stage {stage.index}: state placeholders {unknown} have no value")
-        return StageModule(stage, feeds, axis, is_last=stage.index == self.num_stages - 1)
+        is_last = stage.index == self.num_stages - 1
+        return StageModule(stage, feeds, axes, is_last, regather=self._sliced is not None)
 
     # --- where things are ----------------------------------------------------------------
 
@@ -224,7 +238,7 @@ class PipelineModule(nn.Module):
             slot = self._slots.get(held.key)
             grad = slot.local().grad if slot is not None else None
             if grad is None:
-                shape = held.local_shape(self.tp_rank, self.tp_size)
+                shape = self._stored_shape(held)
                 grad = torch.zeros(shape, dtype=held.dtype, device=self.groups.device)
             pieces.append(grad)
         summed = all_reduce_coalesced(pieces, self.groups.pp_group)
@@ -286,9 +300,19 @@ class PipelineModule(nn.Module):
         dist.broadcast(value, group=self.groups.pp_group, group_src=held.holders[0])
         return value
 
-    def _local(self, held: HeldTensor) -> torch.Tensor | None:
+    def _stored_shape(self, held: HeldTensor) -> tuple[int, ...]:
+        """What a holder of `held` stores: its tp shard, or under ZeRO-3 a dp slice of it."""
+        shape = held.local_shape(self.tp_rank, self.tp_size)
+        if self._sliced is None or not held.is_parameter:
+            return tuple(shape)
+        return (padded(shape.numel(), self._sliced.size) // self._sliced.size,)
+
+    def _local(self, held: HeldTensor, grad: bool = False) -> torch.Tensor | None:
+        """The first holder's tp shard of `held` (or its gradient); None elsewhere."""
         slot = self._slots.get(held.key)
-        return None if slot is None or self.groups.pp_rank != held.holders[0] else slot.local()
+        if slot is None or self.groups.pp_rank != held.holders[0]:
+            return None
+        return tp_local(slot, grad)
 
     def held_slots(self) -> dict[str, Slot]:
         """Every `model.state_dict()` key whose tensor this pp rank holds -> its slot."""
@@ -313,7 +337,7 @@ class PipelineModule(nn.Module):
     def full_grads(self) -> dict[str, torch.Tensor | None]:
         """Full gradients of the parameters, keyed like `full_state_dict` (None: no grad)."""
         params = [h for h in self._held.values() if h.is_parameter]
-        grads = [self._local(h).grad if self._local(h) is not None else None for h in params]
+        grads = [self._local(h, grad=True) for h in params]
         present = torch.tensor([float(g is not None) for g in grads], device=self.groups.device)
         dist.all_reduce(present, group=self.groups.pp_group)
         full = {
@@ -327,14 +351,11 @@ class PipelineModule(nn.Module):
         check_state_dict(
             state_dict, {name: self._held[key] for name, key in self._state_keys.items()}
         )
-        with torch.no_grad():
-            for name, key in self._state_keys.items():
-                slot = self._slots.get(key)
-                if slot is not None:
-                    value = state_dict[name].to(slot.local().device)
-                    slot.local().copy_(
-                        shard_tensor(value, slot.placement, self.tp_rank, self.tp_size)
-                    )
+        for name, key in self._state_keys.items():
+            slot = self._slots.get(key)
+            if slot is not None:
+                value = state_dict[name].to(slot.local().device)
+                load_tp_local(slot, shard_tensor(value, slot.placement, self.tp_rank, self.tp_size))
 
 
 def _state_keys(model: nn.Module) -> dict[str, int]:

@@ -15,6 +15,7 @@ import torch.nn as nn
 from autopar.codegen.stages import StageGraph
 from autopar.ops import Axis, bound_axes
 from autopar.ops.layout import dim_order, with_dim_order
+from autopar.ops.zero import regathered_in_backward
 from autopar.runtime.module import cast_inputs, compute_dtypes
 from autopar.runtime.state import Slot, read_params
 
@@ -25,16 +26,20 @@ class StageModule(nn.Module):
     Feeds the stage graph the received values (in their traced memory layout), the
     user inputs it reads (by name; others are ignored: the schedule gives every stage
     of a rank the same keyword arguments) and this rank's shards of the stage's
-    state; binds the tp axis for its collectives.
+    state; binds the mesh axes for its collectives (tp; dp under ZeRO-3, whose
+    gathered parameters `regather` keeps out of the saved activations).
     """
 
-    def __init__(self, stage: StageGraph, feeds: list[Slot], axis: Axis, is_last: bool):
+    def __init__(
+        self, stage: StageGraph, feeds: list[Slot], axes: dict[str, Axis], is_last: bool,
+        regather: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.index = stage.index
         self.stage = stage
         self.graph_module = stage.graph_module
         self._feeds = feeds
-        self._axis = axis
+        self._axes, self._regather = axes, regather
         self._is_last = is_last
         placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
         self._received = placeholders[: len(stage.received)]
@@ -53,7 +58,7 @@ class StageModule(nn.Module):
         if self._dtypes is not None:  # mixed precision: the traced dtypes
             state = cast_inputs(state, self._dtypes)
             given = cast_inputs(given, self._given_dtypes)
-        with bound_axes({self._axis.name: self._axis}):
+        with bound_axes(self._axes), regathered_in_backward(self._regather):
             outputs = self.graph_module(*inputs, *given, *state)
         if self._is_last:
             return tuple(outputs)

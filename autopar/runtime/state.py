@@ -5,7 +5,9 @@ parameters share one slot, found by identity through
 `named_parameters(remove_duplicate=False)`). A slot records the tensor's global
 shape and its placement on the tp axis (read from the sharded graph's
 placeholders); the local shard itself is registered on a container module, so
-`parameters()` and `.to()` see it.
+`parameters()` and `.to()` see it. Under ZeRO-3 a trainable parameter's slot holds
+only this dp rank's slice of its tp shard (`DpSlices`); `tp_local` and friends give
+the tp shard back.
 """
 
 from __future__ import annotations
@@ -19,14 +21,35 @@ import torch.nn as nn
 
 from autopar.capture import TracedModel
 from autopar.codegen.params import shard_tensor
+from autopar.codegen.zero import DP_AXIS
 from autopar.errors import PlanError
+from autopar.ops import Axis
+from autopar.ops.zero import dp_slice, joined
 from autopar.placement import Placement, Replicate
 from autopar.runtime.groups import all_reduce_coalesced
 
 
+@dataclass(frozen=True)
+class DpSlices:
+    """ZeRO-3 over a dp group: each rank stores 1/size of every trainable tp shard."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+
+
+def dp_axes(sliced: DpSlices | None) -> dict[str, Axis]:
+    """The mesh axis the generated code's ZeRO-3 gathers name, bound to the dp group."""
+    if sliced is None:
+        return {}
+    return {DP_AXIS: Axis(DP_AXIS, sliced.group, sliced.size, sliced.rank)}
+
+
 @dataclass
 class Slot:
-    """One stored tensor: its canonical name, container, placement and global shape."""
+    """One stored tensor: its canonical name, container, placement and global shape
+    (`sliced`: under ZeRO-3, the stored tensor is this dp rank's slice of its tp shard,
+    `tp_shape`)."""
 
     name: str  # canonical FQN in the original model
     owner: nn.Module
@@ -34,9 +57,41 @@ class Slot:
     placement: Placement
     shape: torch.Size
     is_parameter: bool
+    sliced: DpSlices | None = None
+    tp_shape: torch.Size | None = None
 
     def local(self) -> torch.Tensor:
         return getattr(self.owner, self.attr)
+
+
+def tp_local(slot: Slot, grad: bool = False) -> torch.Tensor | None:
+    """The slot's tp shard (or its gradient; None if it has none), gathered over dp under
+    ZeRO-3 (every rank of the dp group calls it)."""
+    value = slot.local().grad if grad else slot.local()
+    if slot.sliced is None or value is None:  # the same on every rank: one graph
+        return value
+    return gather_slices(value, slot.sliced, slot.tp_shape)
+
+
+def gather_slices(value: torch.Tensor, sliced: DpSlices, shape) -> torch.Tensor:
+    """The tensor of `shape` whose dp slices the ranks of `sliced` hold (this one: `value`)."""
+    rows = value.new_empty(sliced.size * value.numel())
+    dist.all_gather_single(rows, value.detach().contiguous(), group=sliced.group)
+    return joined(list(rows.view(sliced.size, -1)), shape)
+
+
+def load_tp_local(slot: Slot, value: torch.Tensor) -> None:
+    """Store `value`, the slot's tp shard, in the slot (its dp slice, under ZeRO-3)."""
+    if slot.sliced is not None:
+        value = dp_slice(value, slot.sliced.rank, slot.sliced.size)
+    with torch.no_grad():
+        slot.local().copy_(value)
+
+
+def sliced_placeholders(traced: TracedModel, model: nn.Module) -> list[str]:
+    """The placeholders ZeRO-3 feeds with dp slices: every trainable parameter's."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return [name for name, fqn in traced.param_fqns.items() if named[fqn].requires_grad]
 
 
 def tensors_by_id(model: nn.Module) -> dict[int, tuple[str, torch.Tensor, bool]]:
@@ -88,11 +143,12 @@ def build_slots(
     num_shards: int,
     device: torch.device | None,
     keep: set[int] | None = None,
+    sliced: DpSlices | None = None,
 ) -> dict[int, Slot]:
     """Register this rank's shard of every model tensor under `root`; id(original) -> Slot.
 
     `keep` limits this to the tensors with those ids (a pipeline rank holds only the
-    state of its own stages).
+    state of its own stages); `sliced` (ZeRO-3) stores trainable parameters as dp slices.
     """
     placements = tensor_placements(traced, graph_module, model)
     persistent = set(model.state_dict().keys())
@@ -104,11 +160,16 @@ def build_slots(
         local = _local_data(tensor, placement, rank, num_shards, device)
         *path, attr = name.split(".")
         owner = _container(root, path)
+        slices = sliced if is_parameter and tensor.requires_grad else None
+        tp_shape = local.shape
+        if slices is not None:
+            local = dp_slice(local, slices.rank, slices.size)
         if is_parameter:
             owner.register_parameter(attr, nn.Parameter(local, tensor.requires_grad))
         else:
             owner.register_buffer(attr, local, persistent=name in persistent)
-        slots[key] = Slot(name, owner, attr, placement, tensor.shape, is_parameter)
+        slots[key] = Slot(name, owner, attr, placement, tensor.shape, is_parameter, slices,
+                          tp_shape)  # fmt: skip
     return slots
 
 

@@ -1,7 +1,7 @@
 """ZeRO stages 1 and 2 over the data-parallel axis (Rajbhandari et al., SC'20).
 
 Each dp rank owns 1/dp of every parameter it holds (its tp shard, flattened, the last
-rank's tail padded): `DataParallelShards.shards` are those slices as parameters, the
+rank's tail padded: `ops.zero.dp_slice`, the layout ZeRO-3's slots store too): `DataParallelShards.shards` are those slices as parameters, the
 only ones the optimizer sees, so any torch.optim optimizer keeps only its share of
 the states. After backward, `scatter_grads` reduce-scatters the gradients over dp
 (their mean) into the slices' `.grad` and drops the full gradients (ZeRO-2 keeps
@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from autopar.ops.layout import padded
+from autopar.ops.zero import dp_slice
+from autopar.runtime.state import DpSlices, gather_slices
 
 
 class DataParallelShards(nn.Module):
@@ -25,17 +27,12 @@ class DataParallelShards(nn.Module):
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, rank: int, size: int):
         super().__init__()
         self.params, self.group, self.rank, self.size = params, group, rank, size
+        self.slicing = DpSlices(group, rank, size)
         self.chunks = [padded(p.numel(), size) // size for p in params]
         self.shards = nn.ParameterList(
-            nn.Parameter(self._slice(p.detach(), chunk), p.requires_grad)
-            for p, chunk in zip(params, self.chunks, strict=True)
+            nn.Parameter(dp_slice(p.detach(), rank, size), p.requires_grad) for p in params
         )
         self._versions = self._current_versions()
-
-    def _slice(self, full: torch.Tensor, chunk: int) -> torch.Tensor:
-        flat = full.reshape(-1)
-        flat = torch.cat([flat, flat.new_zeros(chunk * self.size - flat.numel())])
-        return flat[self.rank * chunk : (self.rank + 1) * chunk].clone()
 
     def _current_versions(self) -> list[int]:
         return [shard._version for shard in self.shards]
@@ -55,7 +52,7 @@ class DataParallelShards(nn.Module):
             rows = [self._padded_grad(i).view(self.size, self.chunks[i]) for i in indices]
             full = torch.cat(rows, dim=1).contiguous()  # (dp, sum of chunks): rank r's row
             mine = full.new_empty(full.shape[1])
-            dist.reduce_scatter_tensor(mine, full.view(-1), group=self.group)
+            dist.reduce_scatter_single(mine, full.view(-1), group=self.group)
             for i, piece in zip(
                 indices, mine.split([self.chunks[i] for i in indices]), strict=True
             ):
@@ -74,7 +71,7 @@ class DataParallelShards(nn.Module):
         for indices in self._by_dtype().values():
             mine = torch.cat([self.shards[i].detach() for i in indices])
             full = mine.new_empty(self.size * mine.numel())
-            dist.all_gather_into_tensor(full, mine, group=self.group)
+            dist.all_gather_single(full, mine, group=self.group)
             rows = full.view(self.size, -1).split([self.chunks[i] for i in indices], dim=1)
             with torch.no_grad():
                 for i, row in zip(indices, rows, strict=True):
@@ -85,18 +82,13 @@ class DataParallelShards(nn.Module):
     def reset_from_params(self) -> None:
         """After the full parameters were loaded: each shard takes its slice again."""
         with torch.no_grad():
-            for shard, param, chunk in zip(self.shards, self.params, self.chunks, strict=True):
-                shard.copy_(self._slice(param.detach(), chunk))
+            for shard, param in zip(self.shards, self.params, strict=True):
+                shard.copy_(dp_slice(param.detach(), self.rank, self.size))
         self._versions = self._current_versions()
 
     def gathered_grads(self) -> list[torch.Tensor | None]:
         """Each parameter's full (mean) gradient, rebuilt from every rank's slice."""
-        found = []
-        for shard, param, chunk in zip(self.shards, self.params, self.chunks, strict=True):
-            if shard.grad is None:
-                found.append(None)
-                continue
-            full = shard.grad.new_empty(self.size * chunk)
-            dist.all_gather_into_tensor(full, shard.grad.contiguous(), group=self.group)
-            found.append(full[: param.numel()].view_as(param))
-        return found
+        return [
+            None if shard.grad is None else gather_slices(shard.grad, self.slicing, param.shape)
+            for shard, param in zip(self.shards, self.params, strict=True)
+        ]

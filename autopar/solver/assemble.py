@@ -15,8 +15,9 @@ from autopar.cost.compute import BACKWARD_FLOP_FACTOR
 from autopar.cost.pricing import Collective
 from autopar.placement import DP, TP, NodePlacement, Shard
 from autopar.plan import Cost, Plan, PlanNode, Stage
+from autopar.reshard import BACKWARD, FORWARD
 from autopar.solver.pipeline import unit_of_nodes
-from autopar.solver.sharding import PARAMETER_SYNC, ZERO_SYNC
+from autopar.solver.sharding import PARAMETER_SYNC, ZERO_SYNC, zero3_gather_seconds
 from autopar.strategies import NORMS, SEQUENCE
 
 
@@ -100,6 +101,22 @@ def _stages(traced, best, unit_of) -> list[Stage]:
     return stages
 
 
+def _zero3_gathers(mesh, best) -> list[Collective]:
+    """ZeRO-3's traffic per step on the fullest pipeline rank: every microbatch gathers
+    each block's parameters for its forward and again for its backward, and
+    reduce-scatters its gradients (priced block by block in the stage times)."""
+    m = best.choice.num_microbatches
+    seconds = m * zero3_gather_seconds(mesh, best.layout, best.grad_bytes)
+    steps = [(FORWARD, "parameters gathered per block"), (BACKWARD, "parameters gathered again"),
+             (BACKWARD, "gradients reduce-scattered per block")]  # fmt: skip
+    kinds = ["all_gather", "all_gather", "reduce_scatter"]
+    return [
+        Collective(kind, phase, what, "each block", int(m * best.grad_bytes), seconds / 3,
+                   None, DP)
+        for kind, (phase, what) in zip(kinds, steps, strict=True)
+    ]  # fmt: skip
+
+
 def _grad_syncs(best) -> list[Collective]:
     """The sums of partial gradients once per step, as the table runs them: over tp for the
     parameters whose f waits for the step, over dp for all (the fullest pipeline rank)."""
@@ -156,7 +173,8 @@ def to_plan(traced, mesh, sharding, best, training) -> Plan:
         strategies=plan_nodes(traced, sharding, layout),
         stages=_stages(traced, best, unit_of_nodes(traced)),
         cost=_cost(traced, mesh, sharding, best, training),
-        collectives=sharding.pricing.collectives + _grad_syncs(best),
+        collectives=sharding.pricing.collectives + _grad_syncs(best)
+        + (_zero3_gathers(mesh, best) if best.zero == 3 else []),
         unsupported_ops=sharding.strategies.unsupported,
         model_fingerprint=traced.fingerprint(),
         mesh={**mesh.to_dict(), "description": mesh.describe()},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pulp
@@ -84,6 +85,15 @@ _QUANTITIES = (
 
 
 @dataclass(frozen=True)
+class Gathered:
+    """ZeRO-3's per-unit costs: bytes of a gathered parameter, and the seconds per
+    microbatch of gathering (twice) and reduce-scattering a unit's `nbytes`."""
+
+    bytes_per_param: float
+    seconds: Callable[[float], float]
+
+
+@dataclass(frozen=True)
 class UnitTotals:
     """One sharding's costs per pipeline unit for one traced batch, summed once and then
     scaled for every configuration the search prices (`once`: collectives on parameters,
@@ -120,7 +130,7 @@ class UnitTotals:
                 values["once_forward" if once else "forward"][u] += c.seconds
         return cls(values, _crossing_bytes(traced, unit_of, num_units, pricing))
 
-    def _unit(self, u: int, mode: str, scale: float, state_bytes: float) -> Unit:
+    def _unit(self, u: int, mode: str, scale: float, state_bytes: float, gathered) -> Unit:
         """Unit `u` under recomputation `mode` (the prologue and epilogue never recompute)."""
         v, crossing = self.values, self.crossing
         time = scale * v["time"][u] + v["once"][u] + v["overhead"][u]
@@ -133,17 +143,25 @@ class UnitTotals:
             time += scale * v["forward"][u] + v["once_forward"][u] + v["forward_overhead"][u]
             kept, transient = scale * crossing[u - 1], kept
         params = v["param_numel"][u] * state_bytes
+        if gathered is not None:  # ZeRO-3: its parameters whole while it runs
+            full = v["param_numel"][u] * gathered.bytes_per_param
+            time, transient = time + gathered.seconds(full), transient + full
         name = "prologue" if u == 0 else "epilogue" if u == len(crossing) - 1 else f"block {u - 1}"
         return Unit(name, time, params, kept, scale * crossing[u], transient)
 
-    def units(self, scale: float, state_bytes: float, modes=("none",)) -> dict[str, list[Unit]]:
+    def units(
+        self, scale: float, state_bytes: float, modes=("none",), gathered: Gathered | None = None
+    ) -> dict[str, list[Unit]]:
         """The units under each recomputation mode, for a microbatch `scale` times the
         traced batch and `state_bytes` per parameter. Only blocks recompute: `selective`
         runs the attention core's forward again and drops what only it keeps; `full` runs
         the whole block's forward again (its in-graph collectives too) and keeps only the
-        block's input, plus its activations while its backward runs."""
+        block's input, plus its activations while its backward runs. `gathered` (ZeRO-3):
+        each unit gathers its parameters per microbatch and holds them while it runs."""
         count = len(self.crossing)
-        return {m: [self._unit(u, m, scale, state_bytes) for u in range(count)] for m in modes}
+        return {
+            m: [self._unit(u, m, scale, state_bytes, gathered) for u in range(count)] for m in modes
+        }
 
     def per_rank(self, key: str, choice) -> list[float]:
         """`key` summed over the units of each pipeline rank's stages."""

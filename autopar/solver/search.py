@@ -29,12 +29,13 @@ from autopar.solver.assemble import to_plan
 from autopar.solver.pipeline import (
     INTERLEAVED_CHUNKS,
     SCHEDULES,
+    Gathered,
     UnitTotals,
     evaluate,
     schedulable,
     unit_of_nodes,
 )
-from autopar.solver.sharding import ShardingSolver, grad_sync_seconds
+from autopar.solver.sharding import ShardingSolver, grad_sync_seconds, zero3_gather_seconds
 
 MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
 
@@ -58,7 +59,7 @@ class Pins:
     schedule: str | None = None
     sequence_parallel: bool | None = None
     recompute: str | None = None  # "none", "selective" or "full"
-    zero: int | None = None  # ZeRO stage over dp: 0, 1 or 2
+    zero: int | None = None  # ZeRO stage over dp: 0, 1, 2 or 3
 
 
 def _divisors(n: int) -> list[int]:
@@ -192,7 +193,7 @@ def _zero_stages(layout: Layout, pins: Pins, training: bool) -> list[int]:
     """ZeRO stages worth pricing: only data parallelism has states to shard."""
     if layout.dp == 1 or not training:
         return [0]
-    return [pins.zero] if pins.zero is not None else [0, 1, 2]
+    return [pins.zero] if pins.zero is not None else [0, 1, 2, 3]
 
 
 @dataclass
@@ -222,7 +223,11 @@ class _Search:
             self.training, self.dtype_bytes, self.optimizer, zero, layout.dp
         )
         modes = (self.pins.recompute,) if self.pins.recompute else RECOMPUTE_MODES
-        return self._totals(sharding).units(size / self.batch, state, modes)
+        gathered = None
+        if zero == 3:
+            seconds = functools.partial(zero3_gather_seconds, self.mesh, layout)
+            gathered = Gathered(self.dtype_bytes, seconds)
+        return self._totals(sharding).units(size / self.batch, state, modes, gathered)
 
     def _hopeless(self, sharding, units: dict, layout, m: int, size: int, zero: int) -> bool:
         """Can this configuration not beat the best? A lower bound on its step: its units'

@@ -23,7 +23,7 @@ from autopar.cost.comm import reshard_seconds
 from autopar.cost.pricing import PriceMemo, ShardingPrice, price_sharding
 from autopar.errors import PlanError, SolverTimeLimit
 from autopar.placement import DP, TP, Partial, Replicate, Shard
-from autopar.reshard import reshard
+from autopar.reshard import FORWARD, reshard
 from autopar.solver.intra_op import IntraOpResult, ShardingProblem
 from autopar.solver.pipeline import memory_rows
 from autopar.strategies import GraphStrategies, default_input_roles, graph_strategies
@@ -44,12 +44,27 @@ def group_of(layout, axis: str) -> range:
 
 
 def grad_sync_seconds(mesh, layout, grad_bytes: float, axis: str = DP, zero: int = 0) -> float:
-    """One sum of `grad_bytes` of partial gradients over `axis`, from the reshard table."""
+    """One sum of `grad_bytes` of partial gradients over `axis`, from the reshard table
+    (none under ZeRO-3: each block's is reduce-scattered per microbatch, priced with the
+    block as `zero3_gather_seconds`)."""
     group = group_of(layout, axis)
-    if len(group) == 1 or grad_bytes == 0:
+    if len(group) == 1 or grad_bytes == 0 or (axis == DP and zero == 3):
         return 0.0
     entry = ZERO_SYNC if zero >= 1 else PARAMETER_SYNC
     return reshard_seconds(entry, grad_bytes, lambda kind, n: mesh.collective_time(kind, n, group))
+
+
+def zero3_gather_seconds(mesh, layout, param_bytes: float) -> float:
+    """ZeRO-3, per microbatch: a block's parameters all-gathered over dp for its forward
+    and again for its backward, and its gradients reduce-scattered (Rajbhandari et al.
+    2020, sec. 7: 1.5x the traffic of plain data parallelism, per microbatch)."""
+    group = group_of(layout, DP)
+    if len(group) == 1 or param_bytes == 0:
+        return 0.0
+    price = lambda kind, n: mesh.collective_time(kind, n, group)  # noqa: E731
+    regather = sum(price(step.kind, param_bytes) for phase, step in ZERO_SYNC.collectives()
+                   if phase == FORWARD)  # fmt: skip
+    return reshard_seconds(ZERO_SYNC, param_bytes, price) + regather
 
 
 def grad_sync_per_byte(mesh, layout) -> float:
