@@ -26,18 +26,23 @@ does only its rank's part of the work gets back one rank's summand (`P`), so
 and `S -> R` with a `P` gradient is sequence parallelism's all-gather forward,
 reduce-scatter backward. `S(d, g)` is the block-interleaved shard (placement.py).
 
-One entry may wait: when the value is a parameter read by one node, Megatron's f on it
-is the sum of the parameter's gradient over the axis, which can run once per step,
-after every microbatch's backward and together with the other such parameters (as
-Megatron-LM does for the norm weights under sequence parallelism) instead of once
-per microbatch inside the graph (`defers_to_step`). Its price is then bandwidth only:
-the bucket pays one latency per step.
+One entry may wait: when the value's gradient goes to one parameter alone (the value
+is the parameter read by one node, or made from it alone by a chain of one-input,
+one-reader replicated nodes: a cast, Gemma's `1 + w`), Megatron's f on it is the sum of
+that parameter's gradient over the axis (backward is linear, so a partial gradient
+stays partial down the chain), which can run once per step, after every microbatch's
+backward and together with the other such parameters (as Megatron-LM does for the
+norm weights under sequence parallelism) instead of once per microbatch inside the
+graph (`defers_to_step`, `sole_parameter`). Its price is then bandwidth only: the
+bucket pays one latency per step.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+
+import torch.fx as fx
 
 from autopar.placement import Partial, Placement, Replicate, Shard, parse_placement
 
@@ -138,12 +143,27 @@ def reshard(src: Placement, dst: Placement, grad: Placement | None) -> Reshard |
     return None if backward is None else Reshard(forward, backward)
 
 
-def defers_to_step(entry: Reshard, is_parameter: bool, num_readers: int) -> bool:
-    """Is this Megatron's f on a parameter that only one node reads? Then the parameter's
-    gradient is left partial in the graph and summed over the axis once per step."""
+def sole_parameter(node: fx.Node, parameters) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The parameter that alone receives `node`'s gradient, and the nodes that make
+    `node` from it (`node` first): `node` is the parameter or made from it by nodes of
+    one input each, every one of them (the parameter too) read by one node. None if not."""
+    chain = []
+    while len(node.users) == 1:
+        if node.name in parameters:
+            return node, chain
+        if node.op != "call_function" or len(node.all_input_nodes) != 1:
+            return None
+        chain.append(node)
+        node = node.all_input_nodes[0]
+    return None
+
+
+def defers_to_step(entry: Reshard, parameter: fx.Node | None) -> bool:
+    """Is this Megatron's f on a value whose gradient goes to `parameter` alone
+    (`sole_parameter`)? Then that gradient is left partial in the graph and summed
+    over the axis once per step."""
     return (
-        is_parameter
-        and num_readers == 1
+        parameter is not None
         and not entry.forward
         and [step.kind for step in entry.backward] == ["all_reduce"]
     )

@@ -45,20 +45,15 @@ class Layout:
     rows: Counter = field(default_factory=Counter)
     unsupported: list[str] = field(default_factory=list)  # ops without a rule
 
-    def megatron_deviations(
-        self, rows: set[str], routers: set[str] = frozenset(), ties: int = 0
-    ) -> list[str]:
+    def megatron_deviations(self, rows: set[str], routers: set[str] = frozenset()) -> list[str]:
         """How this layout differs from Megatron-LM's, given its row-parallel weights (and
-        the routers of mixture-of-experts layers, which Megatron keeps replicated); `ties`
-        forward all-gathers per block that cost exactly what Megatron's layout does pass."""
+        the routers of mixture-of-experts layers, which Megatron keeps replicated)."""
         found = [f"{name} is replicated" for name in self.replicated if name not in routers]
         found += [f"{name} is row-parallel" for name in sorted(set(self.row) - rows)]
         found += [f"{name} is not row-parallel" for name in sorted(rows - set(self.row))]
         blocks: dict[str, list[int]] = {}
         for block, kinds in self.forward.items():
             extra = {k: n for k, n in kinds.items() if k != "all_reduce"}
-            if extra.get("all_gather", 0) <= ties:
-                extra.pop("all_gather", None)
             if extra or kinds["all_reduce"] > self.rows[block]:
                 text = f"run {dict(sorted(kinds.items()))} forward for {self.rows[block]} rows"
                 blocks.setdefault(text, []).append(block)
@@ -188,7 +183,6 @@ class Deviation:
 
     reason: str
     found: list[str]  # `Layout.megatron_deviations`, exactly
-    ties: int = 0  # all-gathers per block priced the same as Megatron's layout
 
 
 NOT_MEGATRON = {
@@ -196,24 +190,22 @@ NOT_MEGATRON = {
         "Bloom computes attention scores as (batch x heads, seq, seq) with baddbmm; a dim "
         "merged from batch and heads has the batch role, which tp may not split (not even "
         "block-interleaved, heads within each batch row), so the attention runs whole "
-        "between two all-gathers",
+        "between two all-gathers. Splitting it as Shard(0, groups=batch) needs roles per "
+        "part of a merged dim: a batch x sequence dim (OPT's flattened MLP) must stay "
+        "whole without sequence parallelism, a batch x heads one need not",
         [
             "transformer.h.*.self_attention.dense.weight is not row-parallel",
             "blocks [0, 1] run {'all_gather': 2, 'all_reduce': 1} forward for 1 rows",
         ],
     ),
-    "gemma3": Deviation(
-        "Gemma 3's per-head q/k norms compute x * (1 + w): gathering x (or 1 + w) now and "
-        "reduce-scattering its gradient costs what all-reducing the weight's partial "
-        "gradient does, so the solver may take up to one all-gather per norm (a tie, "
-        "broken either way as the solver changes)",
-        [],
-        ties=2,
-    ),
     "olmo2": Deviation(
-        "OLMo 2 normalizes q and k over all heads; a mean over a sharded dim has no rule "
-        "(it would be a Partial sum divided by the global count), so q and k are gathered "
-        "for their norms",
+        "OLMo 2 normalizes q and k over all heads. A mean over a sharded dim is Partial "
+        "(each rank's sum over the global count), so a norm may all-reduce its per-token "
+        "statistic forward and that statistic's gradient backward: two all-reduces, 4 "
+        "latency steps at tp=2, where gathering q (or k) forward and its gradient backward "
+        "takes 2. At hidden 64 the bandwidth saved is worth less than those 2 steps, so "
+        "the plan gathers; a norm over a wide enough output all-reduces the statistic "
+        "(tests/test_family_rules.py)",
         ["blocks [0, 1] run {'all_gather': 2, 'all_reduce': 2} forward for 2 rows"],
     ),
 }

@@ -51,7 +51,7 @@ def test_tp2_layout_is_megatron_s(planned, name):
     layout = weight_layout(tp, traced)
     expected = NOT_MEGATRON.get(name, Deviation("", []))
     rows, routers = ROW_PARALLEL[name], ROUTERS.get(name, set())
-    assert layout.megatron_deviations(rows, routers, expected.ties) == expected.found
+    assert layout.megatron_deviations(rows, routers) == expected.found
     assert layout.column and layout.row
     assert layout.fused == FUSED.get(name, {})
 

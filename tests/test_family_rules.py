@@ -7,6 +7,7 @@ Megatron's layout needs, and not one that would be wrong.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -150,3 +151,107 @@ def test_expert_matmuls_split_whatever_the_import_order():
     done = subprocess.run([sys.executable, "-c", _LATE_MOE], cwd=root, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0 and "experts split" in done.stdout, done.stderr[-3000:]
+
+
+# --- norms over sharded dims, and norm weights read through a cast or 1 + w -------------------
+
+
+class WideNorm(nn.Module):
+    """OLMo 2's q norm: an RMS norm over the whole output of a column-parallel matmul, wide
+    enough that gathering the output costs more than all-reducing its statistic."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 4096, bias=False), nn.Linear(4096, 64, bias=False)
+        self.weight = nn.Parameter(torch.rand(4096) + 0.5)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight)
+
+
+class OnePlusWeight(nn.Module):
+    """Gemma's per-head norm weight, x * (1 + w), on heads a column-parallel matmul splits."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(256, 512, bias=False), nn.Linear(512, 256, bias=False)
+        self.weight = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        heads = self.up(x).unflatten(-1, (64, 8)) * (1.0 + self.weight.float())
+        return self.down(heads.flatten(-2))
+
+
+def wide_norm():
+    torch.manual_seed(0)
+    return WideNorm(), (torch.randn(2, 64, 64),)
+
+
+def one_plus_weight():
+    torch.manual_seed(0)
+    return OnePlusWeight(), (torch.randn(2, 64, 256),)
+
+
+def _tp_plan(factory):
+    from families import family_mesh
+
+    import autopar
+
+    model, inputs = factory()
+    tokens = lambda name, shape, dtype: ("batch", "sequence", None)  # noqa: E731 (x is h)
+    return autopar.plan(model, inputs, family_mesh(), dp=1, tp=2, pp=1,
+                        sequence_parallel=False, input_roles=tokens)  # fmt: skip
+
+
+def _planned(factory):
+    def placements(traced, tp_size):
+        plan = _tp_plan(factory)
+        return {name: entry.placements["tp"] for name, entry in plan.strategies.items()
+                if "tp" in entry.placements}  # fmt: skip
+
+    return placements
+
+
+def planned_wide_norm(traced, tp_size):
+    return _planned(wide_norm)(traced, tp_size)
+
+
+def planned_one_plus_weight(traced, tp_size):
+    return _planned(one_plus_weight)(traced, tp_size)
+
+
+def test_a_mean_over_a_sharded_dim_all_reduces_its_statistic_not_the_values():
+    model, (x,) = wide_norm()
+    nodes, found = _candidates(model, x)
+    (mean,) = nodes[aten.mean.dim]
+    assert "P <- (S(2))" in found[mean]  # each rank's sum over its shard: a summand
+    plan = _tp_plan(wide_norm)
+    assert str(plan.strategies[mean].placements["tp"].output) == "P"
+    forward = sorted((c.nbytes, c.kind) for c in plan.collectives if c.phase == "forward")
+    (statistic, kind), (output, output_kind) = forward  # (batch, seq, 1); the row output
+    assert kind == output_kind == "all_reduce" and output == 64 * statistic
+
+
+def test_a_norm_weight_read_through_one_plus_w_sums_its_gradient_once_per_step():
+    from autopar.codegen import shard_graph
+
+    traced = capture(*one_plus_weight())
+    plan = _tp_plan(one_plus_weight)
+    (weight,) = [n for n, fqn in traced.param_fqns.items() if fqn == "weight"]
+    assert str(plan.strategies[weight].output("tp")) == "R"  # one weight for every head
+    # Megatron's g after the row-parallel matmul; the weight's gradient sum, once per step
+    found = [(c.kind, c.phase, c.consumer) for c in plan.collectives]
+    assert found == [("all_reduce", "forward", "output"), ("all_reduce", "backward", "optimizer")]
+    placements = planned_one_plus_weight(traced, 2)
+    assert shard_graph(traced, placements, 2).meta["partial_grads"] == [weight]
+
+
+@pytest.mark.multiprocess
+def test_sharded_means_and_deferred_norm_weights_train_like_one_device():
+    from distributed import check_parity
+
+    results = check_parity([(wide_norm, planned_wide_norm),
+                            (one_plus_weight, planned_one_plus_weight)], 2)  # fmt: skip
+    wide, _ = results[0]
+    assert "aten.sum.dim_IntList" in wide["code"] and "aten.div.Tensor" in wide["code"]

@@ -11,7 +11,8 @@ node (the traced graph is never mutated) and
    node doing its rank's part of the work gets a partial one: Megatron's f). One
    call per (producer, placement seen, gradient), shared by all its consumers;
 2. rewrites sizes baked into view / expand / split / ... (codegen/sizes.py), and
-   lowers the vocabulary-parallel embedding and cross-entropy (codegen/lowering.py);
+   lowers the vocabulary-parallel embedding and cross-entropy and the mean over a
+   sharded dim (codegen/lowering.py);
 3. makes every returned value Replicate, so each rank gets the whole output.
 
 Ops without tensor inputs (arange, zeros, full, ...) are computed whole and then
@@ -45,7 +46,7 @@ from autopar.placement import (
     is_padded,
     local_shape,
 )
-from autopar.reshard import defers_to_step, input_gradient, reshard
+from autopar.reshard import defers_to_step, input_gradient, reshard, sole_parameter
 
 
 def shard_graph(
@@ -59,7 +60,8 @@ def shard_graph(
 
     Nodes missing from `placements` are replicated. Collectives are calls to
     `autopar.ops.redistribute` over the mesh axis named `axis`. Megatron's f on a
-    parameter read by one node is left out (`reshard.defers_to_step`): the module's
+    value whose gradient goes to one parameter alone is left out (`reshard.defers_to_step`,
+    a parameter read by one node or made into the value by a replicated chain): the module's
     `meta["partial_grads"]` lists those parameter placeholders, whose gradients are
     partial sums over `axis` until the runtime sums them once per step.
     """
@@ -214,7 +216,10 @@ class _GraphSharder:
         }
         new = self._copy(node, entry.output, args)
         localize_sizes(new, entry.output, entry.inputs, self.num_shards)
-        lower(new, entry, self.axis, node)
+        lowered = lower(new, entry, self.axis, node)
+        if lowered is not new:
+            self.env[node] = lowered
+            self._annotate(lowered, entry.output)
 
     def _output(self, node: fx.Node) -> None:
         # every rank returns the whole output, and the loss on it hands back a whole gradient
@@ -229,8 +234,9 @@ class _GraphSharder:
             return self.env[node]
         grad = grad if self.analysis.nodes[node.name].requires_grad else None
         key = (node, want, grad)
-        if key not in self.converted and self._defers(node, have, want, grad):
-            self.partial_grads.append(node.name)
+        parameter = None if key in self.converted else self._deferred(node, have, want, grad)
+        if parameter is not None:
+            self.partial_grads.append(parameter)
             self.converted[key] = self.env[node]
         if key not in self.converted:
             new = reshard_node(
@@ -241,11 +247,17 @@ class _GraphSharder:
             self.converted[key] = new
         return self.converted[key]
 
-    def _defers(self, node: fx.Node, have, want, grad) -> bool:
-        entry = reshard(have, want, grad)
-        return entry is not None and defers_to_step(
-            entry, node.name in self.param_names, len(node.users)
-        )
+    def _deferred(self, node: fx.Node, have, want, grad) -> str | None:
+        """The parameter whose gradient sum this entry leaves to the step, if it does: the
+        chain making `node` from it must be replicated, so every rank's partial gradient
+        is a summand of the same whole one."""
+        entry, found = reshard(have, want, grad), sole_parameter(node, self.param_names)
+        if entry is None or found is None or not defers_to_step(entry, found[0]):
+            return None
+        parameter, chain = found
+        made = [self.produced[n] for n in (parameter, *chain)]
+        seen = [p for n in chain for p in self._entry(n).inputs]
+        return parameter.name if all(_is_replicated(p) for p in (*made, *seen)) else None
 
 
 def reshard_node(graph, value: fx.Node, axis: str, have, want, grad, num_shards=None) -> fx.Node:

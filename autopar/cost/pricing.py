@@ -18,7 +18,7 @@ from autopar.cost.compute import node_seconds, optimizer_seconds
 from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
 from autopar.cost.overheads import node_overhead_seconds
 from autopar.placement import Replicate, Shard
-from autopar.reshard import Reshard, defers_to_step, reshard
+from autopar.reshard import Reshard, defers_to_step, reshard, sole_parameter
 from autopar.strategies import Strategy
 
 
@@ -132,8 +132,8 @@ def edge_reshard(traced, producer: fx.Node, made, seen: Strategy, slot: int, tra
     entry = reshard(made, seen.inputs[slot], grad)
     if entry is None:
         return None
-    is_parameter = producer.name in traced.param_fqns
-    deferred = defers_to_step(entry, is_parameter, len(producer.users))
+    found = sole_parameter(producer, traced.param_fqns)
+    deferred = defers_to_step(entry, found[0] if found else None)
     return EdgeReshard(f"{seen.inputs[slot]}~{grad}", entry, deferred)
 
 
@@ -195,7 +195,8 @@ def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo: Pri
                 continue
             shared.add((producer.name, edge.key))
             if edge.deferred:
-                deferred[producer.name] = nbytes
+                parameter, _ = sole_parameter(producer, traced.param_fqns)
+                deferred[parameter.name] = tensor_bytes(parameter, dtype_bytes)
                 continue
             layer = traced.analysis.nodes[producer.name].layer  # a block owns what it makes
             found += [

@@ -1,8 +1,10 @@
 """Normalizations and reductions: shard any dim that is not normalized or reduced.
 
 RMS norm arrives decomposed (pow, mean, add, rsqrt, mul), so `mean` and `sum` over
-the last dim cover it. A sum over a sharded dim yields Partial; a mean would need
-rescaling by tp, so a mean only shards dims it keeps.
+the last dim cover it. A sum or a mean over a sharded dim yields Partial: each rank
+reduces its shard, and codegen divides a mean's local sum by the global count
+(`codegen/lowering.py`), so a norm over a sharded dim (OLMo 2's over all heads) may
+all-reduce one statistic per token instead of gathering its input.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def layer_norm_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
     return OpSpec(links=tuple(DimLink(d, (d, *others)) for d in range(rank - num_normalized)))
 
 
-def _reduced_dims(node: fx.Node, rank: int) -> set[int]:
+def reduced_dims(node: fx.Node, rank: int) -> set[int]:
+    """The dims a sum or mean node reduces, non-negative."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dims is None:
         return set(range(rank))
@@ -33,7 +36,7 @@ def _reduced_dims(node: fx.Node, rank: int) -> set[int]:
 
 def _kept_links(node: fx.Node, shapes: NodeShapes) -> tuple[DimLink, ...]:
     in_rank = len(shapes.inputs[0])
-    reduced = _reduced_dims(node, in_rank)
+    reduced = reduced_dims(node, in_rank)
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     links, out_dim = [], 0
     for d in range(in_rank):
@@ -44,13 +47,9 @@ def _kept_links(node: fx.Node, shapes: NodeShapes) -> tuple[DimLink, ...]:
     return tuple(links)
 
 
-def mean_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
-    # linear: the mean of a Partial is Partial
-    return OpSpec(links=_kept_links(node, shapes), partial_inputs=((P,),))
-
-
-def sum_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
-    reduced = _reduced_dims(node, len(shapes.inputs[0]))
+def reduction_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
+    """sum and mean: kept dims shard, reduced ones contract (linear: Partial passes)."""
+    reduced = reduced_dims(node, len(shapes.inputs[0]))
     return OpSpec(
         links=_kept_links(node, shapes),
         contractions=tuple((d,) for d in sorted(reduced)),
@@ -85,8 +84,8 @@ def histc_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
 
 RULES = {
     aten.layer_norm.default: layer_norm_rule,
-    aten.mean.dim: mean_rule,
-    aten.sum.dim_IntList: sum_rule,
+    aten.mean.dim: reduction_rule,
+    aten.sum.dim_IntList: reduction_rule,
     aten.softmax.int: softmax_rule,
     aten._softmax.default: softmax_rule,
     aten.log_softmax.int: softmax_rule,
