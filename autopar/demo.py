@@ -97,24 +97,28 @@ def demo_layer_table(traced) -> str:
 
 
 def demo_collective_table(plan) -> str:
-    """Predicted cost of the plan's collectives, by kind and phase."""
+    """Predicted cost of the plan's collectives, by mesh axis, kind and phase."""
     from autopar.plan.summary import human_bytes, human_seconds
     from autopar.viz.report import collective_totals
 
-    lines = [f"tensor-parallel collectives, whole model, one pass of the example batch "
-             f"(tp={plan.tp}; each of the {plan.pp} pipeline stage(s) runs its blocks' share)"]  # fmt: skip
-    totals = collective_totals(plan)
+    lines = [f"collectives per mesh axis (tp={plan.tp}: activations and gradient sums; "
+             f"dp={plan.dp}: the gradient sync), whole model, one pass of the example batch "
+             f"(each of the {plan.pp} pipeline stage(s) runs its blocks' share)"]  # fmt: skip
+    totals = {(axis, *key): value for axis in ("tp", "dp")
+              for key, value in collective_totals(plan, axis).items()}  # fmt: skip
     if not totals:
         return "\n".join([*lines, "  none"])
-    for kind, phase in sorted(totals, key=lambda key: (key[1] != "forward", key[0])):
-        count, nbytes, seconds = totals[kind, phase]
+    for axis, kind, phase in sorted(
+        totals, key=lambda key: (key[0] != "tp", key[2] != "forward", key[1])
+    ):
+        count, nbytes, seconds = totals[axis, kind, phase]
         lines.append(
-            f"  {phase:9s} {kind:15s} x{count:<4d} {human_bytes(nbytes):>11s} "
+            f"  {axis:3s}{phase:9s} {kind:15s} x{count:<4d} {human_bytes(nbytes):>11s} "
             f"{human_seconds(seconds):>10s}"
         )
     count, nbytes, seconds = (sum(column) for column in zip(*totals.values(), strict=True))
     lines.append(
-        f"  {'total':25s} x{count:<4d} {human_bytes(nbytes):>11s} {human_seconds(seconds):>10s}"
+        f"  {'total':28s} x{count:<4d} {human_bytes(nbytes):>11s} {human_seconds(seconds):>10s}"
     )
     return "\n".join(lines)
 

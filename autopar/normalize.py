@@ -134,7 +134,7 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", "call")
 
 
-def _path_name(path: str) -> str:
+def path_name(path: str) -> str:
     """'transformer.h.3.attn' -> 'transformer_h3_attn': digits join the name before them."""
     parts = []
     for part in path.split("."):
@@ -168,7 +168,7 @@ def stable_names(graph: fx.Graph) -> dict[fx.Node, str]:
         if node.target in MAY_VANISH and node.all_input_nodes:
             owner = name_of(view_root(node))
         else:
-            owner = _path_name(module_path(node))
+            owner = path_name(module_path(node))
         base = "_".join(p for p in (owner, _op_name(node)) if p)
         names[node] = base if counts[base] == 0 else f"{base}_{counts[base]}"
         counts[base] += 1

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_gpt2, write_profile
 
 import autopar
-from autopar.cost.compute import _backward_bytes_factor
+from autopar.cost.compute import backward_bytes_factor
 from autopar.cost.overheads import ACCUMULATE_TENSORS
 from autopar.cost.sharing import shared_core_seconds
 from autopar.mesh import Mesh
@@ -73,7 +73,7 @@ def test_elementwise_backward_runs_a_kernel_per_tensor_operand():
     for node in traced.graph_module.graph.nodes:
         if node.op == "call_function":
             scalar = any(not isinstance(a, torch.fx.Node) for a in node.args)
-            factors[(node.target, scalar)] = _backward_bytes_factor(node)
+            factors[(node.target, scalar)] = backward_bytes_factor(node)
     aten = torch.ops.aten
     assert factors[(aten.mul.Tensor, False)] == 2.0  # grad * y and grad * x
     assert factors[(aten.mul.Tensor, True)] == 1.0  # grad * 0.5

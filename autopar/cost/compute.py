@@ -66,13 +66,11 @@ def compute_time(flops: float, nbytes: float, device: DeviceSpec) -> float:
 
 
 def training_time(
-    flops: float, nbytes: float, device: DeviceSpec, backward_bytes_factor=BACKWARD_BYTES_FACTOR
+    flops: float, nbytes: float, device: DeviceSpec, backward_bytes=BACKWARD_BYTES_FACTOR
 ) -> float:
     """Forward plus backward: 1 + BACKWARD_FLOP_FACTOR times the FLOPs, 1 +
-    `backward_bytes_factor` times the bytes, on one roofline."""
-    return compute_time(
-        (1 + BACKWARD_FLOP_FACTOR) * flops, (1 + backward_bytes_factor) * nbytes, device
-    )
+    `backward_bytes` (a node's `backward_bytes_factor`) times the bytes, on one roofline."""
+    return compute_time((1 + BACKWARD_FLOP_FACTOR) * flops, (1 + backward_bytes) * nbytes, device)
 
 
 def traffic_bytes(info: NodeInfo, dtype_bytes: int | None) -> float:
@@ -83,7 +81,9 @@ def traffic_bytes(info: NodeInfo, dtype_bytes: int | None) -> float:
     return nbytes
 
 
-def _backward_bytes_factor(node: fx.Node) -> float:
+def backward_bytes_factor(node: fx.Node) -> float:
+    """Bytes the backward of `node` moves, as a multiple of its forward's: the one rule
+    `training_time` prices the backward traffic by."""
     if node.target in BACKWARD_BYTES_BY_OP:
         return BACKWARD_BYTES_BY_OP[node.target]
     if node.target in PER_OPERAND_BACKWARD:
@@ -110,7 +110,7 @@ def node_seconds(
     flops, nbytes = info.flops / share, traffic_bytes(info, dtype_bytes) / share
     if not training:
         return compute_time(flops, nbytes, device)
-    return training_time(flops, nbytes, device, _backward_bytes_factor(node))
+    return training_time(flops, nbytes, device, backward_bytes_factor(node))
 
 
 def optimizer_seconds(local_numel: float, device: DeviceSpec) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from autopar.normalize import _path_name as path_name  # how node names spell a module
+from autopar.normalize import path_name  # how node names spell a module
 from autopar.placement import TP, Partial, Replicate, Shard
 
 MATMULS = ("aten.mm.default", "aten.linear.default", "aten.bmm.default", "aten.matmul.default")
@@ -41,7 +41,7 @@ class Roles:
     def role(self, placeholder: str) -> str:
         if self.placement(placeholder) == "R":
             return "replicated"
-        roles = [self._use_role(name, slot) for name, slot in self._uses(placeholder)]
+        roles = [self._use_role(name, slot) for name, slot in self.uses(placeholder)]
         return " + ".join(dict.fromkeys(roles)) or "sharded, read by nothing"
 
     def tied_note(self, placeholder: str) -> str:
@@ -54,7 +54,7 @@ class Roles:
         """The placeholder the graph reads for this parameter (itself unless a twin)."""
         return self.plan.tied_params.get(placeholder, placeholder)
 
-    def _uses(self, placeholder: str) -> list[tuple[str, int]]:
+    def uses(self, placeholder: str) -> list[tuple[str, int]]:
         """(consumer, input slot) pairs, past pass-through ops; for a tied parameter
         only the consumers in its own module, when it has any."""
         uses, frontier = [], list(self.consumers[self._held(placeholder)])

@@ -4,21 +4,33 @@
     mesh = init_device_mesh("cuda", torch_plan.mesh_shape, mesh_dim_names=("pp", "dp", "tp"))
     parallelize_module(model, mesh["tp"], torch_plan.tp_plan)       # tensor parallel
     pipeline(model, mb_args=..., split_spec=torch_plan.split_points)  # pipeline stages
+    with loss_parallel() if torch_plan.loss_parallel else nullcontext():
+        loss_fn(model(x), y).backward()
     print(torch_plan.not_expressible)                                # what torch runs otherwise
 
-`tp_plan` maps module paths to `ColwiseParallel` / `RowwiseParallel` (and
-`PrepareModuleInput`-free Megatron pairs), read off each parameter's role in the plan
-(plan/roles.py): a linear whose weight the plan shards on its output features is
-column-parallel, on its input features row-parallel, an embedding sharded on the
-vocabulary is `RowwiseParallel` (torch's vocabulary-parallel embedding). A
-column-parallel linear keeps its output sharded only when its module's linears form a
-Megatron pair (all column- or row-parallel, at least one of each: an attention's q, k, v
-and o projections, an MLP's gate, up and down); otherwise it gathers its output and a
-row-parallel one cuts its input (`output_layouts` / `input_layouts` Replicate), so
-every module's result is whole and any mix computes the model's numbers. Pipeline
-stages become `SplitPoint.BEGINNING` at the first block of each stage after the
-first. Everything the plan does that these cannot say is listed in
-`not_expressible`, with what torch runs instead.
+`tp_plan` maps module paths to torch's styles, one per module layout read off the plan
+(plan/torch_layouts.py). A linear whose weight the plan shards on its output features is
+`ColwiseParallel`, on its input features `RowwiseParallel`, an embedding sharded on the
+vocabulary `RowwiseParallel` (torch's vocabulary-parallel embedding). A column-parallel
+linear keeps its output sharded only when its module's linears form a Megatron pair (all
+column- or row-parallel, at least one of each: an attention's q, k, v and o projections,
+an MLP's gate, up and down); otherwise it gathers its output and a row-parallel one cuts
+its input, so the module's result is whole.
+
+Under sequence parallelism the activations between blocks stay DTensors sharded on the
+sequence, as in torchtitan's Llama plan: `SequenceParallel` on the norms,
+`ColwiseParallel(input_layouts=Shard(1))` (an all-gather per linear, where autopar
+gathers once per norm output), `RowwiseParallel(output_layouts=Shard(1))` (a
+reduce-scatter), the embedding's output split with it, and a replicated LM head's input
+gathered by `PrepareModuleInput`. The outputs are left as DTensors
+(`use_local_output=False`) so that code between modules (a residual add, a Hugging Face
+model's shapes read off its embeddings) sees the global shapes. A vocabulary-parallel
+traced loss leaves the LM head's logits sharded on the classes for `loss_parallel()`.
+When torch would not run those layouts (a plain tensor meeting a DTensor, as around
+GPT-2's fused QKV that no style can shard), they fall back to whole activations, and
+the reason is listed. Pipeline stages become `SplitPoint.BEGINNING` at the first block
+of each stage after the first. Everything the plan does that these cannot say is listed
+in `not_expressible`, with what torch runs instead.
 """
 
 from __future__ import annotations
@@ -26,12 +38,15 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from autopar.placement import TP, Shard
 from autopar.plan.roles import Roles
+from autopar.plan.torch_layouts import (
+    Layout,
+    loss_head,
+    module_layouts,
+    sharded_kinds,
+    torch_blocker,
+)
 
-LINEAR = "aten.linear.default"
-EMBEDDING = "aten.embedding.default"
-CROSS_ENTROPY = "aten.cross_entropy_loss.default"
 TORCH_SCHEDULES = {
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
@@ -65,20 +80,16 @@ def to_torch(plan) -> TorchPlan:
     from torch.distributed.pipelining import SplitPoint
 
     missing: list[str] = []
-    tp_plan = _tp_plan(plan, missing) if plan.tp > 1 else {}
+    layouts, loss_parallel = _layouts(plan, missing) if plan.tp > 1 else ({}, False)
+    unpaired = sorted(m for m, layout in layouts.items() if layout.kind in ("colwise", "rowwise")
+                      and not layout.paired and layout.gives != -1)  # fmt: skip
+    if unpaired:
+        missing.append(
+            f"linears outside a Megatron pair ({', '.join(unpaired[:4])}"
+            f"{' ...' if len(unpaired) > 4 else ''}): torch gathers their output or cuts "
+            "their input, where the plan keeps the shard across modules"
+        )
     splits = {path: SplitPoint.BEGINNING for path in _split_paths(plan, missing)}
-    loss_parallel = _vocab_parallel_loss(plan)
-    if loss_parallel:
-        missing.append(
-            "the traced loss runs vocabulary-parallel: give the LM head "
-            "ColwiseParallel(output_layouts=Shard(-1), use_local_output=False) and compute "
-            "the loss under loss_parallel() to keep it so; tp_plan gathers the logits"
-        )
-    if plan.sequence_parallel:
-        missing.append(
-            "sequence parallelism (norms and residuals split on the sequence dim): torch "
-            "needs SequenceParallel plus PrepareModuleInput on each block; runs without it"
-        )
     if plan.zero:
         missing.append(
             f"ZeRO-{plan.zero} over dp: use FSDP2 fully_shard on the dp mesh "
@@ -90,130 +101,93 @@ def to_torch(plan) -> TorchPlan:
             "torch.utils.checkpoint yourself"
         )
     return TorchPlan(
-        mesh_shape=(plan.pp, plan.dp, plan.tp), tp_plan=tp_plan, split_points=splits,
-        schedule=TORCH_SCHEDULES[plan.schedule], num_microbatches=plan.num_microbatches,
-        loss_parallel=loss_parallel, not_expressible=missing,
+        mesh_shape=(plan.pp, plan.dp, plan.tp),
+        tp_plan={module: torch_style(layout) for module, layout in layouts.items()},
+        split_points=splits, schedule=TORCH_SCHEDULES[plan.schedule],
+        num_microbatches=plan.num_microbatches, loss_parallel=loss_parallel,
+        not_expressible=missing,
     )  # fmt: skip
-
-
-def _vocab_parallel_loss(plan) -> bool:
-    """Does a traced cross-entropy see its logits sharded over the classes on tp?"""
-    for node in plan.strategies.values():
-        placement = node.placements.get(TP)
-        if node.op == CROSS_ENTROPY and placement and isinstance(placement.inputs[0], Shard):
-            return True
-    return False
 
 
 # --- tensor parallel ----------------------------------------------------------------------
 
 
-def _module_of(fqn: str) -> tuple[str, str]:
-    """'model.layers.0.mlp.up_proj.weight' -> ('model.layers.0.mlp.up_proj', 'weight')."""
-    module, _, attr = fqn.rpartition(".")
-    return module, attr
-
-
-def _readers(plan, placeholder: str) -> set[str]:
-    """The ops that read a parameter directly."""
-    held = plan.tied_params.get(placeholder, placeholder)
-    return {node.op for node in plan.strategies.values() if held in node.sources}
-
-
-def _roles(plan, missing: list[str]) -> dict[str, str]:
-    """Module path -> 'colwise' | 'rowwise' | 'embedding-rows' | 'embedding-cols' for each
-    sharded weight torch can shard the same way (a module's bias follows its weight, as in
-    torch's styles); the other sharded weights go to `missing`, with the reason."""
-    roles, found = Roles(plan), {}
-    for placeholder, fqn in plan.param_fqns.items():
-        module, attr = _module_of(fqn)
-        role = roles.role(placeholder)
-        if role == "replicated" or attr != "weight":
-            continue
-        kind, why = _style_kind(plan, placeholder, role)
-        if kind is None:
-            missing.append(
-                f"{fqn}: {roles.placement(placeholder)}, {role}: {why}; replicated in torch"
-            )
-        else:
-            found[module] = kind
-    return found
-
-
-_KINDS = {
-    (LINEAR, "column-parallel"): "colwise",
-    (LINEAR, "row-parallel"): "rowwise",
-    (EMBEDDING, "vocabulary-parallel embedding"): "embedding-rows",
-    (EMBEDDING, "embedding, hidden dim sharded"): "embedding-cols",
-}
-
-
-def _style_kind(plan, placeholder: str, role: str) -> tuple[str | None, str]:
-    """The torch style for a sharded weight, or None and why there is none."""
-    node = plan.strategies.get(plan.tied_params.get(placeholder, placeholder))
-    placement = node.placements.get(TP) if node else None
-    output = placement.output if placement else None
-    if isinstance(output, Shard) and output.groups > 1:
-        return None, "a block-interleaved shard (a fused projection) has no torch style"
-    readers = _readers(plan, placeholder)
-    if len(readers) != 1:
-        return (
-            None,
-            f"read by {', '.join(sorted(readers))} (tied?), one module's style cannot say it",
-        )
-    (reader,) = readers
-    if reader not in (LINEAR, EMBEDDING):
-        return None, f"read by {reader}, not by an nn.Linear or nn.Embedding"
-    kind = _KINDS.get((reader, role))
-    return kind, "" if kind else f"no torch style shards a {reader} this way"
-
-
-def _megatron_parents(kinds: dict[str, str], plan) -> set[str]:
-    """Parent modules whose sharded linears pair up: all column- or row-parallel, at least
-    one of each, and no linear of theirs left replicated."""
-    linears = defaultdict(set)  # parent -> its linear children (sharded or not)
-    for placeholder, fqn in plan.param_fqns.items():
-        module, attr = _module_of(fqn)
-        if attr == "weight" and _readers(plan, placeholder) == {LINEAR}:
-            linears[module.rpartition(".")[0]].add(module)
-    paired = set()
-    for parent, children in linears.items():
-        styles = {kinds.get(child) for child in children}
-        if styles == {"colwise", "rowwise"}:
-            paired.add(parent)
-    return paired
-
-
-def _tp_plan(plan, missing: list[str]) -> dict:
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    kinds = _roles(plan, missing)
-    paired = _megatron_parents(kinds, plan)
-    tp_plan = {}
-    for module, kind in kinds.items():
-        inside_pair = module.rpartition(".")[0] in paired
-        if kind == "colwise":
-            tp_plan[module] = (
-                ColwiseParallel() if inside_pair else ColwiseParallel(output_layouts=Replicate())
-            )
-        elif kind == "rowwise":
-            tp_plan[module] = (
-                RowwiseParallel() if inside_pair else RowwiseParallel(input_layouts=Replicate())
-            )
-        elif kind == "embedding-rows":
-            tp_plan[module] = RowwiseParallel(input_layouts=Replicate())
-        else:
-            tp_plan[module] = ColwiseParallel(output_layouts=Replicate())
-    unpaired = sorted(m for m, k in kinds.items() if k in ("colwise", "rowwise")
-                      and m.rpartition(".")[0] not in paired)  # fmt: skip
-    if unpaired:
+def _layouts(plan, missing: list[str]) -> tuple[dict[str, Layout], bool]:
+    """The module layouts torch runs, and whether the loss stays vocabulary-parallel:
+    the plan's sequence parallelism and loss where torch would run them, else without."""
+    roles = Roles(plan)
+    kinds = sharded_kinds(plan, roles, missing)
+    sequence, head = plan.sequence_parallel, loss_head(plan)
+    if sequence and plan.pp > 1:
         missing.append(
-            f"linears outside a Megatron pair ({', '.join(unpaired[:4])}"
-            f"{' ...' if len(unpaired) > 4 else ''}): torch gathers their output or cuts "
-            "their input, where the plan keeps the shard across modules"
+            "sequence parallelism across pipeline stages: the activations between blocks "
+            "would be DTensors, which a PipelineStage does not send; runs without it"
         )
-    return tp_plan
+        sequence = False
+    if head is not None and head not in kinds:
+        missing.append(
+            f"the vocabulary-parallel loss: its LM head {head} has no torch style (see "
+            "above); torch computes the loss on whole logits"
+        )
+        head = None
+    while True:
+        layouts = module_layouts(plan, roles, kinds, sequence=sequence, loss_head=head)
+        blocker = torch_blocker(plan, layouts, head is not None) if sequence or head else None
+        if blocker is None:
+            return layouts, head is not None
+        if sequence:
+            missing.append(
+                "sequence parallelism (norms and residuals split on the sequence dim): "
+                f"{blocker}; runs with whole activations between modules"
+            )
+            sequence = False
+        else:
+            missing.append(
+                f"the vocabulary-parallel loss: {blocker}; torch computes it on whole logits"
+            )
+            head = None
+
+
+def torch_style(layout: Layout):
+    """The torch ParallelStyle that runs one module's layout."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    local = layout.gives is None  # a plain tensor out: whole, or the pair's local shard
+    output = Replicate() if local else Shard(layout.gives)
+    if layout.kind == "colwise":
+        return ColwiseParallel(
+            input_layouts=Replicate() if layout.takes is None else Shard(layout.takes),
+            output_layouts=Shard(-1) if layout.paired else output, use_local_output=local,
+        )  # fmt: skip
+    if layout.kind == "rowwise":
+        return RowwiseParallel(
+            input_layouts=Shard(-1) if layout.paired else Replicate(),
+            output_layouts=output, use_local_output=local,
+        )  # fmt: skip
+    if layout.kind == "embedding-rows":
+        return RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=output, use_local_output=local
+        )
+    if layout.kind == "embedding-cols":
+        return ColwiseParallel(output_layouts=output, use_local_output=local)
+    if layout.kind == "sequence":
+        return SequenceParallel(sequence_dim=layout.takes)
+    if layout.kind == "gather":
+        return PrepareModuleInput(
+            input_layouts=(Shard(layout.takes),), desired_input_layouts=(Replicate(),),
+            use_local_output=True,
+        )  # fmt: skip
+    return PrepareModuleOutput(  # scatter
+        output_layouts=(Replicate(),), desired_output_layouts=(Shard(layout.gives),),
+        use_local_output=False,
+    )  # fmt: skip
 
 
 # --- pipeline -----------------------------------------------------------------------------
