@@ -212,6 +212,7 @@ class _Search:
     best: _Candidate | None = None
     tried: int = 0
     totals: dict = field(default_factory=dict)  # id(sharding) -> UnitTotals
+    gathers: dict = field(default_factory=dict)  # Layout -> Gathered (ZeRO-3)
 
     def _totals(self, sharding) -> UnitTotals:
         if id(sharding) not in self.totals:
@@ -223,11 +224,15 @@ class _Search:
             self.training, self.dtype_bytes, self.optimizer, zero, layout.dp
         )
         modes = (self.pins.recompute,) if self.pins.recompute else RECOMPUTE_MODES
-        gathered = None
-        if zero == 3:
-            seconds = functools.partial(zero3_gather_seconds, self.mesh, layout)
-            gathered = Gathered(self.dtype_bytes, seconds)
+        gathered = self._gathered(layout) if zero == 3 else None
         return self._totals(sharding).units(size / self.batch, state, modes, gathered)
+
+    def _gathered(self, layout: Layout) -> Gathered:
+        """ZeRO-3's per-unit costs on `layout`, each message size priced once."""
+        if layout not in self.gathers:
+            seconds = functools.partial(zero3_gather_seconds, self.mesh, layout)
+            self.gathers[layout] = Gathered(self.dtype_bytes, functools.cache(seconds))
+        return self.gathers[layout]
 
     def _hopeless(self, sharding, units: dict, layout, m: int, size: int, zero: int) -> bool:
         """Can this configuration not beat the best? A lower bound on its step: its units'

@@ -146,6 +146,34 @@ def _widest_stage(by_mode, bound: float) -> int:
     return widest
 
 
+def _some_split_fits(by_mode, num_stages, in_flight, budget) -> bool:
+    """Can a split fit the memory budget? False only if none does, in time linear in the
+    units: a stage's memory only grows as it takes more units, so giving each stage, first
+    to last, as many units as fit in its best mode (none, if none fits) reaches at least as
+    far as every split that fits does, stage by stage. True leaves the answer to the DP."""
+    modes = list(by_mode.values())
+    size, start = len(modes[0]), 0
+    if size < num_stages:
+        return False  # every stage holds at least one unit
+    for k in range(num_stages):
+        if start == size:
+            return True
+        end, alive = start, in_flight(k)
+        for units in modes:
+            kept = transient = 0.0
+            j = start
+            while j < size:
+                unit = units[j]
+                kept += unit.param_bytes + alive * unit.activation_bytes
+                transient = max(transient, unit.transient_bytes)
+                if kept + transient > budget:
+                    break
+                j += 1
+            end = max(end, j)
+        start = end  # possibly no unit: a later stage (fewer in flight) may take it
+    return start == size
+
+
 def best_split(units, num_stages, p2p, in_flight: Callable[[int], float], budget) -> StageSplit:
     """Minimize the slowest stage under each stage's memory budget (ValueError if none fits).
 
@@ -161,6 +189,8 @@ def best_split(units, num_stages, p2p, in_flight: Callable[[int], float], budget
     """
     by_mode = units if isinstance(units, dict) else {"none": units}
     size = len(next(iter(by_mode.values())))
+    if not _some_split_fits(by_mode, num_stages, in_flight, budget):
+        raise ValueError("no split fits the memory budget")
     bound = _equal_split_bound(by_mode, num_stages, p2p, in_flight, budget) * (1 + 1e-9)
     width = min(_widest_stage(by_mode, bound), size)
     best, choices = _banded_dp(by_mode, num_stages, p2p, in_flight, budget, width)
