@@ -94,7 +94,7 @@ def _restore(pm, slot: Slot, stored: Stored, local: torch.Tensor) -> None:
 def model_state_dict(pm) -> dict[str, Stored]:
     """This rank's part of the single-device state dict, for `dcp.save` (tp collectives for
     block-interleaved shards: every rank of a stage calls it)."""
-    pm._fresh()  # under ZeRO, the parameters take the optimizer's last step
+    pm.gather_stepped_params()  # under ZeRO 1 and 2, the optimizer's last step
     return {name: _stored(pm, slot, tp_local(slot)) for name, slot in pm.part.held_slots().items()}
 
 

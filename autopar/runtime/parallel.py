@@ -82,8 +82,10 @@ class DistributedModule(nn.Module):
             return iter(self.shards.shards)
         return super().parameters(recurse)
 
-    def _fresh(self) -> None:
-        """Under ZeRO, the parameters the graph reads take the optimizer's last step."""
+    def gather_stepped_params(self) -> None:
+        """Under ZeRO 1 and 2, all-gather the dp slices the optimizer stepped into the
+        parameters the graph reads (nothing if unchanged; every rank calls it). Forward,
+        `train_step`, state dicts and checkpoints call it first."""
         if self.shards is not None:
             self._guarded("ZeRO all-gather", self.shards.gather_params)
 
@@ -101,7 +103,7 @@ class DistributedModule(nn.Module):
         differentiable (every rank computes it); with pp > 1 it is not (train with
         `train_step`).
         """
-        self._fresh()
+        self.gather_stepped_params()
         device = self.groups.device
         flat = [_to(x, device) for x in flatten_inputs(self._in_spec, args, kwargs)]
         chunks = _split_rows(flat, self.microbatch_size, self.microbatch_size)
@@ -124,7 +126,7 @@ class DistributedModule(nn.Module):
         """
         inputs = inputs if isinstance(inputs, tuple | list) else (inputs,)
         loss_fn = self._loss_fn(loss_fn)
-        self._fresh()
+        self.gather_stepped_params()
         if self.traced_loss:
             inputs = (*inputs, target)  # the graph reads the target as its last input
         flat = flatten_inputs(self._in_spec, tuple(inputs), {})
@@ -240,7 +242,7 @@ class DistributedModule(nn.Module):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model's `state_dict()` (same keys, full values) on every rank."""
-        self._fresh()
+        self.gather_stepped_params()
         return self.part.full_state_dict()
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
