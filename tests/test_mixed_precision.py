@@ -3,7 +3,8 @@ with fp32 master weights and fp32 Adam states.
 
 The reference is computed the same way on one device: fp32 masters, each step a bf16
 copy of them runs forward and backward on the whole batch, its gradients cast to fp32
-on the masters, AdamW steps the masters. autopar (dp=2, tp=2 or pp=2 on 2 gloo ranks,
+on the masters, AdamW steps the masters. autopar (dp=2, dp=2 with ZeRO-3 (fp32 slices,
+bf16 gathers), tp=2 or pp=2 on 2 gloo ranks,
 per-replica batches) must agree within bf16 rounding (its eps is 2**-8 = 0.4%: sums
 taken in another order, over microbatches or shards, differ by a few of those), keep
 every parameter and optimizer state in fp32, run its matmuls in bf16, and its loss must
@@ -24,7 +25,10 @@ from test_pipeline_parity import free_comm_mesh, lm_loss
 import autopar
 from autopar.launch import run_local
 
-LAYOUTS = {"dp=2": dict(dp=2), "tp=2": dict(tp=2), "pp=2": dict(pp=2, microbatches=2)}
+LAYOUTS = {
+    "dp=2": dict(dp=2), "dp=2 ZeRO-3": dict(dp=2, zero=3), "tp=2": dict(tp=2),
+    "pp=2": dict(pp=2, microbatches=2),
+}  # fmt: skip
 STEPS, ROWS, LR = 3, 4, 1e-3
 
 
