@@ -3,9 +3,9 @@ with fp32 master weights and fp32 Adam states.
 
 The reference is computed the same way on one device: fp32 masters, each step a bf16
 copy of them runs forward and backward on the whole batch, its gradients cast to fp32
-on the masters, AdamW steps the masters. autopar (dp=2, dp=2 with ZeRO-3 (fp32 slices,
-bf16 gathers), tp=2 or pp=2 on 2 gloo ranks,
-per-replica batches) must agree within bf16 rounding (its eps is 2**-8 = 0.4%: sums
+on the masters, AdamW steps the masters. autopar (dp=2, dp=2 with ZeRO-3: fp32 slices,
+bf16 gathers; tp=2 or pp=2; on 2 gloo ranks, per-replica batches) must agree within
+bf16 rounding (its eps is 2**-8 = 0.4%: sums
 taken in another order, over microbatches or shards, differ by a few of those), keep
 every parameter and optimizer state in fp32, run its matmuls in bf16, and its loss must
 fall. (Gradients agree to about 1e-2 relative; losses, each rounded to bf16 on its
