@@ -18,12 +18,14 @@ the intra-op ILP, so that what the ILP accepts fits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pulp
+import torch.fx as fx
 
 from autopar.codegen.stages import derived_nodes
 from autopar.cost.sharing import shared_core_seconds
@@ -63,12 +65,38 @@ def unit_of_nodes(traced) -> dict[str, int]:
     return units
 
 
+def _identical_units(values: dict[str, list[float]], crossing: list[float]):
+    """(kind of each unit, first unit of each kind): units with equal totals, equal bytes
+    crossing into and out of them, and the same place (prologue, block, epilogue)."""
+    count, seen, kinds, representatives = len(crossing), {}, [], []
+    for u in range(count):
+        place = 0 if u == 0 else 2 if u == count - 1 else 1
+        key = (place, crossing[u - 1] if u else None, crossing[u],
+               *(amounts[u] for amounts in values.values()))  # fmt: skip
+        if key not in seen:
+            seen[key] = len(representatives)
+            representatives.append(u)
+        kinds.append(seen[key])
+    return tuple(kinds), tuple(representatives)
+
+
+def unit_name(u: int, count: int) -> str:
+    """How plans name pipeline unit `u` of `count`."""
+    return "prologue" if u == 0 else "epilogue" if u == count - 1 else f"block {u - 1}"
+
+
+@functools.lru_cache(maxsize=8)
+def _recomputed_names(graph: fx.Graph, user_inputs: tuple[str, ...]) -> frozenset[str]:
+    """Nodes every stage computes for itself (never crossing a cut), once per graph."""
+    inputs = {node for node in graph.nodes if node.name in set(user_inputs)}
+    return frozenset(node.name for node in derived_nodes(graph, inputs))
+
+
 def _crossing_bytes(traced, unit_of, num_units, pricing) -> list[float]:
     """This rank's bytes produced at or before unit u and read after it, per cut u | u+1."""
     crossing = [0.0] * num_units
     graph = traced.graph_module.graph
-    inputs = {node for node in graph.nodes if node.name in set(traced.user_inputs)}
-    recomputed = {node.name for node in derived_nodes(graph, inputs)}
+    recomputed = _recomputed_names(graph, tuple(traced.user_inputs))
     for node in graph.nodes:
         if node.op != "call_function" or node.name in recomputed:
             continue
@@ -102,6 +130,8 @@ class UnitTotals:
 
     values: dict[str, list[float]]
     crossing: list[float]
+    kinds: tuple[int, ...] = ()  # per unit, its kind: units of one kind are identical
+    representatives: tuple[int, ...] = ()  # per kind, its first unit
 
     @classmethod
     def of(cls, traced, pricing, unit_of) -> UnitTotals:
@@ -128,7 +158,8 @@ class UnitTotals:
             values["once" if once else "time"][u] += c.seconds
             if c.phase == "forward":  # a recomputed forward runs them again
                 values["once_forward" if once else "forward"][u] += c.seconds
-        return cls(values, _crossing_bytes(traced, unit_of, num_units, pricing))
+        crossing = _crossing_bytes(traced, unit_of, num_units, pricing)
+        return cls(values, crossing, *_identical_units(values, crossing))
 
     def _unit(self, u: int, mode: str, scale: float, state_bytes: float, gathered) -> Unit:
         """Unit `u` under recomputation `mode` (the prologue and epilogue never recompute)."""
@@ -146,7 +177,7 @@ class UnitTotals:
         if gathered is not None:  # ZeRO-3: its parameters whole while it runs
             full = v["param_numel"][u] * gathered.bytes_per_param
             time, transient = time + gathered.seconds(full), transient + full
-        name = "prologue" if u == 0 else "epilogue" if u == len(crossing) - 1 else f"block {u - 1}"
+        name = "prologue" if u == 0 else "epilogue" if u == len(crossing) - 1 else "block"
         return Unit(name, time, params, kept, scale * crossing[u], transient)
 
     def units(
@@ -158,10 +189,11 @@ class UnitTotals:
         the whole block's forward again (its in-graph collectives too) and keeps only the
         block's input, plus its activations while its backward runs. `gathered` (ZeRO-3):
         each unit gathers its parameters per microbatch and holds them while it runs."""
-        count = len(self.crossing)
-        return {
-            m: [self._unit(u, m, scale, state_bytes, gathered) for u in range(count)] for m in modes
-        }
+        found = {}
+        for m in modes:  # identical blocks share one Unit: each kind is priced once
+            priced = [self._unit(u, m, scale, state_bytes, gathered) for u in self.representatives]
+            found[m] = [priced[kind] for kind in self.kinds]
+        return found
 
     def per_rank(self, key: str, choice) -> list[float]:
         """`key` summed over the units of each pipeline rank's stages."""

@@ -33,6 +33,7 @@ from autopar.solver.pipeline import (
     UnitTotals,
     evaluate,
     schedulable,
+    unit_name,
     unit_of_nodes,
 )
 from autopar.solver.sharding import ShardingSolver, grad_sync_seconds, zero3_gather_seconds
@@ -301,10 +302,11 @@ class _Search:
 
 def _unit_times(split, units: dict) -> dict[str, float]:
     """Each unit's time per microbatch under its stage's recomputation mode."""
+    count = len(next(iter(units.values())))
     return {
-        unit.name: unit.time_s
+        unit_name(u, count): units[mode][u].time_s
         for (i, j), mode in zip(split.bounds, split.modes, strict=True)
-        for unit in units[mode][i:j]
+        for u in range(i, j)
     }
 
 

@@ -82,14 +82,22 @@ def _band_of(per_cut: np.ndarray, width: int) -> np.ndarray:
 
 
 def _band_max(values: np.ndarray, width: int) -> np.ndarray:
-    """band[r, j] = max(values[i:j]), grown one unit at a time from the shortest stages."""
-    band = np.zeros((width, len(values) + 1))
-    running = np.zeros(len(values) + 1)
-    for length in range(1, width + 1):
-        starts = np.arange(len(values) + 1) - length
-        running = np.maximum(running, np.where(starts >= 0, values[np.maximum(starts, 0)], 0.0))
-        band[width - length] = running
-    return band
+    """band[r, j] = max(values[i:j]) for i = max(j - width + r, 0) (0 where j = 0), from a
+    sparse table of maxima over power-of-two runs: a window is two overlapping runs, so the
+    whole band takes O(log width) array operations, not one per stage length."""
+    n = len(values)
+    table = [np.asarray(values, dtype=float)]
+    while 2 ** len(table) <= width:
+        half, previous = 2 ** (len(table) - 1), table[-1]
+        table.append(np.maximum(previous, np.concatenate([previous[half:], previous[-half:]])))
+    ends = np.arange(n + 1)[None, :]
+    starts = np.maximum(ends - (width - np.arange(width))[:, None], 0)
+    lengths = ends - starts
+    level = np.floor(np.log2(np.maximum(lengths, 1))).astype(int)
+    stacked = np.stack(table) if n else np.zeros((1, 0))
+    first = stacked[level, np.minimum(starts, n - 1)] if n else np.zeros_like(lengths, float)
+    second = stacked[level, np.clip(ends - 2**level, 0, n - 1)] if n else first
+    return np.where(lengths > 0, np.maximum(first, second), 0.0)
 
 
 @dataclass(frozen=True)
@@ -117,14 +125,11 @@ class _Band:
         )
 
 
-def _equal_split_bound(by_mode, num_stages, p2p, in_flight, budget) -> float:
-    """The slowest stage of `equal_bounds`, each stage in its fastest mode that fits: a
-    split the DP may beat but never lose to (+inf when a stage fits in no mode)."""
-    size = len(next(iter(by_mode.values())))
-    if size - 2 < num_stages:
-        return INFEASIBLE
+def _split_bound(by_mode, bounds, p2p, in_flight, budget) -> float:
+    """The slowest stage of the split `bounds`, each stage in its fastest mode that fits:
+    a split the DP may beat but never lose to (+inf when a stage fits in no mode)."""
     slowest = 0.0
-    for k, (i, j) in enumerate(equal_bounds(size, num_stages)):
+    for k, (i, j) in enumerate(bounds):
         fitting = [
             _stage_cost(units, i, j, p2p) for units in by_mode.values()
             if _stage_memory(units, i, j, in_flight(k)) <= budget
@@ -146,23 +151,21 @@ def _widest_stage(by_mode, bound: float) -> int:
     return widest
 
 
-def _some_split_fits(by_mode, num_stages, in_flight, budget) -> bool:
-    """Can a split fit the memory budget? False only if none does, in time linear in the
-    units: a stage's memory only grows as it takes more units, so giving each stage, first
-    to last, as many units as fit in its best mode (none, if none fits) reaches at least as
-    far as every split that fits does, stage by stage. True leaves the answer to the DP."""
+def _greedy_ends(by_mode, num_stages, in_flight, budget, keep_one: bool) -> list[int]:
+    """Where each stage ends when each, first to last, takes as many units as fit in its
+    best mode (`keep_one`: leaving one unit for each stage after it). A stage's memory only
+    grows with its units, so uncapped, stage by stage, this reaches at least as far as
+    every split that fits (a stage may take none, a later one with fewer microbatches in
+    flight may fit it): if the last end falls short of the units, no split fits."""
     modes = list(by_mode.values())
-    size, start = len(modes[0]), 0
-    if size < num_stages:
-        return False  # every stage holds at least one unit
+    size, start, ends = len(modes[0]), 0, []
     for k in range(num_stages):
-        if start == size:
-            return True
+        limit = size - (num_stages - 1 - k) if keep_one else size
         end, alive = start, in_flight(k)
         for units in modes:
             kept = transient = 0.0
             j = start
-            while j < size:
+            while j < limit:
                 unit = units[j]
                 kept += unit.param_bytes + alive * unit.activation_bytes
                 transient = max(transient, unit.transient_bytes)
@@ -170,8 +173,24 @@ def _some_split_fits(by_mode, num_stages, in_flight, budget) -> bool:
                     break
                 j += 1
             end = max(end, j)
-        start = end  # possibly no unit: a later stage (fewer in flight) may take it
-    return start == size
+        ends.append(end)
+        start = end
+    return ends
+
+
+def _fitting_bound(by_mode, num_stages, p2p, in_flight, budget) -> float:
+    """The slowest stage of a split that fits: the equal split, or else the greedy one
+    (each stage as many units as fit), whichever is faster; +inf if neither fits."""
+    size = len(next(iter(by_mode.values())))
+    equal = INFEASIBLE
+    if size - 2 >= num_stages:
+        equal = _split_bound(by_mode, equal_bounds(size, num_stages), p2p, in_flight, budget)
+    ends = _greedy_ends(by_mode, num_stages, in_flight, budget, keep_one=True)
+    starts = [0, *ends[:-1]]
+    if ends[-1] != size or any(i == j for i, j in zip(starts, ends, strict=True)):
+        return equal
+    greedy = _split_bound(by_mode, list(zip(starts, ends, strict=True)), p2p, in_flight, budget)
+    return min(equal, greedy)
 
 
 def best_split(units, num_stages, p2p, in_flight: Callable[[int], float], budget) -> StageSplit:
@@ -182,18 +201,18 @@ def best_split(units, num_stages, p2p, in_flight: Callable[[int], float], budget
     split of units [0, j) into k stages; best[k][j] = min_{i, mode} max(best[k-1][i],
     cost_mode[i, j]) over memory-feasible [i, j).
 
-    Only stages no slower than the equal split's slowest can be in the answer, so the DP
+    Only stages no slower than a fitting split's slowest can be in the answer, so the DP
     runs over stages at most `width` units long: a band of the (i, j) table, rows
     r = i - j + width, built in time linear in the units for a given width, whose argmin
     picks what the whole table's would.
     """
     by_mode = units if isinstance(units, dict) else {"none": units}
     size = len(next(iter(by_mode.values())))
-    if not _some_split_fits(by_mode, num_stages, in_flight, budget):
+    if size < num_stages or _greedy_ends(by_mode, num_stages, in_flight, budget, False)[-1] < size:
         raise ValueError("no split fits the memory budget")
-    bound = _equal_split_bound(by_mode, num_stages, p2p, in_flight, budget) * (1 + 1e-9)
+    bound = _fitting_bound(by_mode, num_stages, p2p, in_flight, budget) * (1 + 1e-9)
     width = min(_widest_stage(by_mode, bound), size)
-    best, choices = _banded_dp(by_mode, num_stages, p2p, in_flight, budget, width)
+    best, choices = _banded_dp(by_mode, num_stages, p2p, in_flight, budget, width, bound)
     if best > bound and width < size:  # rounding at the bound's edge: the whole table
         best, choices = _banded_dp(by_mode, num_stages, p2p, in_flight, budget, size)
     if best == INFEASIBLE:
@@ -201,28 +220,61 @@ def best_split(units, num_stages, p2p, in_flight: Callable[[int], float], budget
     return _traced_back(by_mode, choices, size, p2p, in_flight)
 
 
-def _banded_dp(by_mode, num_stages, p2p, in_flight, budget, width):
-    """The DP over stages of at most `width` units: the slowest stage of the best split and
-    each step's choices (mode * (size + 1) + i for every end j)."""
+def _stage_ends(by_mode, num_stages: int, bound: float) -> list[tuple[int, int]]:
+    """Per stage k, the range [lo, hi] of units [0, j) the first k + 1 stages can end at in
+    a split whose stages all cost at most `bound`: no stage costs less than its units'
+    fastest time, so greedy stages of that time from the left reach at most hi, and from
+    the right leave at least lo (every stage holding a unit)."""
+    size = len(next(iter(by_mode.values())))
+    fastest = np.min([[u.time_s for u in units] for units in by_mode.values()], axis=0)
+    prefix = np.concatenate([[0.0], np.cumsum(fastest)])
+    reach, his = 0, []
+    for _ in range(num_stages):
+        reach = int(np.searchsorted(prefix, prefix[reach] + bound, side="right")) - 1
+        his.append(reach)
+    start, los = size, [size]
+    for _ in range(num_stages - 1):
+        start = int(np.searchsorted(prefix, prefix[start] - bound, side="left"))
+        los.append(start)
+    los = los[::-1]  # los[k]: the least end of stage k
+    return [
+        (max(los[k], k + 1), min(his[k], size - (num_stages - 1 - k))) for k in range(num_stages)
+    ]
+
+
+def _banded_dp(by_mode, num_stages, p2p, in_flight, budget, width, bound=INFEASIBLE):
+    """The DP over stages of at most `width` units, each costing at most `bound`, whose
+    ends lie where such stages can end (`_stage_ends`: a few units per stage for blocks of
+    equal cost, so the work grows with the units, not their square): the slowest stage of
+    the best split and each step's choices (mode * (size + 1) + i for every end j)."""
     size = len(next(iter(by_mode.values())))
     bands = [_Band.of(us, p2p, width) for us in by_mode.values()]
-    band_cost = np.stack([band.cost for band in bands])  # (mode, r, j)
+    band_cost, params, activations, transient = (
+        np.stack([getattr(band, part) for band in bands])  # (mode, r, j)
+        for part in ("cost", "params", "activations", "transient")
+    )
     columns = np.arange(size + 1)
-    fits = {}  # microbatches in flight -> band cost, +inf where the stage does not fit
+    start_of = np.maximum(columns[None, :] - width + np.arange(width)[:, None], 0)  # cell -> i
+    full = [(k + 1, size - (num_stages - 1 - k)) for k in range(num_stages)]
+    ends = _stage_ends(by_mode, num_stages, bound) if bound < INFEASIBLE else full
     best = np.full(size + 1, INFEASIBLE)
     best[0] = 0.0
     choices = []
-    for k in range(num_stages):
-        alive = in_flight(k)  # a schedule has few distinct counts: each mask is made once
-        if alive not in fits:
-            memory = np.stack([b.params + alive * b.activations + b.transient for b in bands])
-            fits[alive] = np.where(memory <= budget, band_cost, INFEASIBLE)
-        before = _band_of(best, width)  # best[i] of each cell (cells with i < 0 cost +inf)
-        flat = np.maximum(before[None], fits[alive]).reshape(-1, size + 1)
-        choice = np.argmin(flat, axis=0)
-        best = flat[choice, columns]
-        mode, r = np.divmod(choice, width)
-        choices.append(mode * (size + 1) + np.maximum(columns - width + r, 0))
+    for k, (lo, hi) in enumerate(ends):
+        found, choice = np.full(size + 1, INFEASIBLE), np.zeros(size + 1, dtype=int)
+        if lo <= hi:
+            window = slice(lo, hi + 1)
+            memory = (params[:, :, window] + in_flight(k) * activations[:, :, window]
+                      + transient[:, :, window])  # fmt: skip
+            fits = np.where(memory <= budget, band_cost[:, :, window], INFEASIBLE)
+            before = best[start_of[:, window]]  # best[i] of each cell (i < 0: +inf)
+            flat = np.maximum(before[None], fits).reshape(-1, hi + 1 - lo)
+            picked = np.argmin(flat, axis=0)
+            found[window] = flat[picked, np.arange(hi + 1 - lo)]
+            mode, r = np.divmod(picked, width)
+            choice[window] = mode * (size + 1) + np.maximum(columns[window] - width + r, 0)
+        best = found
+        choices.append(choice)
     return best[size], choices
 
 
@@ -273,7 +325,7 @@ def equal_bounds(num_units: int, num_stages: int) -> list[tuple[int, int]]:
     size, extra = divmod(num_units - 2, num_stages)
     bounds, start = [], 0
     for k in range(num_stages):
-        end = 1 + sum(size + (1 if s < extra else 0) for s in range(k + 1))
+        end = 1 + (k + 1) * size + min(k + 1, extra)
         bounds.append((start, num_units if k == num_stages - 1 else end))
         start = end
     return bounds
