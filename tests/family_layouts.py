@@ -186,18 +186,6 @@ class Deviation:
 
 
 NOT_MEGATRON = {
-    "bloom": Deviation(
-        "Bloom computes attention scores as (batch x heads, seq, seq) with baddbmm; a dim "
-        "merged from batch and heads has the batch role, which tp may not split (not even "
-        "block-interleaved, heads within each batch row), so the attention runs whole "
-        "between two all-gathers. Splitting it as Shard(0, groups=batch) needs roles per "
-        "part of a merged dim: a batch x sequence dim (OPT's flattened MLP) must stay "
-        "whole without sequence parallelism, a batch x heads one need not",
-        [
-            "transformer.h.*.self_attention.dense.weight is not row-parallel",
-            "blocks [0, 1] run {'all_gather': 2, 'all_reduce': 1} forward for 1 rows",
-        ],
-    ),
     "olmo2": Deviation(
         "OLMo 2 normalizes q and k over all heads. A mean over a sharded dim is Partial "
         "(each rank's sum over the global count), so a norm may all-reduce its per-token "

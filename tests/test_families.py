@@ -11,7 +11,7 @@ Megatron's layout, checked per family (tests/family_layouts.py): every block mat
 weight sharded, the attention output and MLP down projections row-parallel (the rest
 column-parallel, fused projections in their parts), and in the forward pass one
 all-reduce per row-parallel matmul at most, nothing else. `NOT_MEGATRON` says what
-three families do instead, and why; a change in any layout fails here.
+the others do instead, and why; a change in any layout fails here.
 """
 
 from __future__ import annotations

@@ -112,6 +112,94 @@ def test_baddbmm_shards_batch_rows_and_columns_never_the_contraction():
     assert not any(s.startswith("P") for s in found[scores])  # alibi is added once, not tp times
 
 
+class AlibiAttention(nn.Module):
+    """Bloom's attention core: scores of (batch x heads, seq, seq) from baddbmm with an
+    ALiBi bias built from the mask and per-head slopes, softmax per (batch, head)."""
+
+    def __init__(self, hidden: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim = heads, hidden // heads
+        self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.dense = nn.Linear(hidden, hidden)
+        self.register_buffer("slopes", torch.linspace(0.5, 0.1, heads))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        bh = b * self.heads
+        positions = mask.float().cumsum(-1)[:, None, :]  # (b, 1, s)
+        alibi = (self.slopes[:, None] * positions).reshape(bh, 1, s)  # (b*h, 1, s)
+        q, k, v = (
+            p(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+            for p in (self.q, self.k, self.v)
+        )  # (b, h, s, d) each; fmt: skip
+        q, k, v = (t.reshape(bh, s, self.head_dim) for t in (q, k, v))  # (b*h, s, d)
+        scores = torch.baddbmm(alibi, q, k.transpose(1, 2), alpha=0.25)  # (b*h, s, s)
+        probs = scores.view(b, self.heads, s, s).softmax(-1).view(bh, s, s)
+        out = torch.bmm(probs, v).view(b, self.heads, s, self.head_dim)  # (b, h, s, d)
+        return self.dense(out.permute(0, 2, 1, 3).reshape(b, s, -1))
+
+
+def _alibi_plan(batch: int):
+    from families import family_mesh
+
+    import autopar
+
+    torch.manual_seed(0)
+    model = AlibiAttention()
+    inputs = (torch.randn(batch, 16, 64), torch.ones(batch, 16, dtype=torch.long))
+    tokens = lambda name, shape, dtype: ("batch", "sequence", None)[: len(shape)]  # noqa: E731
+    traced = capture(model, inputs)
+    plan = autopar.plan(traced, inputs, family_mesh(), dp=1, tp=2, pp=1,
+                        sequence_parallel=False, input_roles=tokens)  # fmt: skip
+    return traced, plan
+
+
+def _tp_of(plan, target) -> set[str]:
+    return {str(e.placements["tp"].output) for e in plan.strategies.values() if e.op == target}
+
+
+def test_a_batch_x_heads_dim_splits_each_rows_heads_as_megatron_would():
+    _, plan = _alibi_plan(batch=2)
+    # each batch row's heads split: Shard(0, groups=batch) through baddbmm and bmm
+    assert _tp_of(plan, "aten.baddbmm.default") == _tp_of(plan, "aten.bmm.default") == {"S(0,g2)"}
+    assert _tp_of(plan, "aten.softmax.int") == {"S(1)"}  # (b, h, s, s) split on heads
+    (baddbmm,) = [e for e in plan.strategies.values() if e.op == "aten.baddbmm.default"]
+    assert [str(p) for p in baddbmm.placements["tp"].inputs] == ["S(0,g2)"] * 3  # alibi too
+    # only Megatron's: q, k, v column-parallel, dense row-parallel and its one all-reduce
+    forward = [c.kind for c in plan.collectives if c.phase == "forward"]
+    assert forward == ["all_reduce"]
+    placed = {name: str(plan.strategies[f"{name}_matmul"].output()) for name in "qkv"}
+    assert placed == {"q": "S(2)", "k": "S(2)", "v": "S(2)"}
+    assert plan.strategies["dense_matmul"].output() == "P"
+
+
+def test_a_batch_x_sequence_dim_stays_whole_without_sequence_parallelism():
+    class Flattened(nn.Module):  # OPT's MLP input: (b, s, h) -> (b*s, h)
+        def forward(self, x):
+            return x.reshape(-1, x.shape[-1]) * 2.0
+
+    traced = capture(Flattened(), (torch.randn(2, 8, 16),))
+    tokens = lambda name, shape, dtype: ("batch", "sequence", None)  # noqa: E731
+    strategies = graph_strategies(traced, 2, sequence_parallel=False, input_roles=tokens)
+    (reshape,) = [n.name for n in traced.graph_module.graph.nodes
+                  if n.target is aten.reshape.default]  # fmt: skip
+    assert strategies.roles[reshape] == ("batch", None)
+    outputs = {str(s.output) for s in strategies.candidates[reshape]}
+    assert not any(o.startswith("S(0") for o in outputs) and "S(1)" in outputs
+
+
+def test_a_batch_x_heads_shard_follows_the_batch_size_to_the_microbatch():
+    from autopar.codegen import shard_graph
+    from autopar.runtime.retrace import plan_for
+
+    _, plan = _alibi_plan(batch=4)
+    assert _tp_of(plan, "aten.baddbmm.default") == {"S(0,g4)"}
+    run, _ = _alibi_plan(batch=2)
+    moved = plan_for(plan, run.graph_module.graph)
+    assert _tp_of(moved, "aten.baddbmm.default") == {"S(0,g2)"}  # one block per row
+    shard_graph(run, moved.node_placements(), 2)
+
+
 def test_factories_are_replicated_rules_not_unknown_ops():
     class Mask(nn.Module):
         def forward(self, x):

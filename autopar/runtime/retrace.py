@@ -13,6 +13,9 @@ The same holds for dtype casts when the runtime graph is traced in bf16 for a pl
 made in fp32 (mixed precision): a cast to fp32 that does nothing in fp32 aliases its
 input there and copies in bf16, so a reader may see the cast in one graph and its
 input in the other; inputs are matched modulo casts too (a cast keeps placements).
+
+A grouped shard of a dim merged from batch rows and heads (Bloom's scores,
+`Shard(0, groups=batch)`) has one block per row: its groups follow the batch size.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.fx as fx
 
 from autopar.errors import AutoparError
 from autopar.normalize import MAY_VANISH, MAY_VANISH_NAMES
-from autopar.placement import TP, NodePlacement, Replicate
+from autopar.placement import TP, NodePlacement, Replicate, Shard
 from autopar.plan import PlanNode
 
 aten = torch.ops.aten
@@ -56,6 +59,29 @@ def _plan_root(plan, name: str) -> str:
     return name
 
 
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _regrouped(node: fx.Node, placement, planned, shape):
+    """`placement` on `shape` for a grouped shard planned on `planned`: the blocks keep their
+    size, so a dim that grew or shrank with the batch has as many more or fewer groups."""
+    if not isinstance(placement, Shard) or placement.groups == 1 or shape is None:
+        return placement
+    same_rank = planned is not None and len(planned) == len(shape)
+    if (
+        not same_rank
+        or isinstance(planned[0], list)
+        or planned[placement.dim] == shape[placement.dim]
+    ):
+        return placement
+    block = planned[placement.dim] // placement.groups
+    if shape[placement.dim] % block:
+        raise _differs(node, f"{placement} of a dim of {planned[placement.dim]} on {shape}")
+    return Shard(placement.dim, shape[placement.dim] // block)
+
+
 def _placement_for(plan, node: fx.Node, made: dict) -> NodePlacement | None:
     entry = plan.strategies.get(node.name)
     if entry is None:  # a no-op at the plan's batch size: its input's placement passes
@@ -66,13 +92,19 @@ def _placement_for(plan, node: fx.Node, made: dict) -> NodePlacement | None:
     placement = entry.placements.get(TP)
     if placement is None:
         return None
-    seen: dict[str, object] = {}
+    seen: dict[str, tuple] = {}
     for source, wanted in zip(entry.sources, placement.inputs, strict=True):
-        seen.setdefault(_plan_root(plan, source), wanted)
-    inputs = [seen.get(_root(u).name) for u in node.all_input_nodes]
-    if None in inputs:
+        seen.setdefault(
+            _plan_root(plan, source), (wanted, getattr(plan.strategies.get(source), "shape", None))
+        )
+    found = [seen.get(_root(u).name) for u in node.all_input_nodes]
+    if None in found:
         raise _differs(node, f"its inputs are not the plan's {entry.sources}")
-    return NodePlacement(placement.output, tuple(inputs))
+    inputs = tuple(
+        _regrouped(node, wanted, planned, _shape(u))
+        for (wanted, planned), u in zip(found, node.all_input_nodes, strict=True)
+    )
+    return NodePlacement(_regrouped(node, placement.output, entry.shape, _shape(node)), inputs)
 
 
 def plan_for(plan, graph: fx.Graph):

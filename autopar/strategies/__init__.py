@@ -8,12 +8,13 @@ else (parameters, masks built from constants) replicated.
 
 Which dims are batch and which are sequence comes from a policy, a function of each
 user input (`input_roles`, default `default_input_roles`), and is traced forward
-through the rules' dim links. Batch dims are never sharded on tp (that is the
-data-parallel axis' job). Sequence dims may be (sequence parallelism) unless
+through the rules' dim links (strategies/roles.py). Batch dims are never sharded on
+tp (that is the data-parallel axis' job); a dim merged from batch rows and heads
+(`BatchMajor`) only within each row. Sequence dims may be (sequence parallelism) unless
 `sequence_parallel=False`; with `sequence_parallel=True` every normalization whose
 sequence dim can be split must split it. Block-interleaved shards `Shard(d, groups=k)`
-are offered only on the chain that feeds an equal k-way `split` (a fused QKV
-projection), see `_group_hints`.
+are offered on the chain that feeds an equal k-way `split` (a fused QKV
+projection, see `_group_hints`) and on a merged batch x heads dim.
 
 Ops without a rule, and ops whose output is not floating point (masks, ids), run
 replicated; the former are listed in `GraphStrategies.unsupported`.
@@ -43,6 +44,7 @@ from autopar.strategies import (
     view,
 )
 from autopar.strategies.base import NodeShapes, OpSpec, R, Strategy, enumerate_strategies
+from autopar.strategies.roles import BATCH, SEQUENCE, is_batch, out_roles
 
 RULES = {
     **elementwise.RULES,
@@ -56,7 +58,6 @@ RULES = {
     **creation.RULES,
 }
 STOP_GROUP_HINTS = set(matmul.RULES)
-BATCH, SEQUENCE = "batch", "sequence"
 NORMS = {torch.ops.aten.layer_norm.default, torch.ops.aten.mean.dim}  # RMSNorm's statistic
 
 __all__ = ["GraphStrategies", "Strategy", "default_input_roles", "graph_strategies", "RULES"]
@@ -127,20 +128,9 @@ def _spec(node: fx.Node, roles: dict, kept: frozenset) -> tuple[OpSpec | None, N
     out, inputs = output_shape(node), _input_shapes(node)
     if rule is None or out is None or any(s is None for s in inputs):
         return None, None
-    spec = rule(node, NodeShapes(out, inputs, (None,) * len(out)))
-    return spec, NodeShapes(out, inputs, _out_roles(spec, node, roles, len(out)), kept)
-
-
-def _out_roles(spec: OpSpec, node: fx.Node, roles: dict, rank: int) -> tuple[str | None, ...]:
-    """Each output dim takes the role of the input dims it comes from (batch wins)."""
-    found: list[str | None] = [None] * rank
-    for link in spec.links:
-        for arg, dim in zip(node.all_input_nodes, link.in_dims, strict=True):
-            known = roles.get(arg.name, ())
-            role = known[dim] if dim is not None and dim < len(known) else None
-            if role is not None and found[link.out_dim] != BATCH:
-                found[link.out_dim] = role
-    return tuple(found)
+    known = tuple(roles.get(arg.name, ()) for arg in node.all_input_nodes)
+    spec = rule(node, NodeShapes(out, inputs, (None,) * len(out), in_roles=known))
+    return spec, NodeShapes(out, inputs, out_roles(spec, node, roles, out, inputs), kept)
 
 
 def _group_hints(graph: fx.Graph) -> dict[str, dict[int, set[int]]]:
@@ -199,7 +189,7 @@ def _dp_placement(node: fx.Node, roles: dict) -> NodePlacement:
     """The batch dim sharded over dp, if the value has one; its inputs as they were made."""
 
     def made(arg: fx.Node):
-        batch = [d for d, role in enumerate(roles.get(arg.name, ())) if role == BATCH]
+        batch = [d for d, role in enumerate(roles.get(arg.name, ())) if is_batch(role)]
         return Shard(batch[0]) if batch else Replicate()
 
     output = made(node)

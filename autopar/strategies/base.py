@@ -16,6 +16,7 @@ from autopar.placement import Partial, Placement, Replicate, Shard
 from autopar.reshard import input_gradient
 
 R, P = Replicate(), Partial()
+BATCH, SEQUENCE = "batch", "sequence"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ class DimLink:
 
 
 @dataclass(frozen=True)
+class BatchMajor:
+    """The role of a dim merged from `groups` batch rows (outermost) and role-less inner
+    dims (Bloom's batch x heads): tp may split it within each row, as
+    `Shard(dim, groups)`, never across rows (strategies/roles.py)."""
+
+    groups: int
+
+
+@dataclass(frozen=True)
 class OpSpec:
     links: tuple[DimLink, ...] = ()
     contractions: tuple[tuple[int | None, ...], ...] = ()
@@ -73,8 +83,9 @@ class NodeShapes:
 
     out: tuple[int, ...]
     inputs: tuple[tuple[int, ...] | None, ...]
-    out_roles: tuple[str | None, ...]  # per output dim: "batch", "sequence" or None
+    out_roles: tuple  # per output dim: "batch", "sequence", a BatchMajor or None
     kept_roles: frozenset = frozenset({"batch"})  # roles whose dims tp may not shard
+    in_roles: tuple = ()  # per input: the role of each of its dims
 
 
 def _divides(size: int, tp: int, groups: int) -> bool:
@@ -93,9 +104,13 @@ def _pads(link: DimLink, shapes: NodeShapes, tp: int) -> bool:
 def _link_strategies(spec: OpSpec, shapes: NodeShapes, tp: int, group_options) -> list:
     found = []
     for link in spec.links:
-        if not link.shardable or shapes.out_roles[link.out_dim] in shapes.kept_roles:
+        role = shapes.out_roles[link.out_dim]
+        if not link.shardable or role in shapes.kept_roles:
             continue  # batch dims belong to the data-parallel axis, not tp
-        for groups in group_options(link.out_dim) if link.keeps_groups else (1,):
+        options = group_options(link.out_dim) if link.keeps_groups else (1,)
+        if isinstance(role, BatchMajor):  # within each batch row only
+            options = (role.groups,) if link.keeps_groups else ()
+        for groups in options:
             sizes_ok = _divides(shapes.out[link.out_dim], tp, groups) and all(
                 d is None or _divides(shapes.inputs[i][d], tp, groups)
                 for i, d in enumerate(link.in_dims)
@@ -120,7 +135,8 @@ def _fits(placement: Placement, shape: tuple[int, ...], tp: int, roles=None, kep
     may pad (every rank holds at least one real element)."""
     if not isinstance(placement, Shard):
         return True
-    if roles is not None and roles[placement.dim] in kept:
+    role = roles[placement.dim] if roles is not None else None
+    if role in kept or isinstance(role, BatchMajor) and placement.groups != role.groups:
         return False
     size = shape[placement.dim]
     return size >= tp if placement.groups == 1 else _divides(size, tp, placement.groups)

@@ -2,19 +2,22 @@
 
 None of them does arithmetic, so a Partial input stays Partial. A reshape maps
 groups of input dims onto groups of output dims with equal products; a shard on
-the outermost dim of a group lands on the outermost dim of its partner group.
+the outermost dim of a group lands on the outermost dim of its partner group. Heads
+merged with the batch rows outside them become a block-interleaved shard of the merged
+dim, one block per row (`_part_shards`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
 import torch.fx as fx
 
 from autopar.placement import Shard
-from autopar.strategies.base import DimLink, NodeShapes, OpSpec, P, Strategy
+from autopar.strategies.base import BATCH, BatchMajor, DimLink, NodeShapes, OpSpec, P, Strategy
 from autopar.strategies.elementwise import broadcast_links
 
 aten = torch.ops.aten
@@ -68,8 +71,31 @@ def _group_links(in_shape, out_shape) -> tuple[DimLink, ...]:
     return tuple(links)
 
 
+def _part_shards(in_shape, out_shape, in_roles) -> tuple[Strategy, ...]:
+    """A shard of the heads a reshape merges with the batch rows outside them (Bloom's
+    batch x heads) is the merged dim cut block-interleaved, one block per row; and back
+    when a reshape splits the rows off again (strategies/roles.py)."""
+    if len(in_roles) != len(in_shape):
+        return ()
+    found = []
+    for ins, outs in reshape_groups(in_shape, out_shape):
+        outer = in_roles[ins[0]]
+        if len(outs) == 1 and len(ins) > 1 and outer == BATCH:
+            found.append(Strategy(Shard(outs[0], in_shape[ins[0]]), (Shard(ins[1]),)))
+        if len(ins) == 1 and isinstance(outer, BatchMajor):
+            for k in range(1, len(outs)):
+                if math.prod(out_shape[d] for d in outs[:k]) == outer.groups:
+                    found.append(Strategy(Shard(outs[k]), (Shard(ins[0], outer.groups),)))
+    return tuple(found)
+
+
 def reshape_rule(node: fx.Node, shapes: NodeShapes) -> OpSpec:
-    return OpSpec(links=_group_links(shapes.inputs[0], shapes.out), partial_inputs=PASS_PARTIAL)
+    in_shape = shapes.inputs[0]
+    return OpSpec(
+        links=_group_links(in_shape, shapes.out),
+        partial_inputs=PASS_PARTIAL,
+        extra=_part_shards(in_shape, shapes.out, shapes.in_roles[0] if shapes.in_roles else ()),
+    )
 
 
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
