@@ -185,9 +185,12 @@ class _Candidate:
 
 
 def _schedules(layout: Layout, pins: Pins) -> list[str]:
+    """The schedules worth pricing: one stage is gradient accumulation; 1F1B runs GPipe's
+    timeline with at most as many microbatches in flight per stage, so GPipe (never
+    faster, never smaller) is priced only when pinned."""
     if pins.schedule:
         return [pins.schedule]
-    return ["gpipe"] if layout.pp == 1 else list(SCHEDULES)  # one stage: accumulation
+    return ["gpipe"] if layout.pp == 1 else [s for s in SCHEDULES if s != "gpipe"]
 
 
 def _zero_stages(layout: Layout, pins: Pins, training: bool) -> list[int]:
