@@ -1,5 +1,6 @@
 """Pipeline planning: the stage DP, schedules, unequal layers, GPT-3 175B on 1,024 GPUs."""
 
+import itertools
 import random
 
 import pytest
@@ -42,6 +43,50 @@ def test_stage_dp_matches_brute_force():
         assert (dp is None) == (brute is None)
         if dp is not None:
             assert dp.slowest_s == pytest.approx(brute.slowest_s)
+
+
+def _brute_force_modes(by_mode, stages, p2p, alive, budget) -> float | None:
+    """The slowest stage of the best split, each stage in its fastest mode that fits."""
+    size, best = len(next(iter(by_mode.values()))), None
+    for cuts in itertools.combinations(range(1, size), stages - 1):
+        edges = (0, *cuts, size)
+        slowest = 0.0
+        for k, (i, j) in enumerate(zip(edges, edges[1:], strict=False)):
+            costs = [
+                sum(u.time_s for u in units[i:j]) + (0.1 * units[i - 1].out_bytes if i else 0)
+                + (0.1 * units[j - 1].out_bytes if j < size else 0)
+                for units in by_mode.values()
+                if sum(u.param_bytes + alive(k) * u.activation_bytes for u in units[i:j])
+                + max(u.transient_bytes for u in units[i:j]) <= budget
+            ]  # fmt: skip
+            slowest = max(slowest, min(costs, default=float("inf")))
+        if slowest < float("inf") and (best is None or slowest < best):
+            best = slowest
+    return best
+
+
+def test_stage_dp_with_recomputation_modes_matches_brute_force():
+    """Each stage in its fastest mode that fits (slower modes keep less, and hold their
+    recomputed activations while their backward runs), against every split."""
+    rng = random.Random(1)
+    for _ in range(200):
+        fast = _random_units(rng, rng.randint(2, 8))
+        slow = [
+            Unit(u.name, u.time_s * 1.3, u.param_bytes, u.activation_bytes / 4, u.out_bytes,
+                 u.activation_bytes / 2)
+            for u in fast
+        ]  # fmt: skip
+        by_mode = {"none": fast, "full": slow}
+        stages = rng.randint(1, len(fast))
+        p2p, alive, budget = (lambda b: 0.1 * b), (lambda k, n=stages: n - k), rng.uniform(5, 40)
+        try:
+            dp = best_split(by_mode, stages, p2p, alive, budget).slowest_s
+        except ValueError:
+            dp = None
+        brute = _brute_force_modes(by_mode, stages, p2p, alive, budget)
+        assert (dp is None) == (brute is None)
+        if dp is not None:
+            assert dp == pytest.approx(brute)
 
 
 def test_large_vocabulary_head_moves_the_split():
