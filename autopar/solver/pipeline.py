@@ -226,6 +226,8 @@ def _chunks(schedule: str) -> int:
 def schedulable(num_units: int, pp: int, m: int, schedule: str) -> bool:
     """Can `schedule` run `m` microbatches over pp ranks of these units at all?"""
     chunks = _chunks(schedule)
+    if schedule == "1f1b" and pp > 1 and m < pp:
+        return False  # its warm-up fills every stage first (torch's Schedule1F1B refuses)
     return pp * chunks <= num_units and not (chunks > 1 and (pp == 1 or m % pp))
 
 

@@ -184,13 +184,21 @@ class _Candidate:
         return self.step_s / samples
 
 
-def _schedules(layout: Layout, pins: Pins) -> list[str]:
-    """The schedules worth pricing: one stage is gradient accumulation; 1F1B runs GPipe's
-    timeline with at most as many microbatches in flight per stage, so GPipe (never
-    faster, never smaller) is priced only when pinned."""
+def _schedules(layout: Layout, pins: Pins, m: int, num_units: float = math.inf) -> list[str]:
+    """The schedules worth pricing for `m` microbatches: one stage is gradient
+    accumulation; where 1F1B can run, it runs GPipe's timeline with at most as many
+    microbatches in flight per stage, so GPipe (never faster, never smaller) is priced
+    only when pinned or when 1F1B cannot run (fewer microbatches than stages)."""
     if pins.schedule:
-        return [pins.schedule]
-    return ["gpipe"] if layout.pp == 1 else [s for s in SCHEDULES if s != "gpipe"]
+        found = [pins.schedule]
+    elif layout.pp == 1:
+        found = ["gpipe"]
+    else:
+        found = list(SCHEDULES)
+    found = [s for s in found if schedulable(num_units, layout.pp, m, s)]
+    if not pins.schedule and "1f1b" in found:
+        found.remove("gpipe")
+    return found
 
 
 def _zero_stages(layout: Layout, pins: Pins, training: bool) -> list[int]:
@@ -267,9 +275,8 @@ class _Search:
                 units = self._units(fastest, layout, size, zero)
                 if self._hopeless(fastest, units, layout, m, size, zero):
                     continue
-                for schedule in _schedules(layout, self.pins):
-                    if schedulable(num_units, layout.pp, m, schedule):
-                        self._price(layout, m, size, zero, schedule, fastest, units, p2p, budget)
+                for schedule in _schedules(layout, self.pins, m, num_units):
+                    self._price(layout, m, size, zero, schedule, fastest, units, p2p, budget)
 
     def _price(self, layout, m, size, zero, schedule, sharding, units, p2p, budget) -> None:
         speedup = self.mesh.idle_speedup
@@ -382,9 +389,10 @@ def _frugal_options(pins: Pins, batch: int, global_batch_size, training: bool):
         replica = _replica_batch(global_batch_size, batch, layout.dp)
         splits = _microbatch_options(replica, pins) if replica else []
         if splits:
-            schedules = _schedules(layout, pins)
+            m, size = max(splits)
+            schedules = _schedules(layout, pins, m) or [pins.schedule or "gpipe"]
             schedule = "1f1b" if "1f1b" in schedules else schedules[0]
-            yield *max(splits), schedule, max(_zero_stages(layout, pins, training))
+            yield m, size, schedule, max(_zero_stages(layout, pins, training))
 
     return options
 

@@ -14,11 +14,11 @@ import math
 
 import torch.fx as fx
 
-from autopar.strategies import view
 from autopar.strategies.base import BATCH, SEQUENCE, BatchMajor, OpSpec
+from autopar.strategies.view import RULES, reshape_groups, reshape_rule, squeeze_rule
 
 __all__ = ["BATCH", "SEQUENCE", "BatchMajor", "is_batch", "out_roles"]
-RESHAPES = {op for op, rule in view.RULES.items() if rule in (view.reshape_rule, view.squeeze_rule)}
+RESHAPES = {op for op, rule in RULES.items() if rule in (reshape_rule, squeeze_rule)}
 
 
 def is_batch(role) -> bool:
@@ -48,7 +48,7 @@ def _reshaped(found: list, in_roles: tuple, in_shape: tuple, out_shape: tuple) -
     """Roles per part of the dims a reshape merges or splits (module docstring)."""
     if len(in_roles) != len(in_shape):
         return
-    for ins, outs in view.reshape_groups(in_shape, out_shape):
+    for ins, outs in reshape_groups(in_shape, out_shape):
         first, inner = in_roles[ins[0]], [in_roles[d] for d in ins[1:]]
         if len(outs) == 1 and inner and all(r is None for r in inner):
             if first == BATCH:
