@@ -223,13 +223,14 @@ class _Search:
     unit_of: dict
     best: _Candidate | None = None
     tried: int = 0
-    totals: dict = field(default_factory=dict)  # id(sharding) -> UnitTotals
+    totals: dict = field(default_factory=dict)  # id(sharding.pricing) -> UnitTotals
     gathers: dict = field(default_factory=dict)  # Layout -> Gathered (ZeRO-3)
 
     def _totals(self, sharding) -> UnitTotals:
-        if id(sharding) not in self.totals:
-            self.totals[id(sharding)] = UnitTotals.of(self.traced, sharding.pricing, self.unit_of)
-        return self.totals[id(sharding)]
+        key = id(sharding.pricing)  # shardings that chose alike share one pricing
+        if key not in self.totals:
+            self.totals[key] = UnitTotals.of(self.traced, sharding.pricing, self.unit_of)
+        return self.totals[key]
 
     def _units(self, sharding, layout, size, zero) -> dict:
         state = state_bytes_per_param(

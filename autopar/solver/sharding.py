@@ -100,6 +100,7 @@ class ShardingSolver:
     solutions: dict = field(default_factory=dict)  # (tp, sync price, rows) -> Sharding | None
     unit_memory: dict = field(default_factory=dict)  # tp -> [UnitMemory]
     memos: dict = field(default_factory=dict)  # tp -> PriceMemo
+    prices: dict = field(default_factory=dict)  # (tp, the strategies chosen) -> ShardingPrice
     failures: list = field(default_factory=list)
 
     def _problem(self, tp: int):
@@ -158,11 +159,13 @@ class ShardingSolver:
         except PlanError as error:
             self.failures.append(f"tp={tp}: {error}")
             return None
-        pricing = price_sharding(
-            self.traced, result.strategies, self.mesh, tp, training=self.training,
-            dtype_bytes=self.dtype_bytes, memo=self.memos.setdefault(tp, PriceMemo()),
-        )  # fmt: skip
-        return Sharding(tp, strategies, result, pricing)
+        chosen = (tp, tuple(map(id, result.strategies.values())))  # candidates: one object each
+        if chosen not in self.prices:  # solves at other sync prices often choose the same
+            self.prices[chosen] = price_sharding(
+                self.traced, result.strategies, self.mesh, tp, training=self.training,
+                dtype_bytes=self.dtype_bytes, memo=self.memos.setdefault(tp, PriceMemo()),
+            )  # fmt: skip
+        return Sharding(tp, strategies, result, self.prices[chosen])
 
     @property
     def ilp_time_s(self) -> float:
