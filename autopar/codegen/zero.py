@@ -12,6 +12,7 @@ full gathers again in backward with its forward.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable
 
@@ -51,14 +52,10 @@ def _insert_gather(graph: fx.Graph, params: list[fx.Node], before: fx.Node, bloc
     with graph.inserting_before(before):
         call = graph.call_function(gather_params, (DP_AXIS, shapes, *params))
         values = [graph.call_function(operator.getitem, (call, i)) for i in range(len(params))]
-    call.meta["zero3"] = [p.name for p in params]
     for node in (call, *values):
         if block is not None:
             node.meta["autopar_block"] = block
     for param, value, shape in zip(params, values, shapes, strict=True):
         value.meta.update({k: v for k, v in param.meta.items() if k != "autopar_block"})
         param.replace_all_uses_with(value, delete_user_cb=lambda user: user is not call)
-        numel = 1
-        for size in shape:
-            numel *= size
-        param.meta["local_shape"] = (padded(numel, dp) // dp,)
+        param.meta["local_shape"] = (padded(math.prod(shape), dp) // dp,)

@@ -17,6 +17,7 @@ full do so by themselves: their gather runs again with their forward.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,37 +26,47 @@ import torch
 import torch.distributed as dist
 
 from autopar.ops.axes import Axis, get_axis
-from autopar.ops.layout import join_chunks, padded
+from autopar.ops.layout import join_chunks, pad_to, padded, take_chunk
 
 
 def dp_slice(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """Rank `rank`'s slice of `full` flattened (the last ranks' tails are zero padding)."""
-    flat = full.reshape(-1)
-    chunk = padded(flat.numel(), size) // size
-    piece = flat[rank * chunk : (rank + 1) * chunk]
-    missing = chunk - piece.numel()
-    return torch.cat([piece, piece.new_zeros(missing)]) if missing else piece.clone()
+    """Rank `rank`'s slice of `full` flattened (the last ranks' tails are zero padding), in
+    storage of its own: the full tensor is not kept alive by it."""
+    return take_chunk(full.reshape(-1), 0, 1, rank, size).clone()
 
 
 def joined(slices: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
     """The tensor of `shape` whose dp slices are `slices` (inverse of `dp_slice`)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    return join_chunks(list(slices), 0, 1, size=numel).view(tuple(shape))
+    return join_chunks(list(slices), 0, 1, size=math.prod(shape)).view(tuple(shape))
 
 
-def _gather(axis: Axis, shapes: Sequence[Sequence[int]], slices: Sequence[torch.Tensor]):
-    """One all-gather of the concatenated slices; the full parameters (contiguous)."""
+def all_gather_slices(slices: Sequence[torch.Tensor], shapes, group, size: int):
+    """The tensors of `shapes` whose dp slices over `group` (`size` ranks) this rank holds
+    as `slices`: one all-gather of them concatenated; new contiguous tensors."""
     mine = torch.cat([s.detach().reshape(-1) for s in slices])
-    rows = mine.new_empty(axis.size * mine.numel())
-    dist.all_gather_single(rows, mine, group=axis.group)
-    rows = rows.view(axis.size, mine.numel())
+    rows = mine.new_empty(size * mine.numel())
+    dist.all_gather_single(rows, mine, group=group)
     chunks = [s.numel() for s in slices]
-    return [
-        joined(list(part), shape)
-        for part, shape in zip(rows.split(chunks, dim=1), shapes, strict=True)
+    parts = rows.view(size, mine.numel()).split(chunks, dim=1)
+    return [joined(list(part), shape) for part, shape in zip(parts, shapes, strict=True)]
+
+
+def reduce_scatter_slices(grads: Sequence[torch.Tensor], group, size: int):
+    """This rank's dp slice of each of `grads` summed over `group` (`size` ranks): one
+    reduce-scatter of their padded rows side by side; views of one new buffer."""
+    chunks = [padded(g.numel(), size) // size for g in grads]
+    rows = [
+        pad_to(g.reshape(-1), 0, chunk * size).view(size, chunk)
+        for g, chunk in zip(grads, chunks, strict=True)
     ]
+    full = torch.cat(rows, dim=1).contiguous()  # (dp, sum of chunks): rank r's row
+    mine = full.new_empty(full.shape[1])
+    dist.reduce_scatter_single(mine, full.view(-1), group=group)
+    return list(mine.split(chunks))
+
+
+def _gather(axis: Axis, shapes, slices):
+    return all_gather_slices(slices, shapes, axis.group, axis.size)
 
 
 class _Gathered:
@@ -79,7 +90,7 @@ class _GatherParams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, axis: Axis, shapes, *slices):
         full = _gather(axis, shapes, slices)
-        ctx.axis, ctx.chunks = axis, [s.numel() for s in slices]
+        ctx.axis = axis
         ctx.handle = _Gathered(axis, shapes, [s.detach() for s in slices])
         for index, value in enumerate(full):
             if _HOOKED:  # else nothing would clear it (a recomputed forward in backward)
@@ -90,21 +101,7 @@ class _GatherParams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         ctx.handle.release()
-        rows = [
-            _padded_rows(g, full_chunk, ctx.axis.size)
-            for g, full_chunk in zip(grads, ctx.chunks, strict=True)
-        ]
-        full = torch.cat(rows, dim=1).contiguous()  # (dp, sum of chunks): rank r's row
-        mine = full.new_empty(full.shape[1])
-        dist.reduce_scatter_single(mine, full.view(-1), group=ctx.axis.group)
-        return None, None, *mine.split(ctx.chunks)
-
-
-def _padded_rows(grad: torch.Tensor, chunk: int, size: int) -> torch.Tensor:
-    flat = grad.reshape(-1)
-    missing = chunk * size - flat.numel()
-    flat = torch.cat([flat, flat.new_zeros(missing)]) if missing else flat
-    return flat.view(size, chunk)
+        return None, None, *reduce_scatter_slices(grads, ctx.axis.group, ctx.axis.size)
 
 
 def gather_params(axis: str, shapes: Sequence[Sequence[int]], *slices: torch.Tensor):

@@ -24,7 +24,7 @@ from autopar.codegen.params import shard_tensor
 from autopar.codegen.zero import DP_AXIS
 from autopar.errors import PlanError
 from autopar.ops import Axis
-from autopar.ops.zero import dp_slice, joined
+from autopar.ops.zero import all_gather_slices, dp_slice
 from autopar.placement import Placement, Replicate
 from autopar.runtime.groups import all_reduce_coalesced
 
@@ -75,9 +75,7 @@ def tp_local(slot: Slot, grad: bool = False) -> torch.Tensor | None:
 
 def gather_slices(value: torch.Tensor, sliced: DpSlices, shape) -> torch.Tensor:
     """The tensor of `shape` whose dp slices the ranks of `sliced` hold (this one: `value`)."""
-    rows = value.new_empty(sliced.size * value.numel())
-    dist.all_gather_single(rows, value.detach().contiguous(), group=sliced.group)
-    return joined(list(rows.view(sliced.size, -1)), shape)
+    return all_gather_slices([value], [shape], sliced.group, sliced.size)[0]
 
 
 def load_tp_local(slot: Slot, value: torch.Tensor) -> None:

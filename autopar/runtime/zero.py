@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from autopar.ops.layout import padded
-from autopar.ops.zero import dp_slice
+from autopar.ops.zero import all_gather_slices, dp_slice, reduce_scatter_slices
 from autopar.runtime.state import DpSlices, gather_slices
 
 
@@ -28,7 +27,6 @@ class DataParallelShards(nn.Module):
         super().__init__()
         self.params, self.group, self.rank, self.size = params, group, rank, size
         self.slicing = DpSlices(group, rank, size)
-        self.chunks = [padded(p.numel(), size) // size for p in params]
         self.shards = nn.ParameterList(
             nn.Parameter(dp_slice(p.detach(), rank, size), p.requires_grad) for p in params
         )
@@ -49,34 +47,23 @@ class DataParallelShards(nn.Module):
         this rank's slice into each shard's `.grad` (a parameter the step left without
         gradient, the same on every replica, keeps none)."""
         for indices in self._by_dtype(with_grad=True).values():
-            rows = [self._padded_grad(i).view(self.size, self.chunks[i]) for i in indices]
-            full = torch.cat(rows, dim=1).contiguous()  # (dp, sum of chunks): rank r's row
-            mine = full.new_empty(full.shape[1])
-            dist.reduce_scatter_single(mine, full.view(-1), group=self.group)
-            for i, piece in zip(
-                indices, mine.split([self.chunks[i] for i in indices]), strict=True
-            ):
+            grads = [self.params[i].grad for i in indices]
+            pieces = reduce_scatter_slices(grads, self.group, self.size)
+            for i, piece in zip(indices, pieces, strict=True):
                 self.shards[i].grad = piece.clone()
                 self.params[i].grad = None
-
-    def _padded_grad(self, index: int) -> torch.Tensor:
-        param, chunk = self.params[index], self.chunks[index]
-        flat = param.grad.reshape(-1)
-        return torch.cat([flat, flat.new_zeros(chunk * self.size - flat.numel())])
 
     def gather_params(self, force: bool = False) -> None:
         """Copy the slices back into the full parameters, if the optimizer changed them."""
         if not force and self._current_versions() == self._versions:
             return
         for indices in self._by_dtype().values():
-            mine = torch.cat([self.shards[i].detach() for i in indices])
-            full = mine.new_empty(self.size * mine.numel())
-            dist.all_gather_single(full, mine, group=self.group)
-            rows = full.view(self.size, -1).split([self.chunks[i] for i in indices], dim=1)
+            slices = [self.shards[i] for i in indices]
+            shapes = [self.params[i].shape for i in indices]
+            full = all_gather_slices(slices, shapes, self.group, self.size)
             with torch.no_grad():
-                for i, row in zip(indices, rows, strict=True):
-                    param = self.params[i]
-                    param.copy_(row.reshape(-1)[: param.numel()].view_as(param))
+                for i, value in zip(indices, full, strict=True):
+                    self.params[i].copy_(value)
         self._versions = self._current_versions()
 
     def reset_from_params(self) -> None:
