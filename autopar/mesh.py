@@ -50,6 +50,9 @@ from autopar.profile import (
 # at 70-80% (NVIDIA, "Matrix Multiplication Background User's Guide"). Per-op
 # compute excludes communication and bubbles, so it sits between the two.
 DEFAULT_MATMUL_EFFICIENCY = 0.65
+# The same for a large, aligned product once its shape is priced (cost/gemm.py): fit to
+# the published runs (docs/cost-model.md, "Fit to published runs").
+GPU_MATMUL_EFFICIENCY = 0.70
 
 GiB = 2**30
 
@@ -63,6 +66,10 @@ class DeviceSpec:
     memory_bandwidth: float  # bytes/s
     memory_bytes: int
     matmul_efficiency: float = DEFAULT_MATMUL_EFFICIENCY
+    # A matmul's shape against the GPU's output tiles and inner-loop fill (cost/gemm.py);
+    # 1 and 0: every shape at `matmul_efficiency` (CPU ranks, test devices).
+    matmul_tile: int = 1
+    matmul_fill: int = 0
     dtype_bytes: int = 2
     # Fixed cost of running one graph node, forward and its backward, whatever its size:
     # eager PyTorch's dispatch on a CPU rank (measured by `autopar calibrate`); 0 for the
@@ -370,15 +377,32 @@ _HDR_NIC_BW = 23e9
 _H100_NVLINK_BW = 370e9
 _NDR_NIC_BW = 46e9
 
+# cuBLAS's and CUTLASS's large bf16 tensor-core kernels on A100 and H100 tile the output
+# 128 x 128 per thread block and step through k in 32- to 64-wide slices over a 3- to
+# 4-stage software pipeline (NVIDIA, "Matrix Multiplication Background User's Guide";
+# CUTLASS's default Sm80 GEMM configurations): `GPU_MATMUL_FILL` is the k a block loads
+# before its first multiply and drains after its last (cost/gemm.py).
+GPU_MATMUL_TILE = 128
+GPU_MATMUL_FILL = 128
+
+
+def _gpu(name: str, peak_flops: float, memory_bandwidth: float, memory_bytes: int) -> DeviceSpec:
+    return DeviceSpec(
+        name, peak_flops, memory_bandwidth, memory_bytes,
+        matmul_efficiency=GPU_MATMUL_EFFICIENCY, matmul_tile=GPU_MATMUL_TILE,
+        matmul_fill=GPU_MATMUL_FILL,
+    )  # fmt: skip
+
+
 _PRESETS = {
     "a100-40gb": _dgx(
-        DeviceSpec("A100-SXM4-40GB", 312e12, 1.555e12, 40 * GiB), _A100_NVLINK_BW, _HDR_NIC_BW
+        _gpu("A100-SXM4-40GB", 312e12, 1.555e12, 40 * GiB), _A100_NVLINK_BW, _HDR_NIC_BW
     ),
     "a100-80gb": _dgx(
-        DeviceSpec("A100-SXM4-80GB", 312e12, 2.039e12, 80 * GiB), _A100_NVLINK_BW, _HDR_NIC_BW
+        _gpu("A100-SXM4-80GB", 312e12, 2.039e12, 80 * GiB), _A100_NVLINK_BW, _HDR_NIC_BW
     ),
     "h100-80gb": _dgx(
-        DeviceSpec("H100-SXM5-80GB", 989e12, 3.35e12, 80 * GiB), _H100_NVLINK_BW, _NDR_NIC_BW
+        _gpu("H100-SXM5-80GB", 989e12, 3.35e12, 80 * GiB), _H100_NVLINK_BW, _NDR_NIC_BW
     ),
 }
 PRESET_NAMES = tuple(_PRESETS)

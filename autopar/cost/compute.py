@@ -6,7 +6,8 @@ slower (Williams, Waterman and Patterson, "Roofline", CACM 2009):
     t = max(flops / (peak_flops * matmul_efficiency), nbytes / memory_bandwidth)
 
 `matmul_efficiency` scales the datasheet peak down to what a large matmul
-sustains (see `DeviceSpec`); elementwise and normalization operators land on the
+sustains (see `DeviceSpec`), and on GPUs a matmul's shape scales it further
+(`cost.gemm`: tile quantization, the inner loop's fill); elementwise and normalization operators land on the
 memory side of the roofline, so the efficiency hardly matters for them.
 Communication and pipeline bubbles are priced elsewhere (`cost.comm`,
 `solver.stages`), never folded into this number. Every stage that needs the time
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
+from autopar.cost.gemm import Product, efficiency
 from autopar.errors import AutoparError
 
 if TYPE_CHECKING:
@@ -54,23 +56,30 @@ OPTIMIZER_BYTES_PER_PARAM = 32
 _PASS_THROUGH = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
 
 
-def compute_time(flops: float, nbytes: float, device: DeviceSpec) -> float:
-    """Seconds for an operator doing `flops` and moving `nbytes` on `device`."""
+def compute_time(
+    flops: float, nbytes: float, device: DeviceSpec, efficiency: float | None = None
+) -> float:
+    """Seconds for an operator doing `flops` and moving `nbytes` on `device`, its
+    arithmetic at `efficiency` of peak (`cost.gemm.efficiency` of its matmul shapes;
+    the device's flat `matmul_efficiency` when None)."""
     if flops < 0 or nbytes < 0:
         raise AutoparError(
             f"compute_time(flops={flops}, nbytes={nbytes}): counts cannot be negative"
         )
-    arithmetic = flops / (device.peak_flops * device.matmul_efficiency)
+    efficiency = device.matmul_efficiency if efficiency is None else efficiency
+    arithmetic = flops / (device.peak_flops * efficiency)
     memory = nbytes / device.memory_bandwidth
     return max(arithmetic, memory)
 
 
 def training_time(
-    flops: float, nbytes: float, device: DeviceSpec, backward_bytes=BACKWARD_BYTES_FACTOR
-) -> float:
+    flops: float, nbytes: float, device: DeviceSpec, backward_bytes=BACKWARD_BYTES_FACTOR,
+    efficiency: float | None = None,
+) -> float:  # fmt: skip
     """Forward plus backward: 1 + BACKWARD_FLOP_FACTOR times the FLOPs, 1 +
     `backward_bytes` (a node's `backward_bytes_factor`) times the bytes, on one roofline."""
-    return compute_time((1 + BACKWARD_FLOP_FACTOR) * flops, (1 + backward_bytes) * nbytes, device)
+    flops, nbytes = (1 + BACKWARD_FLOP_FACTOR) * flops, (1 + backward_bytes) * nbytes
+    return compute_time(flops, nbytes, device, efficiency)
 
 
 def traffic_bytes(info: NodeInfo, dtype_bytes: int | None) -> float:
@@ -103,14 +112,16 @@ def _is_floating(node: fx.Node) -> bool:
 
 def node_seconds(
     node: fx.Node, info: NodeInfo, share: int, device: DeviceSpec, *, training: bool,
-    dtype_bytes: int | None,
+    dtype_bytes: int | None, products: tuple[Product, ...] = (),
 ) -> float:  # fmt: skip
     """Roofline time of a call_function node on a rank doing 1/`share` of its work,
-    forward plus backward when training."""
+    forward plus backward when training; `products` are its matmuls' local shapes
+    (`cost.gemm.local_products`), which set the share of peak its arithmetic gets."""
     flops, nbytes = info.flops / share, traffic_bytes(info, dtype_bytes) / share
+    rate = efficiency(products, device, training=training)
     if not training:
-        return compute_time(flops, nbytes, device)
-    return training_time(flops, nbytes, device, backward_bytes_factor(node))
+        return compute_time(flops, nbytes, device, rate)
+    return training_time(flops, nbytes, device, backward_bytes_factor(node), rate)
 
 
 def optimizer_seconds(local_numel: float, device: DeviceSpec) -> float:

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
+from autopar.cost.gemm import local_products
 from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
 from autopar.cost.overheads import node_overhead_seconds
 from autopar.placement import Replicate, Shard
@@ -93,10 +94,14 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
     fraction = local_fraction(strategy.output, tp)
     if node.op == "call_function":
         share = tp if strategy.splits_work else 1
+        products = local_products(node, strategy.inputs, tp)
         compute, forward = (
-            node_seconds(node, info, share, mesh.device, training=t, dtype_bytes=dtype_bytes)
+            node_seconds(
+                node, info, share, mesh.device, training=t, dtype_bytes=dtype_bytes,
+                products=products,
+            )
             for t in (training, False)
-        )
+        )  # fmt: skip
         kept = saved_for_backward(node, info, training, dtype_bytes) * fraction
         comm = sum(mesh.tp_collective_time(k, n, tp) for k, n in strategy.collectives)
         overhead, forward_overhead = (
