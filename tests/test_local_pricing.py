@@ -9,9 +9,13 @@ from conftest import tiny_gpt2, write_profile
 
 import autopar
 from autopar.cost.compute import backward_bytes_factor
+from autopar.cost.memory import state_bytes_per_param
 from autopar.cost.overheads import ACCUMULATE_TENSORS
 from autopar.cost.sharing import shared_core_seconds
 from autopar.mesh import Mesh
+from autopar.solver.pipeline import UnitTotals, unit_of_nodes
+from autopar.solver.search import Layout
+from autopar.solver.sharding import ShardingSolver
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,26 @@ def test_node_overheads_are_paid_per_microbatch(traced, profile):
     accumulate = 3 * numel * ACCUMULATE_TENSORS * 4 / mesh.device.memory_bandwidth
     extra = four.cost.step_time_s - one.cost.step_time_s
     assert extra == pytest.approx(3 * overhead + accumulate, rel=0.02)
+
+
+def test_collective_latency_is_paid_per_microbatch(traced, profile):
+    """A microbatch a quarter of the traced batch moves a quarter of each collective's
+    bytes but pays its whole latency, as it pays each node's overhead."""
+    graph = traced[0]
+    mesh = Mesh.local(2, calibration=profile)
+    solve = ShardingSolver(graph, mesh, True, 4, state_bytes_per_param(True, 4, "adam"), None)
+    pricing = solve(Layout(dp=1, tp=2, pp=1)).pricing
+    totals = UnitTotals.of(graph, pricing, unit_of_nodes(graph))
+    whole, quarter = (sum(u.time_s for u in totals.units(s, 0.0)["none"]) for s in (1.0, 0.25))
+    params = set(graph.param_fqns)
+    in_graph = [c for c in pricing.collectives if c.producer not in params]
+    assert in_graph and all(0 < c.latency_s < c.seconds for c in in_graph)
+    fixed = (
+        sum(p.overhead_s for p in pricing.nodes.values())
+        + sum(c.latency_s for c in in_graph)
+        + sum(c.seconds for c in pricing.collectives if c.producer in params)
+    )
+    assert 4 * quarter - whole == pytest.approx(3 * fixed, rel=1e-6)
 
 
 def test_ranks_sharing_cores_price_pipelines_below_their_bubble(traced, profile):

@@ -34,6 +34,14 @@ class Collective:
     seconds: float
     layer: int | None
     axis: str = "tp"  # the mesh axis it runs over
+    # The part of `seconds` that does not grow with the bytes (the alpha-beta latency
+    # term): a microbatch of any size pays it once per run of the collective.
+    latency_s: float = 0.0
+
+    def scaled_seconds(self, scale: float) -> float:
+        """The collective's time on a microbatch `scale` times the traced batch: the
+        bandwidth term scales with the bytes, the latency does not."""
+        return scale * (self.seconds - self.latency_s) + self.latency_s
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,8 @@ def _op_collectives(node, strategy, mesh, tp, traced) -> list[Collective]:
     layer = traced.analysis.nodes[node.name].layer
     return [
         Collective(kind, "forward", node.name, node.name, nbytes,
-                   mesh.tp_collective_time(kind, nbytes, tp), layer)
+                   mesh.tp_collective_time(kind, nbytes, tp), layer,
+                   latency_s=mesh.tp_collective_time(kind, 0, tp))
         for kind, nbytes in strategy.collectives
     ]  # fmt: skip
 
@@ -163,11 +172,12 @@ class PriceMemo:
 
 
 def _edge_steps(traced, producer, made, seen, slot, mesh, tp, training, dtype_bytes):
-    """(EdgeReshard, bytes, [(phase, kind, seconds)]) of one edge, names aside."""
+    """(EdgeReshard, bytes, [(phase, kind, seconds, latency)]) of one edge, names aside."""
     edge = edge_reshard(traced, producer, made, seen, slot, training)
     nbytes = tensor_bytes(producer, dtype_bytes)
     steps = [
-        (phase, step.kind, mesh.tp_collective_time(step.kind, nbytes, tp))
+        (phase, step.kind, mesh.tp_collective_time(step.kind, nbytes, tp),
+         mesh.tp_collective_time(step.kind, 0, tp))
         for phase, step in edge.entry.collectives()
     ] if edge is not None else []  # fmt: skip
     return edge, nbytes, steps
@@ -200,8 +210,17 @@ def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo: Pri
                 continue
             layer = traced.analysis.nodes[producer.name].layer  # a block owns what it makes
             found += [
-                Collective(kind, phase, producer.name, consumer.name, nbytes, seconds, layer)
-                for phase, kind, seconds in steps
+                Collective(
+                    kind,
+                    phase,
+                    producer.name,
+                    consumer.name,
+                    nbytes,
+                    seconds,
+                    layer,
+                    latency_s=latency,
+                )
+                for phase, kind, seconds, latency in steps
             ]
     return found, deferred
 

@@ -140,7 +140,7 @@ def _grad_syncs(best) -> list[Collective]:
 def _cost(traced, mesh, sharding, best, training) -> Cost:
     layout, choice = best.layout, best.choice
     scale = best.microbatch_size / traced_batch(traced)
-    comm_per_mb = sum(c.seconds for c in sharding.pricing.collectives) * scale
+    comm_per_mb = sum(c.scaled_seconds(scale) for c in sharding.pricing.collectives)
     factor = 1 + BACKWARD_FLOP_FACTOR if training else 1
     flops = factor * traced.analysis.total_flops * scale * choice.num_microbatches * layout.dp
     pipeline_work = choice.step_s - choice.bubble_s  # the sends and receives included

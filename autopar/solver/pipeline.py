@@ -125,7 +125,8 @@ class Gathered:
 class UnitTotals:
     """One sharding's costs per pipeline unit for one traced batch, summed once and then
     scaled for every configuration the search prices (`once`: collectives on parameters,
-    and `overhead`: each node's fixed cost, neither of which grows with the microbatch;
+    and `overhead`: each node's fixed cost and each collective's latency, neither of
+    which grows with the microbatch;
     `partial_bytes`: gradients summed over tp once per step)."""
 
     values: dict[str, list[float]]
@@ -155,9 +156,14 @@ class UnitTotals:
         param_names = set(traced.param_fqns)
         for c in pricing.collectives:
             u, once = unit_of.get(c.producer, 0), c.producer in param_names
-            values["once" if once else "time"][u] += c.seconds
+            # a collective on activations: its bytes scale with the microbatch, its
+            # latency is paid once per microbatch, as a node's fixed overhead is
+            scaled, fixed = (0.0, c.seconds) if once else (c.seconds - c.latency_s, c.latency_s)
+            values["time"][u] += scaled
+            values["once" if once else "overhead"][u] += fixed
             if c.phase == "forward":  # a recomputed forward runs them again
-                values["once_forward" if once else "forward"][u] += c.seconds
+                values["forward"][u] += scaled
+                values["once_forward" if once else "forward_overhead"][u] += fixed
         crossing = _crossing_bytes(traced, unit_of, num_units, pricing)
         return cls(values, crossing, *_identical_units(values, crossing))
 
