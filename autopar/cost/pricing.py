@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
+from autopar.cost.loss import loss_logits, untraced_loss_seconds
 from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
 from autopar.cost.overheads import node_overhead_seconds
 from autopar.placement import Replicate, Shard
@@ -80,12 +81,14 @@ class EdgeReshard:
 
 @dataclass
 class ShardingPrice:
-    """A chosen sharding priced node by node, with every collective it runs in the graph
-    and the parameter gradients it sums over tp once per step."""
+    """A chosen sharding priced node by node, with every collective it runs in the graph,
+    the parameter gradients it sums over tp once per step, and the loss computed outside
+    the graph (the same under every sharding: the output is whole on every rank)."""
 
     nodes: dict[str, NodePrice]
     collectives: list[Collective]
     deferred_grad_bytes: dict[str, float]  # parameter placeholder -> its gradient's bytes
+    untraced_loss: NodePrice | None = None  # on the epilogue (cost/loss.py)
 
     def total(self, field: str) -> float:
         return sum(getattr(price, field) for price in self.nodes.values())
@@ -243,4 +246,19 @@ def price_sharding(
             )  # fmt: skip
         nodes[node.name] = memo.nodes[key]
     collectives, deferred = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo)
-    return ShardingPrice(nodes, collectives, deferred)
+    loss = untraced_loss_price(traced, mesh, training=training, dtype_bytes=dtype_bytes)
+    return ShardingPrice(nodes, collectives, deferred, loss)
+
+
+def untraced_loss_price(traced, mesh, *, training, dtype_bytes) -> NodePrice | None:
+    """The loss `train_step(inputs, target, loss_fn)` computes on the model's output
+    outside the graph (cost/loss.py); None when the
+    loss was traced, when nothing trains, or when the model returns no floating tensor."""
+    logits = loss_logits(traced.graph_module.graph)
+    if traced.traced_loss or logits is None or not training:
+        return None
+    both, forward, overhead, forward_overhead = untraced_loss_seconds(
+        logits, mesh.device, dtype_bytes
+    )
+    return NodePrice(compute_s=both, forward_s=forward, overhead_s=overhead,
+                     forward_overhead_s=forward_overhead)  # fmt: skip

@@ -138,8 +138,10 @@ class UnitTotals:
     def of(cls, traced, pricing, unit_of) -> UnitTotals:
         num_units = len(traced.analysis.layers) + 2
         values = {key: [0.0] * num_units for key in _QUANTITIES}
-        for name, price in pricing.nodes.items():
-            u = unit_of.get(name, 0)
+        placed = [(unit_of.get(name, 0), price) for name, price in pricing.nodes.items()]
+        if pricing.untraced_loss is not None:  # on the output: the epilogue's rank
+            placed.append((num_units - 1, pricing.untraced_loss))
+        for u, price in placed:
             for key, amount in (
                 ("time", price.compute_s), ("forward", price.forward_s),
                 ("kept", price.activation_bytes), ("param_numel", price.param_numel),
