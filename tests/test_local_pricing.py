@@ -1,5 +1,6 @@
-"""What a local (calibrated) mesh adds to the cost model: per-node overheads that do not
-grow with the microbatch, gradient accumulation, and ranks sharing cores."""
+"""What a local (calibrated) mesh adds to the cost model: per-node overheads and
+collective latencies that do not grow with the microbatch, gradient accumulation, ranks
+sharing cores, and the attention core as the CPU kernel runs it."""
 
 import dataclasses
 
@@ -8,8 +9,9 @@ import torch
 from conftest import tiny_gpt2, write_profile
 
 import autopar
-from autopar.cost.compute import backward_bytes_factor
-from autopar.cost.memory import state_bytes_per_param
+from autopar.cost.attention import eager_attention_seconds
+from autopar.cost.compute import backward_bytes_factor, compute_time, node_seconds, traffic_bytes
+from autopar.cost.memory import ATTENTION_CORE, state_bytes_per_param
 from autopar.cost.overheads import ACCUMULATE_TENSORS
 from autopar.cost.sharing import shared_core_seconds
 from autopar.mesh import Mesh
@@ -104,3 +106,22 @@ def test_elementwise_backward_runs_a_kernel_per_tensor_operand():
     assert factors[(aten.pow.Tensor_Scalar, True)] == 3.5
     assert factors[(aten.tanh.default, False)] == 1.5
     assert factors[(aten.add.Tensor, False)] == 0.0  # hands its gradient on
+
+
+def test_cpu_attention_prices_flash_recomputation_and_its_scores(traced, profile):
+    """On CPU ranks the attention core's backward recomputes its scores (five matmuls
+    against the forward's two) and every score costs softmax passes; presets keep the
+    roofline's two matmuls."""
+    graph = traced[0]
+    local = Mesh.local(1, calibration=profile)
+    preset = Mesh.preset("a100-80gb")
+    assert local.eager_attention and not preset.eager_attention
+    node = next(n for n in graph.graph_module.graph.nodes if n.target in ATTENTION_CORE)
+    info = graph.analysis.nodes[node.name]
+    device = local.device
+    batch, heads, seq, _ = node.meta["val"].shape
+    score_bytes = batch * heads * seq * seq * 4
+    priced = eager_attention_seconds(node, info, 1, device, training=True, dtype_bytes=4)
+    matmuls = compute_time(3.5 * info.flops, 2 * traffic_bytes(info, 4), device)
+    assert priced == pytest.approx(matmuls + 7 * score_bytes / device.memory_bandwidth)
+    assert priced > node_seconds(node, info, 1, device, training=True, dtype_bytes=4)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from autopar.cost.attention import eager_attention_seconds
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
 from autopar.cost.loss import loss_logits, untraced_loss_seconds
@@ -104,8 +105,13 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
     fraction = local_fraction(strategy.output, tp)
     if node.op == "call_function":
         share = tp if strategy.splits_work else 1
+        seconds = (
+            eager_attention_seconds
+            if mesh.eager_attention and node.target in ATTENTION_CORE
+            else node_seconds
+        )
         compute, forward = (
-            node_seconds(node, info, share, mesh.device, training=t, dtype_bytes=dtype_bytes)
+            seconds(node, info, share, mesh.device, training=t, dtype_bytes=dtype_bytes)
             for t in (training, False)
         )
         kept = saved_for_backward(node, info, training, dtype_bytes) * fraction
