@@ -10,9 +10,15 @@ from conftest import tiny_gpt2, write_profile
 
 import autopar
 from autopar.cost.attention import eager_attention_seconds
-from autopar.cost.compute import backward_bytes_factor, compute_time, node_seconds, traffic_bytes
+from autopar.cost.compute import (
+    backward_bytes_factor,
+    compute_time,
+    node_seconds,
+    optimizer_seconds,
+    traffic_bytes,
+)
 from autopar.cost.memory import ATTENTION_CORE, state_bytes_per_param
-from autopar.cost.overheads import ACCUMULATE_TENSORS
+from autopar.cost.overheads import ACCUMULATE_TENSORS, optimizer_call_seconds
 from autopar.cost.sharing import shared_core_seconds
 from autopar.mesh import Mesh
 from autopar.solver.pipeline import UnitTotals, unit_of_nodes
@@ -125,3 +131,12 @@ def test_cpu_attention_prices_flash_recomputation_and_its_scores(traced, profile
     matmuls = compute_time(3.5 * info.flops, 2 * traffic_bytes(info, 4), device)
     assert priced == pytest.approx(matmuls + 7 * score_bytes / device.memory_bandwidth)
     assert priced > node_seconds(node, info, 1, device, training=True, dtype_bytes=4)
+
+
+def test_fp32_adamw_steps_its_weights_in_place_with_eager_calls():
+    """Mixed precision: 32 B per parameter (fp32 master, states); fp32 weights stepped in
+    place by torch.optim's AdamW: 80 B and 8 eager calls per parameter tensor."""
+    device = autopar.DeviceSpec("cpu", 1e11, 1e10, 2**30, dtype_bytes=4, op_overhead_s=2e-6)
+    assert optimizer_seconds(1e6, device) == pytest.approx(80e6 / 1e10)
+    assert optimizer_seconds(1e6, device, dtype_bytes=2) == pytest.approx(32e6 / 1e10)
+    assert optimizer_call_seconds(device) == pytest.approx(8 * 2e-6)

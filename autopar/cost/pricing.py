@@ -18,7 +18,7 @@ from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
 from autopar.cost.loss import loss_logits, untraced_loss_seconds
 from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
-from autopar.cost.overheads import node_overhead_seconds
+from autopar.cost.overheads import node_overhead_seconds, optimizer_call_seconds
 from autopar.placement import Replicate, Shard
 from autopar.reshard import Reshard, defers_to_step, reshard, sole_parameter
 from autopar.strategies import Strategy
@@ -127,7 +127,11 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
         )  # fmt: skip
     if node.name in traced.param_fqns and node.users:  # an unused twin: its tie pays
         numel = node.meta["val"].numel() * fraction
-        optimizer = optimizer_seconds(numel, mesh.device) if training else 0.0
+        optimizer = (
+            optimizer_seconds(numel, mesh.device, dtype_bytes) + optimizer_call_seconds(mesh.device)
+            if training
+            else 0.0
+        )
         nbytes = tensor_bytes(node, dtype_bytes) * fraction
         return NodePrice(param_numel=numel, param_bytes=nbytes, optimizer_s=optimizer)
     return NodePrice()
