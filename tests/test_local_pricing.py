@@ -140,3 +140,21 @@ def test_fp32_adamw_steps_its_weights_in_place_with_eager_calls():
     assert optimizer_seconds(1e6, device) == pytest.approx(80e6 / 1e10)
     assert optimizer_seconds(1e6, device, dtype_bytes=2) == pytest.approx(32e6 / 1e10)
     assert optimizer_call_seconds(device) == pytest.approx(8 * 2e-6)
+
+
+def test_tied_gradients_are_summed_over_pp_and_the_loss_over_the_world(traced, profile):
+    """GPT-2's embedding and LM head on the first and last stage: their gradient is
+    all-reduced over pp once per step; train_step's loss over every rank."""
+    graph = traced[0]
+    mesh = Mesh.local(2, calibration=profile)
+    piped, replicated = _plan(traced, mesh, pp=2, microbatches=2), _plan(traced, mesh, dp=2)
+    wte = graph.graph_module.graph.find_nodes(op="placeholder", target="p_transformer_wte_weight")
+    (tied,) = [c for c in piped.collectives if c.axis == "pp"]
+    assert tied.nbytes == wte[0].meta["val"].numel() * 4
+    assert tied.seconds == pytest.approx(mesh.collective_time("all_reduce", tied.nbytes, (0, 1)))
+    loss_s = mesh.collective_time("all_reduce", 8, (0, 1))  # a float64 scalar
+    for plan in (piped, replicated):
+        (loss,) = [c for c in plan.collectives if c.consumer == "train_step"]
+        assert loss.seconds == pytest.approx(loss_s)
+    assert not [c for c in replicated.collectives if c.axis == "pp"]
+    assert piped.cost.step_sync_s == pytest.approx(tied.seconds + loss_s)
