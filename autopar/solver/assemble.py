@@ -18,7 +18,6 @@ from autopar.plan import Cost, Plan, PlanNode, Stage
 from autopar.reshard import BACKWARD, FORWARD
 from autopar.solver.pipeline import unit_of_nodes
 from autopar.solver.sharding import (
-    LOSS_BYTES,
     PARAMETER_SYNC,
     PP,
     ZERO_SYNC,
@@ -126,7 +125,7 @@ def _zero3_gathers(mesh, best) -> list[Collective]:
 def _grad_syncs(best) -> list[Collective]:
     """The sums of partial gradients once per step, as the table runs them: over tp for the
     parameters whose f waits for the step, over dp for all (the fullest pipeline rank),
-    over pp for tied parameters read on several pp ranks; and the loss's mean."""
+    over pp for tied parameters read on several pp ranks."""
     dp_entry = ZERO_SYNC if best.zero >= 1 else PARAMETER_SYNC
     syncs = (
         (TP, "parameter gradients read by split work", best.tp_sync_bytes, best.tp_sync_s,
@@ -144,10 +143,7 @@ def _grad_syncs(best) -> list[Collective]:
     if best.tied_sync_s > 0:
         found.append(Collective("all_reduce", BACKWARD, "tied parameter gradients", "optimizer",
                                 int(best.tied_bytes), best.tied_sync_s, None, PP))  # fmt: skip
-    if best.loss_mean_s > 0:
-        found.append(Collective("all_reduce", FORWARD, "the loss", "train_step", LOSS_BYTES,
-                                best.loss_mean_s, None, "world"))  # fmt: skip
-    return found
+    return found  # the loss's mean moves no model tensor: Cost.step_sync_s prices it
 
 
 def _cost(traced, mesh, sharding, best, training) -> Cost:
