@@ -112,6 +112,10 @@ class Mesh:
     # some of them wait, up to this factor over `device`'s rates, which are those of all
     # ranks busy at once (cost/sharing.py); 1 for devices with compute of their own.
     idle_speedup: float = 1.0
+    # The attention core runs as torch's CPU kernel on the ranks' own cores (a calibrated
+    # CPU mesh): its flash backward and per-score softmax work are priced
+    # (cost/attention.py). False on the presets: their fit prices its two matmuls.
+    eager_attention: bool = False
     # Measured alpha-beta per collective kind and group size inside a node (`autopar
     # calibrate`); they replace the intra-node link's constants for that kind and size.
     collective_fits: tuple[CollectiveFit, ...] = ()
@@ -308,6 +312,7 @@ def _local_mesh(constants: LocalConstants, name: str) -> Mesh:
         intra_node_bw=whole[0], inter_node_bw=whole[0],
         intra_node_latency=whole[1], inter_node_latency=whole[1],
         idle_speedup=constants.idle_speedup, collective_fits=fits,
+        eager_attention=constants.cpu_ranks,
     )  # fmt: skip
 
 

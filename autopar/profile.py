@@ -46,6 +46,7 @@ class LocalConstants:
     collectives: dict[tuple[str, int], tuple[float, float]]  # (kind, ranks) -> (bus_bw, latency)
     memory_bytes: int  # the machine's, all ranks together
     source: str  # for Mesh.describe: "calibrated" and the file
+    cpu_ranks: bool = True  # ranks compute on CPU cores (gloo), not a GPU each
 
 
 def default_calibration_path() -> Path:
@@ -87,7 +88,8 @@ def local_constants(data: dict, world_size: int, source: str) -> LocalConstants:
             f"{world_size}; run `autopar calibrate --world-size {world_size}`"
         )
     world, cores = worlds[str(world_size)], int(data["cores"])
-    if data.get("compute_clock") == "wall":  # GPUs: each rank has its own device
+    cpu_ranks = data.get("compute_clock") != "wall"
+    if not cpu_ranks:  # GPUs: each rank has its own device
         cores = max(cores, world_size)
     compute = wall_compute(world["compute"], world_size, cores)
     alone = min(world_size, max(cores, 1))  # as many ranks as cores: each has its own
@@ -101,7 +103,7 @@ def local_constants(data: dict, world_size: int, source: str) -> LocalConstants:
     return LocalConstants(
         world_size=world_size, compute=compute,
         idle_speedup=max(speedup, 1.0), collectives=fits,
-        memory_bytes=int(data["memory_bytes"]), source=source,
+        memory_bytes=int(data["memory_bytes"]), source=source, cpu_ranks=cpu_ranks,
     )  # fmt: skip
 
 

@@ -47,6 +47,7 @@ import torch.distributed as dist
 import autopar
 from autopar.calibrate import calibrate
 from autopar.cost.sharing import core_share
+from autopar.errors import AutoparError
 from autopar.launch import run_local
 from autopar.models import build_model
 
@@ -253,6 +254,25 @@ def label_of(plan: dict) -> str:
             f"{plan['schedule']}")  # fmt: skip
 
 
+CALIBRATION_NAME = "cost_model_fidelity.calibration.json"  # kept next to the run's JSON
+
+
+def run_calibration(run: dict, run_path: Path) -> str:
+    """The calibration a saved run was predicted with: the path it records (a relative one
+    from the run's folder), else the file of that name next to the run's JSON (a run
+    recorded in another checkout names a path of that checkout), else AutoparError."""
+    recorded = Path(run["calibration"])
+    beside = run_path.parent / recorded.name
+    for candidate in (run_path.parent / recorded, beside):  # an absolute path stays itself
+        if candidate.is_file():
+            return str(candidate)
+    raise AutoparError(
+        f"the run {run_path} was predicted with the calibration {recorded}, which does not "
+        f"exist, and there is no {recorded.name} next to it ({beside}); pass `--calibration "
+        "CAL.json` (a profile from `autopar calibrate --out CAL.json`)"
+    )
+
+
 def reprice(run: dict, calibration: str) -> list[dict]:
     """A run's measurements against the predictions of `calibration`."""
     results = []
@@ -361,7 +381,11 @@ def main(argv=None) -> int:
         return 0
     if args.reprice:
         run = json.loads(Path(args.reprice).read_text())
-        calibration = args.calibration or run["calibration"]
+        try:
+            calibration = args.calibration or run_calibration(run, Path(args.reprice))
+        except AutoparError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         results = reprice(run, calibration)
         for result in results:
             print(report(result))
@@ -369,7 +393,7 @@ def main(argv=None) -> int:
         return 0
     calibration = args.calibration
     if calibration is None:
-        calibration = str(Path(args.out).with_name("cost_model_fidelity.calibration.json"))
+        calibration = str(Path(args.out).with_name(CALIBRATION_NAME))
         print(f"calibrating 1..{max(args.world_sizes)} ranks into {calibration}", flush=True)
         calibrate(max(args.world_sizes), out_path=calibration)
     results = []
@@ -392,6 +416,10 @@ def main(argv=None) -> int:
 
 
 def _write(out: Path, run: dict) -> None:
+    """The run as JSON, its calibration named relative to the JSON where it lies beside it."""
+    calibration = Path(run["calibration"]).resolve()
+    if calibration.parent == out.resolve().parent:
+        run = run | {"calibration": calibration.name}
     out.write_text(json.dumps(run, indent=1))
     plot(run["results"], out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")

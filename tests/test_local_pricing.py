@@ -1,5 +1,6 @@
-"""What a local (calibrated) mesh adds to the cost model: per-node overheads that do not
-grow with the microbatch, gradient accumulation, and ranks sharing cores."""
+"""What a local (calibrated) mesh adds to the cost model: per-node overheads and
+collective latencies that do not grow with the microbatch, gradient accumulation, ranks
+sharing cores, and the attention core as the CPU kernel runs it."""
 
 import dataclasses
 
@@ -8,10 +9,21 @@ import torch
 from conftest import tiny_gpt2, write_profile
 
 import autopar
-from autopar.cost.compute import backward_bytes_factor
-from autopar.cost.overheads import ACCUMULATE_TENSORS
+from autopar.cost.attention import eager_attention_seconds
+from autopar.cost.compute import (
+    backward_bytes_factor,
+    compute_time,
+    node_seconds,
+    optimizer_seconds,
+    traffic_bytes,
+)
+from autopar.cost.memory import ATTENTION_CORE, state_bytes_per_param
+from autopar.cost.overheads import ACCUMULATE_TENSORS, optimizer_call_seconds
 from autopar.cost.sharing import shared_core_seconds
 from autopar.mesh import Mesh
+from autopar.solver.pipeline import UnitTotals, unit_of_nodes
+from autopar.solver.search import Layout
+from autopar.solver.sharding import ShardingSolver
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +62,26 @@ def test_node_overheads_are_paid_per_microbatch(traced, profile):
     assert extra == pytest.approx(3 * overhead + accumulate, rel=0.02)
 
 
+def test_collective_latency_is_paid_per_microbatch(traced, profile):
+    """A microbatch a quarter of the traced batch moves a quarter of each collective's
+    bytes but pays its whole latency, as it pays each node's overhead."""
+    graph = traced[0]
+    mesh = Mesh.local(2, calibration=profile)
+    solve = ShardingSolver(graph, mesh, True, 4, state_bytes_per_param(True, 4, "adam"), None)
+    pricing = solve(Layout(dp=1, tp=2, pp=1)).pricing
+    totals = UnitTotals.of(graph, pricing, unit_of_nodes(graph))
+    whole, quarter = (sum(u.time_s for u in totals.units(s, 0.0)["none"]) for s in (1.0, 0.25))
+    params = set(graph.param_fqns)
+    in_graph = [c for c in pricing.collectives if c.producer not in params]
+    assert in_graph and all(0 < c.latency_s < c.seconds for c in in_graph)
+    fixed = (
+        sum(p.overhead_s for p in [*pricing.nodes.values(), pricing.untraced_loss])
+        + sum(c.latency_s for c in in_graph)
+        + sum(c.seconds for c in pricing.collectives if c.producer in params)
+    )
+    assert 4 * quarter - whole == pytest.approx(3 * fixed, rel=1e-6)
+
+
 def test_ranks_sharing_cores_price_pipelines_below_their_bubble(traced, profile):
     shared = Mesh.local(4, calibration=profile)
     assert shared.idle_speedup == pytest.approx(2.0)
@@ -80,3 +112,47 @@ def test_elementwise_backward_runs_a_kernel_per_tensor_operand():
     assert factors[(aten.pow.Tensor_Scalar, True)] == 3.5
     assert factors[(aten.tanh.default, False)] == 1.5
     assert factors[(aten.add.Tensor, False)] == 0.0  # hands its gradient on
+
+
+def test_cpu_attention_prices_flash_recomputation_and_its_scores(traced, profile):
+    """On CPU ranks the attention core's backward recomputes its scores (five matmuls
+    against the forward's two) and every score costs softmax passes; presets keep the
+    roofline's two matmuls."""
+    graph = traced[0]
+    local = Mesh.local(1, calibration=profile)
+    preset = Mesh.preset("a100-80gb")
+    assert local.eager_attention and not preset.eager_attention
+    node = next(n for n in graph.graph_module.graph.nodes if n.target in ATTENTION_CORE)
+    info = graph.analysis.nodes[node.name]
+    device = local.device
+    batch, heads, seq, _ = node.meta["val"].shape
+    score_bytes = batch * heads * seq * seq * 4
+    priced = eager_attention_seconds(node, info, 1, device, training=True, dtype_bytes=4)
+    matmuls = compute_time(3.5 * info.flops, 2 * traffic_bytes(info, 4), device)
+    assert priced == pytest.approx(matmuls + 7 * score_bytes / device.memory_bandwidth)
+    assert priced > node_seconds(node, info, 1, device, training=True, dtype_bytes=4)
+
+
+def test_fp32_adamw_steps_its_weights_in_place_with_eager_calls():
+    """Mixed precision: 32 B per parameter (fp32 master, states); fp32 weights stepped in
+    place by torch.optim's AdamW: 80 B and 8 eager calls per parameter tensor."""
+    device = autopar.DeviceSpec("cpu", 1e11, 1e10, 2**30, dtype_bytes=4, op_overhead_s=2e-6)
+    assert optimizer_seconds(1e6, device) == pytest.approx(80e6 / 1e10)
+    assert optimizer_seconds(1e6, device, dtype_bytes=2) == pytest.approx(32e6 / 1e10)
+    assert optimizer_call_seconds(device) == pytest.approx(8 * 2e-6)
+
+
+def test_tied_gradients_are_summed_over_pp_and_the_loss_over_the_world(traced, profile):
+    """GPT-2's embedding and LM head on the first and last stage: their gradient is
+    all-reduced over pp once per step; train_step's loss over every rank."""
+    graph = traced[0]
+    mesh = Mesh.local(2, calibration=profile)
+    piped, replicated = _plan(traced, mesh, pp=2, microbatches=2), _plan(traced, mesh, dp=2)
+    wte = graph.graph_module.graph.find_nodes(op="placeholder", target="p_transformer_wte_weight")
+    (tied,) = [c for c in piped.collectives if c.axis == "pp"]
+    assert tied.nbytes == wte[0].meta["val"].numel() * 4
+    assert tied.seconds == pytest.approx(mesh.collective_time("all_reduce", tied.nbytes, (0, 1)))
+    loss_s = mesh.collective_time("all_reduce", 8, (0, 1))  # a float64 scalar
+    assert not [c for c in replicated.collectives if c.axis == "pp"]
+    assert replicated.cost.step_sync_s == pytest.approx(loss_s)
+    assert piped.cost.step_sync_s == pytest.approx(tied.seconds + loss_s)

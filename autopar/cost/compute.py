@@ -52,6 +52,13 @@ BACKWARD_BYTES_BY_OP = {torch.ops.aten.pow.Tensor_Scalar: 3.5, torch.ops.aten.ta
 # write fp32 master weight, momentum and variance (24 B), read the 16-bit gradient and
 # write the 16-bit weight (4 B), plus slack for the gradient zeroing (4 B).
 OPTIMIZER_BYTES_PER_PARAM = 32
+# AdamW stepping fp32 weights in place as torch.optim runs it (torch/optim/adamw.py and
+# adam.py, `_single_tensor_adam`, the same sequence over lists in its foreach twin),
+# bytes read and written per parameter: the decoupled weight decay w *= 1 - lr wd (8),
+# m.lerp_(g) (12), v.mul_(b2) (8) and v.addcmul_(g, g) (12), the denominator sqrt(v)
+# (8), / sqrt(1 - b2^t) (8), + eps (8), and w.addcdiv_(m, denominator) (16). No master
+# copy: the weights are the fp32 ones. (Adam without weight decay skips the first: 72.)
+FP32_OPTIMIZER_BYTES_PER_PARAM = 80
 
 _PASS_THROUGH = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
 
@@ -124,6 +131,9 @@ def node_seconds(
     return training_time(flops, nbytes, device, backward_bytes_factor(node), rate)
 
 
-def optimizer_seconds(local_numel: float, device: DeviceSpec) -> float:
-    """The optimizer step's memory traffic for `local_numel` parameters on one rank."""
-    return local_numel * OPTIMIZER_BYTES_PER_PARAM / device.memory_bandwidth
+def optimizer_seconds(local_numel: float, device: DeviceSpec, dtype_bytes: int | None = None):
+    """The optimizer step's memory traffic for `local_numel` parameters on one rank,
+    trained in mixed precision (16-bit weights, fp32 master) or in fp32."""
+    fp32 = (dtype_bytes or device.dtype_bytes) == 4
+    per_param = FP32_OPTIMIZER_BYTES_PER_PARAM if fp32 else OPTIMIZER_BYTES_PER_PARAM
+    return local_numel * per_param / device.memory_bandwidth

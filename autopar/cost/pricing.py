@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from autopar.cost.attention import eager_attention_seconds
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
 from autopar.cost.gemm import local_products
+from autopar.cost.loss import loss_logits, untraced_loss_seconds
 from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
-from autopar.cost.overheads import node_overhead_seconds
+from autopar.cost.overheads import node_overhead_seconds, optimizer_call_seconds
 from autopar.placement import Replicate, Shard
 from autopar.reshard import Reshard, defers_to_step, reshard, sole_parameter
 from autopar.strategies import Strategy
@@ -35,6 +37,14 @@ class Collective:
     seconds: float
     layer: int | None
     axis: str = "tp"  # the mesh axis it runs over
+    # The part of `seconds` that does not grow with the bytes (the alpha-beta latency
+    # term): a microbatch of any size pays it once per run of the collective.
+    latency_s: float = 0.0
+
+    def scaled_seconds(self, scale: float) -> float:
+        """The collective's time on a microbatch `scale` times the traced batch: the
+        bandwidth term scales with the bytes, the latency does not."""
+        return scale * (self.seconds - self.latency_s) + self.latency_s
 
 
 @dataclass(frozen=True)
@@ -73,12 +83,14 @@ class EdgeReshard:
 
 @dataclass
 class ShardingPrice:
-    """A chosen sharding priced node by node, with every collective it runs in the graph
-    and the parameter gradients it sums over tp once per step."""
+    """A chosen sharding priced node by node, with every collective it runs in the graph,
+    the parameter gradients it sums over tp once per step, and the loss computed outside
+    the graph (the same under every sharding: the output is whole on every rank)."""
 
     nodes: dict[str, NodePrice]
     collectives: list[Collective]
     deferred_grad_bytes: dict[str, float]  # parameter placeholder -> its gradient's bytes
+    untraced_loss: NodePrice | None = None  # on the epilogue (cost/loss.py)
 
     def total(self, field: str) -> float:
         return sum(getattr(price, field) for price in self.nodes.values())
@@ -94,14 +106,14 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
     fraction = local_fraction(strategy.output, tp)
     if node.op == "call_function":
         share = tp if strategy.splits_work else 1
-        products = local_products(node, strategy.inputs, tp)
+        if mesh.eager_attention and node.target in ATTENTION_CORE:
+            seconds, shape = eager_attention_seconds, {}
+        else:
+            seconds, shape = node_seconds, {"products": local_products(node, strategy.inputs, tp)}
         compute, forward = (
-            node_seconds(
-                node, info, share, mesh.device, training=t, dtype_bytes=dtype_bytes,
-                products=products,
-            )
+            seconds(node, info, share, mesh.device, training=t, dtype_bytes=dtype_bytes, **shape)
             for t in (training, False)
-        )  # fmt: skip
+        )
         kept = saved_for_backward(node, info, training, dtype_bytes) * fraction
         comm = sum(mesh.tp_collective_time(k, n, tp) for k, n in strategy.collectives)
         overhead, forward_overhead = (
@@ -115,7 +127,11 @@ def node_price(traced, node: fx.Node, strategy: Strategy, mesh, tp, *, training,
         )  # fmt: skip
     if node.name in traced.param_fqns and node.users:  # an unused twin: its tie pays
         numel = node.meta["val"].numel() * fraction
-        optimizer = optimizer_seconds(numel, mesh.device) if training else 0.0
+        optimizer = (
+            optimizer_seconds(numel, mesh.device, dtype_bytes) + optimizer_call_seconds(mesh.device)
+            if training
+            else 0.0
+        )
         nbytes = tensor_bytes(node, dtype_bytes) * fraction
         return NodePrice(param_numel=numel, param_bytes=nbytes, optimizer_s=optimizer)
     return NodePrice()
@@ -146,7 +162,8 @@ def _op_collectives(node, strategy, mesh, tp, traced) -> list[Collective]:
     layer = traced.analysis.nodes[node.name].layer
     return [
         Collective(kind, "forward", node.name, node.name, nbytes,
-                   mesh.tp_collective_time(kind, nbytes, tp), layer)
+                   mesh.tp_collective_time(kind, nbytes, tp), layer,
+                   latency_s=mesh.tp_collective_time(kind, 0, tp))
         for kind, nbytes in strategy.collectives
     ]  # fmt: skip
 
@@ -168,11 +185,12 @@ class PriceMemo:
 
 
 def _edge_steps(traced, producer, made, seen, slot, mesh, tp, training, dtype_bytes):
-    """(EdgeReshard, bytes, [(phase, kind, seconds)]) of one edge, names aside."""
+    """(EdgeReshard, bytes, [(phase, kind, seconds, latency)]) of one edge, names aside."""
     edge = edge_reshard(traced, producer, made, seen, slot, training)
     nbytes = tensor_bytes(producer, dtype_bytes)
     steps = [
-        (phase, step.kind, mesh.tp_collective_time(step.kind, nbytes, tp))
+        (phase, step.kind, mesh.tp_collective_time(step.kind, nbytes, tp),
+         mesh.tp_collective_time(step.kind, 0, tp))
         for phase, step in edge.entry.collectives()
     ] if edge is not None else []  # fmt: skip
     return edge, nbytes, steps
@@ -205,8 +223,17 @@ def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo: Pri
                 continue
             layer = traced.analysis.nodes[producer.name].layer  # a block owns what it makes
             found += [
-                Collective(kind, phase, producer.name, consumer.name, nbytes, seconds, layer)
-                for phase, kind, seconds in steps
+                Collective(
+                    kind,
+                    phase,
+                    producer.name,
+                    consumer.name,
+                    nbytes,
+                    seconds,
+                    layer,
+                    latency_s=latency,
+                )
+                for phase, kind, seconds, latency in steps
             ]
     return found, deferred
 
@@ -229,4 +256,19 @@ def price_sharding(
             )  # fmt: skip
         nodes[node.name] = memo.nodes[key]
     collectives, deferred = _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo)
-    return ShardingPrice(nodes, collectives, deferred)
+    loss = untraced_loss_price(traced, mesh, training=training, dtype_bytes=dtype_bytes)
+    return ShardingPrice(nodes, collectives, deferred, loss)
+
+
+def untraced_loss_price(traced, mesh, *, training, dtype_bytes) -> NodePrice | None:
+    """The loss `train_step(inputs, target, loss_fn)` computes on the model's output
+    outside the graph (cost/loss.py); None when the
+    loss was traced, when nothing trains, or when the model returns no floating tensor."""
+    logits = loss_logits(traced.graph_module.graph)
+    if traced.traced_loss or logits is None or not training:
+        return None
+    both, forward, overhead, forward_overhead = untraced_loss_seconds(
+        logits, mesh.device, dtype_bytes
+    )
+    return NodePrice(compute_s=both, forward_s=forward, overhead_s=overhead,
+                     forward_overhead_s=forward_overhead)  # fmt: skip

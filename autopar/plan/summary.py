@@ -83,11 +83,13 @@ def _recompute(plan) -> str:
 
 def communication_parts(cost) -> list[tuple[str, float]]:
     """Where the communication time goes: tp collectives (with the tp gradient sums),
-    the dp gradient sync and the pipeline's sends and receives."""
+    the dp gradient sync, the pipeline's sends and receives, and the once-a-step sums of
+    tied gradients over pp and of the loss."""
     return [
-        ("tensor parallel", cost.comm_s - cost.dp_sync_s - cost.p2p_s),
+        ("tensor parallel", cost.comm_s - cost.dp_sync_s - cost.p2p_s - cost.step_sync_s),
         ("data parallel", cost.dp_sync_s),
         ("pipeline send/recv", cost.p2p_s),
+        ("tied gradients and loss", cost.step_sync_s),
     ]
 
 

@@ -69,6 +69,8 @@ class Cost:
     dp_sync_s: float = 0.0  # the data-parallel gradient all-reduce, part of comm_s
     tp_sync_s: float = 0.0  # parameter gradients summed over tp once per step, part of comm_s
     p2p_s: float = 0.0  # pipeline sends and receives of the slowest pp rank, part of comm_s
+    # once per step, part of comm_s: tied parameters' gradients summed over pp, the loss's mean
+    step_sync_s: float = 0.0
 
 
 @dataclass

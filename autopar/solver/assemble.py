@@ -17,7 +17,12 @@ from autopar.placement import DP, TP, NodePlacement, Shard
 from autopar.plan import Cost, Plan, PlanNode, Stage
 from autopar.reshard import BACKWARD, FORWARD
 from autopar.solver.pipeline import unit_of_nodes
-from autopar.solver.sharding import PARAMETER_SYNC, ZERO_SYNC, zero3_gather_seconds
+from autopar.solver.sharding import (
+    PARAMETER_SYNC,
+    PP,
+    ZERO_SYNC,
+    zero3_gather_seconds,
+)
 from autopar.strategies import NORMS, SEQUENCE
 
 
@@ -119,7 +124,8 @@ def _zero3_gathers(mesh, best) -> list[Collective]:
 
 def _grad_syncs(best) -> list[Collective]:
     """The sums of partial gradients once per step, as the table runs them: over tp for the
-    parameters whose f waits for the step, over dp for all (the fullest pipeline rank)."""
+    parameters whose f waits for the step, over dp for all (the fullest pipeline rank),
+    over pp for tied parameters read on several pp ranks."""
     dp_entry = ZERO_SYNC if best.zero >= 1 else PARAMETER_SYNC
     syncs = (
         (TP, "parameter gradients read by split work", best.tp_sync_bytes, best.tp_sync_s,
@@ -134,24 +140,28 @@ def _grad_syncs(best) -> list[Collective]:
                        None, axis)
             for phase, step in steps
         ]  # fmt: skip
-    return found
+    if best.tied_sync_s > 0:
+        found.append(Collective("all_reduce", BACKWARD, "tied parameter gradients", "optimizer",
+                                int(best.tied_bytes), best.tied_sync_s, None, PP))  # fmt: skip
+    return found  # the loss's mean moves no model tensor: Cost.step_sync_s prices it
 
 
 def _cost(traced, mesh, sharding, best, training) -> Cost:
     layout, choice = best.layout, best.choice
     scale = best.microbatch_size / traced_batch(traced)
-    comm_per_mb = sum(c.seconds for c in sharding.pricing.collectives) * scale
+    comm_per_mb = sum(c.scaled_seconds(scale) for c in sharding.pricing.collectives)
     factor = 1 + BACKWARD_FLOP_FACTOR if training else 1
     flops = factor * traced.analysis.total_flops * scale * choice.num_microbatches * layout.dp
     pipeline_work = choice.step_s - choice.bubble_s  # the sends and receives included
     in_graph = min(pipeline_work - choice.p2p_s, comm_per_mb * choice.num_microbatches / layout.pp)
-    comm = in_graph + best.dp_sync_s + best.tp_sync_s + choice.p2p_s
+    once = best.dp_sync_s + best.tp_sync_s + best.tied_sync_s + best.loss_mean_s
+    comm = in_graph + once + choice.p2p_s
     return Cost(
         step_time_s=best.step_s, compute_s=best.step_s - comm - choice.bubble_s, comm_s=comm,
         bubble_s=choice.bubble_s, memory_per_device_bytes=choice.memory_bytes,
         tflops_per_device=flops / best.step_s / mesh.world_size / 1e12,
         optimizer_s=best.optimizer_s, dp_sync_s=best.dp_sync_s, tp_sync_s=best.tp_sync_s,
-        p2p_s=choice.p2p_s,
+        p2p_s=choice.p2p_s, step_sync_s=best.tied_sync_s + best.loss_mean_s,
     )  # fmt: skip
 
 

@@ -125,7 +125,8 @@ class Gathered:
 class UnitTotals:
     """One sharding's costs per pipeline unit for one traced batch, summed once and then
     scaled for every configuration the search prices (`once`: collectives on parameters,
-    and `overhead`: each node's fixed cost, neither of which grows with the microbatch;
+    and `overhead`: each node's fixed cost and each collective's latency, neither of
+    which grows with the microbatch;
     `partial_bytes`: gradients summed over tp once per step)."""
 
     values: dict[str, list[float]]
@@ -137,8 +138,10 @@ class UnitTotals:
     def of(cls, traced, pricing, unit_of) -> UnitTotals:
         num_units = len(traced.analysis.layers) + 2
         values = {key: [0.0] * num_units for key in _QUANTITIES}
-        for name, price in pricing.nodes.items():
-            u = unit_of.get(name, 0)
+        placed = [(unit_of.get(name, 0), price) for name, price in pricing.nodes.items()]
+        if pricing.untraced_loss is not None:  # on the output: the epilogue's rank
+            placed.append((num_units - 1, pricing.untraced_loss))
+        for u, price in placed:
             for key, amount in (
                 ("time", price.compute_s), ("forward", price.forward_s),
                 ("kept", price.activation_bytes), ("param_numel", price.param_numel),
@@ -155,9 +158,14 @@ class UnitTotals:
         param_names = set(traced.param_fqns)
         for c in pricing.collectives:
             u, once = unit_of.get(c.producer, 0), c.producer in param_names
-            values["once" if once else "time"][u] += c.seconds
+            # a collective on activations: its bytes scale with the microbatch, its
+            # latency is paid once per microbatch, as a node's fixed overhead is
+            scaled, fixed = (0.0, c.seconds) if once else (c.seconds - c.latency_s, c.latency_s)
+            values["time"][u] += scaled
+            values["once" if once else "overhead"][u] += fixed
             if c.phase == "forward":  # a recomputed forward runs them again
-                values["once_forward" if once else "forward"][u] += c.seconds
+                values["forward"][u] += scaled
+                values["once_forward" if once else "forward_overhead"][u] += fixed
         crossing = _crossing_bytes(traced, unit_of, num_units, pricing)
         return cls(values, crossing, *_identical_units(values, crossing))
 
@@ -201,6 +209,22 @@ class UnitTotals:
         for (i, j), rank in zip(choice.split.bounds, choice.rank_of_stage, strict=True):
             sums[rank] += sum(self.values[key][i:j])
         return sums
+
+
+def tied_param_bytes(traced, pricing, unit_of, choice) -> float:
+    """This rank's bytes of the parameters whose readers run on more than one pp rank
+    under `choice` (a tied embedding and LM head on the first and last stage)."""
+    rank_of_unit = {
+        u: rank
+        for (i, j), rank in zip(choice.split.bounds, choice.rank_of_stage, strict=True)
+        for u in range(i, j)
+    }
+    total = 0.0
+    for node in traced.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in traced.param_fqns:
+            readers = {rank_of_unit[unit_of[u.name]] for u in node.users if u.name in unit_of}
+            total += pricing.nodes[node.name].param_bytes if len(readers) > 1 else 0.0
+    return total
 
 
 def build_units(traced, pricing, unit_of, *, scale, state_bytes_per_param) -> list[Unit]:

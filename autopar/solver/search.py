@@ -33,10 +33,17 @@ from autopar.solver.pipeline import (
     UnitTotals,
     evaluate,
     schedulable,
+    tied_param_bytes,
     unit_name,
     unit_of_nodes,
 )
-from autopar.solver.sharding import ShardingSolver, grad_sync_seconds, zero3_gather_seconds
+from autopar.solver.sharding import (
+    ShardingSolver,
+    grad_sync_seconds,
+    loss_mean_seconds,
+    tied_grad_sync_seconds,
+    zero3_gather_seconds,
+)
 
 MAX_MICROBATCHES = 1024  # a bound on the search, far above what schedules use (GPT-3: 192)
 
@@ -175,6 +182,9 @@ class _Candidate:
     sharding: object  # the intra-op solution it runs (sharding.Sharding)
     unit_times_s: dict[str, float]  # per microbatch, forward and backward
     zero: int  # the ZeRO stage over dp
+    tied_sync_s: float = 0.0  # tied parameters' gradients summed over pp once per step
+    tied_bytes: float = 0.0
+    loss_mean_s: float = 0.0  # train_step's loss all-reduced over the world
 
     @property
     def seconds_per_sample(self) -> float:
@@ -306,9 +316,13 @@ class _Search:
         numel = max(totals.per_rank("param_numel", choice)) if self.training else 0.0
         accumulate = accumulation_seconds(numel, choice.num_microbatches, mesh.device,
                                           self.dtype_bytes)  # fmt: skip
-        step = choice.step_s + accumulate + optimizer + dp_sync + tp_sync
+        tied = tied_param_bytes(self.traced, sharding.pricing, self.unit_of, choice)
+        tied_sync = tied_grad_sync_seconds(mesh, layout, tied) if self.training else 0.0
+        loss_mean = loss_mean_seconds(mesh, self.training)
+        step = choice.step_s + accumulate + optimizer + dp_sync + tp_sync + tied_sync + loss_mean
         return _Candidate(layout, choice, size, step, optimizer, dp_sync, grads, tp_sync,
-                          partial, sharding, _unit_times(choice.split, units), zero)  # fmt: skip
+                          partial, sharding, _unit_times(choice.split, units), zero,
+                          tied_sync, tied, loss_mean)  # fmt: skip
 
 
 def _unit_times(split, units: dict) -> dict[str, float]:

@@ -54,6 +54,28 @@ def grad_sync_seconds(mesh, layout, grad_bytes: float, axis: str = DP, zero: int
     return reshard_seconds(entry, grad_bytes, lambda kind, n: mesh.collective_time(kind, n, group))
 
 
+PP = "pp"
+LOSS_BYTES = 8  # train_step's loss, a float64 scalar
+
+
+def tied_grad_sync_seconds(mesh, layout, tied_bytes: float) -> float:
+    """Once per step: the gradients of parameters read on several pp ranks (GPT-2's
+    embedding and LM head) summed over the pp group (runtime/pipeline.py
+    `sum_tied_grads`: one coalesced all-reduce, every pp rank taking part)."""
+    if layout.pp == 1 or tied_bytes == 0:
+        return 0.0
+    group = range(0, mesh.world_size, layout.dp * layout.tp)
+    return mesh.collective_time("all_reduce", tied_bytes, group)
+
+
+def loss_mean_seconds(mesh, training: bool) -> float:
+    """Once per step: train_step's loss, the mean over the replicas, all-reduced over the
+    world (runtime/parallel.py `_mean_loss`); a scalar, so its latency."""
+    if not training or mesh.world_size == 1:
+        return 0.0
+    return mesh.collective_time("all_reduce", LOSS_BYTES, range(mesh.world_size))
+
+
 def zero3_gather_seconds(mesh, layout, param_bytes: float) -> float:
     """ZeRO-3, per microbatch: a block's parameters all-gathered over dp for its forward
     and again for its backward, and its gradients reduce-scattered (Rajbhandari et al.
