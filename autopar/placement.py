@@ -54,6 +54,7 @@ PlacementOrTuple = Placement | tuple[Placement, ...]
 
 DP, TP = "dp", "tp"
 MESH_AXES = (DP, TP)
+PP = "pp"  # the pipeline axis: no placement names it, collectives over it do
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ slower (Williams, Waterman and Patterson, "Roofline", CACM 2009):
 
 `matmul_efficiency` scales the datasheet peak down to what a large matmul
 sustains (see `DeviceSpec`), and on GPUs a matmul's shape scales it further
-(`cost.gemm`: tile quantization, the inner loop's fill); elementwise and normalization operators land on the
-memory side of the roofline, so the efficiency hardly matters for them.
+(`cost.gemm`: tile quantization, the inner loop's fill); elementwise and
+normalization operators land on the memory side of the roofline, so the
+efficiency hardly matters for them.
 Communication and pipeline bubbles are priced elsewhere (`cost.comm`,
 `solver.stages`), never folded into this number. Every stage that needs the time
 of a node (the ILP, the pricing of a plan, the timeline) reads `node_seconds`.
@@ -103,7 +104,7 @@ def backward_bytes_factor(node: fx.Node) -> float:
     if node.target in BACKWARD_BYTES_BY_OP:
         return BACKWARD_BYTES_BY_OP[node.target]
     if node.target in PER_OPERAND_BACKWARD:
-        floating = [a for a in node.all_input_nodes if _is_floating(a)]
+        floating = [a for a in node.all_input_nodes if is_floating(a)]
         return BACKWARD_BYTES_FACTOR * max(len(floating), 1)
     if node.target not in _PASS_THROUGH:
         return BACKWARD_BYTES_FACTOR
@@ -112,7 +113,7 @@ def backward_bytes_factor(node: fx.Node) -> float:
     return BROADCAST_SUM_BACKWARD_FACTOR if broadcast else PASS_THROUGH_BACKWARD_FACTOR
 
 
-def _is_floating(node: fx.Node) -> bool:
+def is_floating(node: fx.Node) -> bool:
     value = node.meta.get("val")
     return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
+from autopar.cost.memory import ATTENTION_CORE
 from autopar.placement import Shard
 
 if TYPE_CHECKING:
@@ -41,17 +42,12 @@ _MATMULS = {
     torch.ops.aten.matmul.default,
     torch.ops.aten.bmm.default,
 }
-_SDPA = {
-    torch.ops.aten.scaled_dot_product_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-}
 
 
 def local_products(node: fx.Node, inputs, tp: int) -> tuple[Product, ...]:
     """The matmul products `node` runs on one rank whose inputs are placed as `inputs`
     (one placement per `node.all_input_nodes`); () for a node that is not a matmul."""
-    if node.target not in _MATMULS and node.target not in _SDPA:
+    if node.target not in _MATMULS and node.target not in ATTENTION_CORE:
         return ()
     shapes = [
         _local_shape(arg, placement, tp)
@@ -59,7 +55,7 @@ def local_products(node: fx.Node, inputs, tp: int) -> tuple[Product, ...]:
     ]
     if any(shape is None for shape in shapes) or len(shapes) < 2:
         return ()
-    if node.target in _SDPA:  # scores = q @ k^T, then scores @ v, per batch and head
+    if node.target in ATTENTION_CORE:  # scores = q @ k^T, then scores @ v, per batch and head
         (*_, seq_q, head), (*_, seq_kv, _d) = shapes[0], shapes[1]
         return ((seq_q, seq_kv, head), (seq_q, shapes[2][-1], seq_kv))
     a, b = shapes[0], shapes[1]
@@ -95,6 +91,6 @@ def efficiency(products: tuple[Product, ...], device: DeviceSpec, *, training: b
     the products run one after another."""
     if not products:
         return device.matmul_efficiency
-    runs = [p for m, n, k in products for p in ((m, n, k), (m, k, n), (k, n, m))]
-    runs = runs if training else list(products)
-    return len(runs) / sum(1 / product_efficiency(p, device) for p in runs)
+    if training:  # each product's two backward products: its dims rotated
+        products = tuple(p for m, n, k in products for p in ((m, n, k), (m, k, n), (k, n, m)))
+    return len(products) / sum(1 / product_efficiency(p, device) for p in products)

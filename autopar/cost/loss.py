@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 import torch.fx as fx
 
+from autopar.cost.compute import is_floating
 from autopar.cost.memory import tensor_bytes
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def output_node(graph: fx.Graph) -> fx.Node:
 def loss_logits(graph: fx.Graph) -> fx.Node | None:
     """The output an untraced loss reads: the graph's largest floating-point output (a
     language model's logits); None when it returns none."""
-    floating = [n for n in output_node(graph).all_input_nodes if _floating(n)]
+    floating = [n for n in output_node(graph).all_input_nodes if is_floating(n)]
     return max(floating, key=lambda n: n.meta["val"].numel(), default=None)
 
 
@@ -52,8 +52,3 @@ def untraced_loss_seconds(logits: fx.Node, device: DeviceSpec, dtype_bytes: int 
     forward_overhead = LOSS_NODES * device.op_overhead_s
     overhead = forward_overhead + LOSS_NODES * device.backward_op_overhead_s
     return forward + backward, forward, overhead, forward_overhead
-
-
-def _floating(node: fx.Node) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.dtype.is_floating_point

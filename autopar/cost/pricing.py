@@ -223,18 +223,10 @@ def _edge_collectives(traced, chosen, mesh, tp, training, dtype_bytes, memo: Pri
                 continue
             layer = traced.analysis.nodes[producer.name].layer  # a block owns what it makes
             found += [
-                Collective(
-                    kind,
-                    phase,
-                    producer.name,
-                    consumer.name,
-                    nbytes,
-                    seconds,
-                    layer,
-                    latency_s=latency,
-                )
+                Collective(kind, phase, producer.name, consumer.name, nbytes, seconds, layer,
+                           latency_s=latency)
                 for phase, kind, seconds, latency in steps
-            ]
+            ]  # fmt: skip
     return found, deferred
 
 

@@ -13,16 +13,11 @@ import torch.fx as fx
 
 from autopar.cost.compute import BACKWARD_FLOP_FACTOR
 from autopar.cost.pricing import Collective
-from autopar.placement import DP, TP, NodePlacement, Shard
+from autopar.placement import DP, PP, TP, NodePlacement, Shard
 from autopar.plan import Cost, Plan, PlanNode, Stage
 from autopar.reshard import BACKWARD, FORWARD
 from autopar.solver.pipeline import unit_of_nodes
-from autopar.solver.sharding import (
-    PARAMETER_SYNC,
-    PP,
-    ZERO_SYNC,
-    zero3_gather_seconds,
-)
+from autopar.solver.sharding import PARAMETER_SYNC, ZERO_SYNC, zero3_gather_seconds
 from autopar.strategies import NORMS, SEQUENCE
 
 

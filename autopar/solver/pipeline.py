@@ -211,20 +211,31 @@ class UnitTotals:
         return sums
 
 
-def tied_param_bytes(traced, pricing, unit_of, choice) -> float:
-    """This rank's bytes of the parameters whose readers run on more than one pp rank
-    under `choice` (a tied embedding and LM head on the first and last stage)."""
+def shared_params(traced, unit_of) -> dict[str, frozenset[int]]:
+    """The parameters read by more than one unit (a tied embedding and LM head), with
+    the units that read them: found once per graph, as no split changes them."""
+    found = {}
+    for node in traced.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in traced.param_fqns:
+            units = frozenset(unit_of[u.name] for u in node.users if u.name in unit_of)
+            if len(units) > 1:
+                found[node.name] = units
+    return found
+
+
+def tied_param_bytes(shared: dict[str, frozenset[int]], pricing, choice) -> float:
+    """This rank's bytes of the `shared_params` whose readers run on more than one pp
+    rank under `choice` (a tied embedding and LM head on the first and last stage)."""
     rank_of_unit = {
         u: rank
         for (i, j), rank in zip(choice.split.bounds, choice.rank_of_stage, strict=True)
         for u in range(i, j)
     }
-    total = 0.0
-    for node in traced.graph_module.graph.nodes:
-        if node.op == "placeholder" and node.name in traced.param_fqns:
-            readers = {rank_of_unit[unit_of[u.name]] for u in node.users if u.name in unit_of}
-            total += pricing.nodes[node.name].param_bytes if len(readers) > 1 else 0.0
-    return total
+    return sum(
+        pricing.nodes[name].param_bytes
+        for name, units in shared.items()
+        if len({rank_of_unit[u] for u in units}) > 1
+    )
 
 
 def build_units(traced, pricing, unit_of, *, scale, state_bytes_per_param) -> list[Unit]:

@@ -33,6 +33,7 @@ from autopar.solver.pipeline import (
     UnitTotals,
     evaluate,
     schedulable,
+    shared_params,
     tied_param_bytes,
     unit_name,
     unit_of_nodes,
@@ -231,6 +232,7 @@ class _Search:
     optimizer: str
     batch: int  # the traced example's rows
     unit_of: dict
+    shared: dict  # parameters read by several units (pipeline.shared_params)
     best: _Candidate | None = None
     tried: int = 0
     totals: dict = field(default_factory=dict)  # id(sharding.pricing) -> UnitTotals
@@ -316,7 +318,7 @@ class _Search:
         numel = max(totals.per_rank("param_numel", choice)) if self.training else 0.0
         accumulate = accumulation_seconds(numel, choice.num_microbatches, mesh.device,
                                           self.dtype_bytes)  # fmt: skip
-        tied = tied_param_bytes(self.traced, sharding.pricing, self.unit_of, choice)
+        tied = tied_param_bytes(self.shared, sharding.pricing, choice)
         tied_sync = tied_grad_sync_seconds(mesh, layout, tied) if self.training else 0.0
         loss_mean = loss_mean_seconds(mesh, self.training)
         step = choice.step_s + accumulate + optimizer + dp_sync + tp_sync + tied_sync + loss_mean
@@ -348,8 +350,9 @@ def search(traced, mesh, *, pins: Pins | None = None, training=True, dtype_bytes
     state_bytes = state_bytes_per_param(training, dtype_bytes, optimizer)
     solve = ShardingSolver(traced, mesh, training, dtype_bytes, state_bytes, time_limit_s,
                            pins.sequence_parallel, input_roles)  # fmt: skip
-    run = _Search(traced, mesh, pins, solve, training, dtype_bytes, optimizer, batch,
-                  unit_of_nodes(traced))  # fmt: skip
+    unit_of = unit_of_nodes(traced)
+    run = _Search(traced, mesh, pins, solve, training, dtype_bytes, optimizer, batch, unit_of,
+                  shared_params(traced, unit_of))  # fmt: skip
     for layout in candidates:
         if progress:
             progress(layout)

@@ -54,7 +54,6 @@ def grad_sync_seconds(mesh, layout, grad_bytes: float, axis: str = DP, zero: int
     return reshard_seconds(entry, grad_bytes, lambda kind, n: mesh.collective_time(kind, n, group))
 
 
-PP = "pp"
 LOSS_BYTES = 8  # train_step's loss, a float64 scalar
 
 
