@@ -96,6 +96,7 @@ def main() -> None:
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...
     try:
         train(args.steps, args.lr, pins, args.checkpoint, args.save_every, args.resume)
+        dist.barrier()  # every rank past its last collective before any rank tears down
     finally:
         dist.destroy_process_group()
 

@@ -139,6 +139,7 @@ class GradientReducer:
         self._next = len(self.buckets)
         for bucket in self.buckets:
             bucket.work.wait()
+            bucket.work = None  # released here, not by a communication thread at exit
             for param in bucket.params:
                 slot = self._slots[id(param)]
                 if slot.seen == 0:  # read by no backward pass: no gradient, as autograd leaves it
