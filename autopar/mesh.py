@@ -76,8 +76,14 @@ class DeviceSpec:
     # GPU presets, whose launches overlap the kernels before them.
     op_overhead_s: float = 0.0
     backward_op_overhead_s: float = 0.0
+    # (logits bytes, seconds per byte) of a cross-entropy forward and backward, measured
+    # by `autopar calibrate` on CPU ranks (cost/loss.py); () prices the loss's passes on
+    # the roofline (the GPU presets).
+    loss_seconds_per_byte: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
+        curve = tuple((float(n), float(s)) for n, s in self.loss_seconds_per_byte)
+        object.__setattr__(self, "loss_seconds_per_byte", tuple(sorted(curve)))
         _check_positive(
             f"DeviceSpec {self.name!r}",
             peak_flops=self.peak_flops,
@@ -252,6 +258,9 @@ class Mesh:
         """JSON-safe description; `Mesh.from_dict` reads it back."""
         data = dataclasses.asdict(self)
         data["collective_fits"] = list(data["collective_fits"])
+        data["device"]["loss_seconds_per_byte"] = [
+            list(p) for p in self.device.loss_seconds_per_byte
+        ]
         return data
 
     @classmethod
@@ -301,6 +310,7 @@ def _local_mesh(constants: LocalConstants, name: str) -> Mesh:
         dtype_bytes=4,
         op_overhead_s=compute["op_overhead_s"],
         backward_op_overhead_s=compute["backward_op_overhead_s"],
+        loss_seconds_per_byte=compute.get("loss_seconds_per_byte", ()),
     )
     fits = tuple(
         CollectiveFit(kind, ranks, bus_bw, latency)

@@ -5,14 +5,14 @@
 from the measuring so that the topology (mesh.py) reads a profile without importing
 torch.distributed or the local launcher.
 
-A profile (version 3) holds, for every world size w it measured (1..N), what a rank
+A profile (version 4) holds, for every world size w it measured (1..N), what a rank
 sees while w ranks run at once: its compute constants (`COMPUTE_KEYS`) per CPU second
 of the rank (calibrate/timing.py says why) and, for w > 1, an alpha-beta fit per
 collective kind and group size (`FIT_KEYS`), every group of that size busy at the
 same time, in wall seconds. `local_constants` turns the compute constants into wall
 rates by the share of a core each of the w ranks gets (`cost.sharing.core_share`):
 
-    {"version": 3, "backend": "gloo", "world_size": 4, "cores": 2, ...,
+    {"version": 4, "backend": "gloo", "world_size": 4, "cores": 2, ...,
      "worlds": {"2": {"compute": {"matmul_flops": ..., ...},
                       "collectives": {"all_reduce": {"2": {"bus_bw": ..., "latency": ...}}}}}}
 """
@@ -27,12 +27,14 @@ from pathlib import Path
 from autopar.cost.sharing import core_share
 from autopar.errors import AutoparError
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 # What a rank's compute costs (per rank, while the world's ranks all run): the cost
 # model's roofline rates and its per-node overheads (cost/compute.py, cost/overheads.py).
 RATE_KEYS = ("matmul_flops", "memory_bandwidth")  # per second: scale with the core share
 SECONDS_KEYS = ("op_overhead_s", "backward_op_overhead_s")  # seconds: divide by it
 COMPUTE_KEYS = RATE_KEYS + SECONDS_KEYS
+# [logits bytes, seconds per byte] of the loss at a few sizes (cost/loss.py): divide too
+LOSS_KEY = "loss_seconds_per_byte"
 FIT_KEYS = ("bus_bw", "latency")
 
 
@@ -107,11 +109,13 @@ def local_constants(data: dict, world_size: int, source: str) -> LocalConstants:
     )  # fmt: skip
 
 
-def wall_compute(per_cpu_second: dict, ranks: int, cores: int) -> dict[str, float]:
+def wall_compute(per_cpu_second: dict, ranks: int, cores: int) -> dict:
     """A rank's compute constants per wall second while `ranks` ranks share `cores`."""
     share = core_share(ranks, cores)
     rates = {k: float(per_cpu_second[k]) * share for k in RATE_KEYS}
-    return rates | {k: float(per_cpu_second[k]) / share for k in SECONDS_KEYS}
+    seconds = {k: float(per_cpu_second[k]) / share for k in SECONDS_KEYS}
+    loss = tuple((float(n), float(s) / share) for n, s in per_cpu_second[LOSS_KEY])
+    return rates | seconds | {LOSS_KEY: loss}
 
 
 def physical_memory_bytes() -> int:
@@ -132,12 +136,22 @@ def _problems(data: dict) -> list[str]:
             continue
         bad += [f"worlds.{w}.compute.{k}" for k in COMPUTE_KEYS if not _is_number(compute.get(k))]
         bad += [f"worlds.{w}.compute.matmul_flops"] * (compute.get("matmul_flops") == 0)
+        bad += [f"worlds.{w}.compute.{LOSS_KEY}"] * (not _is_curve(compute.get(LOSS_KEY)))
         for kind, by_ranks in (world.get("collectives") or {}).items():
             for ranks, fit in by_ranks.items():
                 where = f"worlds.{w}.collectives.{kind}.{ranks}"
                 bad += [f"{where}.{k}" for k in FIT_KEYS if not _is_number(fit.get(k))]
                 bad += [f"{where}.bus_bw"] * (fit.get("bus_bw") == 0)
     return bad
+
+
+def _is_curve(points) -> bool:
+    """A non-empty list of [size, value] pairs of positive numbers."""
+    return (
+        isinstance(points, list) and bool(points)
+        and all(isinstance(p, list) and len(p) == 2 and all(_is_number(v) and v > 0 for v in p)
+                for p in points)
+    )  # fmt: skip
 
 
 def _is_number(value) -> bool:

@@ -105,11 +105,13 @@ def write_profile(path, worlds=(1, 2), cores=2, matmul_flops=100e9, bus_bw=1e9, 
     import json
 
     from autopar.cost.comm import COLLECTIVE_KINDS
+    from autopar.profile import CALIBRATION_VERSION
 
     def world(w: int) -> dict:
         compute = {
             "matmul_flops": matmul_flops, "memory_bandwidth": 10e9,
             "op_overhead_s": 5e-6, "backward_op_overhead_s": 4e-6,
+            "loss_seconds_per_byte": [[2**20, 1e-10], [2**26, 2e-10]],
         }  # fmt: skip
         groups = [g for g in range(2, w + 1) if w % g == 0]
         fits = {
@@ -118,7 +120,7 @@ def write_profile(path, worlds=(1, 2), cores=2, matmul_flops=100e9, bus_bw=1e9, 
         }
         return {"compute": compute, "collectives": fits if w > 1 else {}}
 
-    data = {"version": 3, "backend": "gloo", "world_size": max(worlds), "cores": cores,
+    data = {"version": CALIBRATION_VERSION, "backend": "gloo", "world_size": max(worlds), "cores": cores,
             "memory_bytes": 16 * 2**30, "worlds": {str(w): world(w) for w in worlds}}  # fmt: skip
     path.write_text(json.dumps(data))
     return path

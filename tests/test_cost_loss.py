@@ -25,17 +25,35 @@ def _step(graph, inputs, mesh) -> float:
     return plan.cost.step_time_s
 
 
-@pytest.mark.parametrize("vocab", [128, 2048])
-def test_an_untraced_loss_adds_its_passes_over_the_logits(mesh, vocab):
+def _loss_extra(mesh, vocab: int) -> float:
+    """What the untraced loss adds to the step of a tiny GPT-2 with `vocab` words."""
     model, inputs = tiny_gpt2(vocab_size=vocab, batch=BATCH, seq=SEQ)
     graph = autopar.capture(model, inputs)
     as_if_traced = dataclasses.replace(graph, traced_loss=True)  # nothing priced outside it
-    extra = _step(graph, inputs, mesh) - _step(as_if_traced, inputs, mesh)
+    return _step(graph, inputs, mesh) - _step(as_if_traced, inputs, mesh)
+
+
+def _overhead(device) -> float:
+    return LOSS_NODES * (device.op_overhead_s + device.backward_op_overhead_s)
+
+
+@pytest.mark.parametrize("vocab", [128, 2048])
+def test_an_untraced_loss_adds_its_passes_over_the_logits(mesh, vocab):
+    """Without a calibrated loss (the GPU presets), its passes on the roofline."""
+    roofline = dataclasses.replace(mesh.device, loss_seconds_per_byte=())
+    mesh = dataclasses.replace(mesh, device=roofline)
     logits = BATCH * SEQ * vocab * 4  # float32
-    device = mesh.device
-    passes = (LOSS_FORWARD_PASSES + LOSS_BACKWARD_PASSES) * logits / device.memory_bandwidth
-    overhead = LOSS_NODES * (device.op_overhead_s + device.backward_op_overhead_s)
-    assert extra == pytest.approx(passes + overhead, rel=1e-6)
+    passes = (LOSS_FORWARD_PASSES + LOSS_BACKWARD_PASSES) * logits / roofline.memory_bandwidth
+    assert _loss_extra(mesh, vocab) == pytest.approx(passes + _overhead(roofline), rel=1e-6)
+
+
+@pytest.mark.parametrize("vocab, per_byte", [(128, 1e-10), (2048, 1e-10), (16384, 1.5e-10)])
+def test_a_calibrated_loss_costs_what_was_measured_at_its_size(mesh, vocab, per_byte):
+    """The profile measured 1e-10 s/B at 1 MiB of logits and 2e-10 at 64 MiB: 64 KiB and
+    1 MiB cost the first, 8 MiB (half way in log size) 1.5e-10."""
+    logits = BATCH * SEQ * vocab * 4
+    expected = logits * per_byte + _overhead(mesh.device)
+    assert _loss_extra(mesh, vocab) == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_traced_loss_or_no_training_prices_nothing_outside_the_graph(mesh):

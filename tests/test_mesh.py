@@ -9,6 +9,7 @@ from conftest import write_profile
 from autopar.cost import comm
 from autopar.errors import AutoparError
 from autopar.mesh import PRESET_NAMES, DeviceSpec, Mesh
+from autopar.profile import CALIBRATION_VERSION
 
 GIB = 2**30
 
@@ -183,7 +184,8 @@ def test_local_rejects_missing_or_bad_calibration(tmp_path):
     with pytest.raises(AutoparError, match="autopar calibrate"):
         Mesh.local(2, calibration=tmp_path / "absent.json")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"version": 3, "worlds": {"2": {"compute": {"matmul_flops": "x"}}}}))
+    compute = {"compute": {"matmul_flops": "x"}}
+    bad.write_text(json.dumps({"version": CALIBRATION_VERSION, "worlds": {"2": compute}}))
     with pytest.raises(AutoparError, match="matmul_flops"):
         Mesh.local(2, calibration=bad)
     old = tmp_path / "old.json"

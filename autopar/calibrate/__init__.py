@@ -136,7 +136,7 @@ def _worlds(ranks: list[dict], world_size: int, sizes: CalibrationSizes) -> dict
     worlds = {}
     for world in range(1, world_size + 1):
         measured = [r["compute"][world] for r in ranks[:world]]
-        compute = {k: sum(m[k] for m in measured) / world for k in measured[0]}
+        compute = {k: _mean([m[k] for m in measured]) for k in measured[0]}
         worlds[str(world)] = {"compute": compute, "collectives": {}}
     points: dict = {}
     for key in ranks[0]["collectives"]:
@@ -147,6 +147,13 @@ def _worlds(ranks: list[dict], world_size: int, sizes: CalibrationSizes) -> dict
         fits = worlds[str(world)]["collectives"].setdefault(kind, {})
         fits[str(group)] = fit_alpha_beta(kind, group, found)
     return worlds
+
+
+def _mean(values: list):
+    """The ranks' mean of a number, or pointwise of [size, value] pairs (same sizes)."""
+    if isinstance(values[0], list):
+        return [[point[0], _mean([v[i][1] for v in values])] for i, point in enumerate(values[0])]
+    return sum(values) / len(values)
 
 
 def format_calibration(data: dict) -> str:
@@ -163,8 +170,9 @@ def format_calibration(data: dict) -> str:
             f"{world} rank(s) busy: per rank matmul {c['matmul_flops'] / 1e9:6.1f} GFLOP/s, "
             f"memory {c['memory_bandwidth'] / 1e9:5.2f} GB/s, per node "
             f"{c['op_overhead_s'] * 1e6:4.1f} us + {c['backward_op_overhead_s'] * 1e6:4.1f} us "
-            "backward"
-        )
+            "backward; loss " + ", ".join(f"{n / 2**20:.0f} MiB {s * 2**20 * 1e3:.2f} ms/MiB"
+                                         for n, s in c["loss_seconds_per_byte"])
+        )  # fmt: skip
         for kind, by_group in entry["collectives"].items():
             for group, fit in by_group.items():
                 lines.append(

@@ -12,6 +12,12 @@ operator overloads, one thread per rank on CPU):
 - memory bandwidth: the elementwise and normalization ops of a block (add, scale,
   tanh, pow, softmax, layer norm) on activation-sized tensors, bytes read plus
   written, the overhead again taken off.
+- the loss: a next-token cross-entropy (`logits[:, :-1]` against the ids shifted by
+  one, as a causal LM's training loop computes it) forward and backward on logits of a
+  few sizes, seconds per byte of logits. Its tensors are the largest of a step, and
+  their cost per byte grows with their size (on a 2-core VM 1.2 ms/MiB at 16 MiB, 4.2
+  at 64 MiB: memory the allocator hands back to the OS comes back as fresh pages),
+  which no bandwidth measured on small tensors predicts (cost/loss.py).
 
 Operands come cold: each suite cycles through copies of its inputs filling
 `ComputeSizes.cold_bytes`, several times a core's L2 cache, as a training step's
@@ -37,6 +43,7 @@ class ComputeSizes:
     elementwise_numel: int = 2**20
     cold_bytes: int = 32 * 2**20  # the inputs cycled through, per suite
     overhead_chain: int = 64
+    loss_bytes: tuple[int, ...] = (4 * 2**20, 16 * 2**20, 64 * 2**20)  # logits sizes
     window_s: float = 0.5
     windows: int = 3
 
@@ -54,7 +61,31 @@ def measure_compute(sizes: ComputeSizes, device: torch.device, dtype: torch.dtyp
         "memory_bandwidth": bandwidth,
         "op_overhead_s": forward,
         "backward_op_overhead_s": backward,
+        "loss_seconds_per_byte": _loss(sizes, device, dtype),
     }
+
+
+LOSS_VOCAB = 32768  # a vocabulary's width of row; sizes set the rows
+
+
+def _loss(sizes: ComputeSizes, device, dtype) -> list[list[float]]:
+    """[logits bytes, seconds per byte] of a next-token cross-entropy, forward and
+    backward, at each of `sizes.loss_bytes`."""
+    width = torch.tensor([], dtype=dtype).element_size()
+    found = []
+    for nbytes in sizes.loss_bytes:
+        rows = max(nbytes // (LOSS_VOCAB * width), 2)
+        logits = torch.randn(1, rows, LOSS_VOCAB, device=device, dtype=dtype, requires_grad=True)
+        ids = torch.randint(0, LOSS_VOCAB, (1, rows), device=device)
+
+        def forward_and_backward(logits=logits, ids=ids) -> None:
+            shifted = logits[:, :-1].reshape(-1, LOSS_VOCAB)
+            torch.nn.functional.cross_entropy(shifted, ids[:, 1:].reshape(-1)).backward()
+            logits.grad = None
+
+        seconds = suite_seconds([forward_and_backward], sizes.window_s, sizes.windows, device)
+        found.append([float(logits.numel() * width), seconds / (logits.numel() * width)])
+    return found
 
 
 def _overheads(sizes: ComputeSizes, device, dtype) -> tuple[float, float]:

@@ -13,10 +13,20 @@ logits that is 2 passes forward and 4 backward, each memory-bound (torch's
 aten/src/ATen/native/LossNLL.cpp and SoftMax.cpp; the exponentials are as cheap per
 byte as the softmax in `autopar calibrate`'s bandwidth suite). Every rank that holds
 the whole output (every tp rank: the graph's output is replicated) runs it.
+
+Those passes on the roofline are the GPU presets' price. On CPU ranks `autopar
+calibrate` measures the loss itself (`DeviceSpec.loss_seconds_per_byte`, a next-token
+cross-entropy at a few logits sizes), because there its cost per byte grows with the
+logits: on a 2-core VM 0.7-1.2 ms per MiB up to 16 MiB and 2.5-4.2 at 64 MiB, against
+0.5 on the roofline, as blocks that large come back from the OS as fresh pages. The
+price interpolates the measured cost per byte in log size and holds the end points
+beyond the sizes measured.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from typing import TYPE_CHECKING
 
 import torch.fx as fx
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
 LOSS_FORWARD_PASSES = 2  # log_softmax: read the logits, write the log-probabilities
 LOSS_BACKWARD_PASSES = 4  # nll backward writes one; log_softmax backward reads two, writes one
 LOSS_NODES = 2  # log_softmax and nll_loss: each pays a node's fixed overhead
+LOSS_PASSES = LOSS_FORWARD_PASSES + LOSS_BACKWARD_PASSES
 
 
 def output_node(graph: fx.Graph) -> fx.Node:
@@ -46,9 +57,29 @@ def loss_logits(graph: fx.Graph) -> fx.Node | None:
 def untraced_loss_seconds(logits: fx.Node, device: DeviceSpec, dtype_bytes: int | None):
     """(forward and backward, forward alone, fixed overhead of both, of the forward) of a
     cross-entropy over `logits`, on one rank holding them whole."""
-    nbytes = tensor_bytes(logits, dtype_bytes)
-    forward = LOSS_FORWARD_PASSES * nbytes / device.memory_bandwidth
-    backward = LOSS_BACKWARD_PASSES * nbytes / device.memory_bandwidth
+    both = loss_seconds(tensor_bytes(logits, dtype_bytes), device)
     forward_overhead = LOSS_NODES * device.op_overhead_s
     overhead = forward_overhead + LOSS_NODES * device.backward_op_overhead_s
-    return forward + backward, forward, overhead, forward_overhead
+    return both, both * LOSS_FORWARD_PASSES / LOSS_PASSES, overhead, forward_overhead
+
+
+def loss_seconds(nbytes: float, device: DeviceSpec) -> float:
+    """Forward and backward of a cross-entropy over `nbytes` of logits, fixed overheads
+    apart: what calibration measured at that size, else the passes on the roofline."""
+    if device.loss_seconds_per_byte:
+        return nbytes * measured_seconds_per_byte(device.loss_seconds_per_byte, nbytes)
+    return LOSS_PASSES * nbytes / device.memory_bandwidth
+
+
+def measured_seconds_per_byte(curve: tuple[tuple[float, float], ...], nbytes: float) -> float:
+    """The calibrated cost per byte at `nbytes` of logits: linear in log size between the
+    sizes measured (sorted), the nearest end's beyond them."""
+    sizes = [size for size, _ in curve]
+    if nbytes <= sizes[0]:
+        return curve[0][1]
+    if nbytes >= sizes[-1]:
+        return curve[-1][1]
+    above = bisect.bisect_right(sizes, nbytes)
+    (low, low_s), (high, high_s) = curve[above - 1], curve[above]
+    weight = math.log(nbytes / low) / math.log(high / low)
+    return low_s + weight * (high_s - low_s)

@@ -9,6 +9,7 @@ summary read that pricing. Compute, communication and memory stay apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -17,7 +18,7 @@ from autopar.cost.attention import eager_attention_seconds
 from autopar.cost.comm import reshard_seconds
 from autopar.cost.compute import node_seconds, optimizer_seconds
 from autopar.cost.gemm import local_products
-from autopar.cost.loss import loss_logits, untraced_loss_seconds
+from autopar.cost.loss import loss_logits, loss_seconds, untraced_loss_seconds
 from autopar.cost.memory import ATTENTION_CORE, saved_for_backward, tensor_bytes
 from autopar.cost.overheads import node_overhead_seconds, optimizer_call_seconds
 from autopar.placement import Replicate, Shard
@@ -62,6 +63,9 @@ class NodePrice:
     optimizer_s: float = 0.0
     overhead_s: float = 0.0  # fixed per call, forward + backward (cost/overheads.py)
     forward_overhead_s: float = 0.0  # the forward's alone
+    # forward + backward seconds at a microbatch `scale` times the traced batch, for a cost
+    # not linear in the batch (a calibrated loss: cost/loss.py); None: compute_s * scale
+    at_scale: Callable[[float], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -262,5 +266,7 @@ def untraced_loss_price(traced, mesh, *, training, dtype_bytes) -> NodePrice | N
     both, forward, overhead, forward_overhead = untraced_loss_seconds(
         logits, mesh.device, dtype_bytes
     )
+    nbytes = tensor_bytes(logits, dtype_bytes)
     return NodePrice(compute_s=both, forward_s=forward, overhead_s=overhead,
-                     forward_overhead_s=forward_overhead)  # fmt: skip
+                     forward_overhead_s=forward_overhead,
+                     at_scale=lambda scale: loss_seconds(scale * nbytes, mesh.device))  # fmt: skip

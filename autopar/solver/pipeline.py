@@ -22,7 +22,7 @@ import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulp
 import torch.fx as fx
@@ -65,13 +65,14 @@ def unit_of_nodes(traced) -> dict[str, int]:
     return units
 
 
-def _identical_units(values: dict[str, list[float]], crossing: list[float]):
+def _identical_units(values: dict[str, list[float]], crossing: list[float], at_scale: dict):
     """(kind of each unit, first unit of each kind): units with equal totals, equal bytes
-    crossing into and out of them, and the same place (prologue, block, epilogue)."""
+    crossing into and out of them, the same place (prologue, block, epilogue) and no cost
+    priced at each scale (the loss's unit is its own kind)."""
     count, seen, kinds, representatives = len(crossing), {}, [], []
     for u in range(count):
         place = 0 if u == 0 else 2 if u == count - 1 else 1
-        key = (place, crossing[u - 1] if u else None, crossing[u],
+        key = (place, crossing[u - 1] if u else None, crossing[u], u if u in at_scale else None,
                *(amounts[u] for amounts in values.values()))  # fmt: skip
         if key not in seen:
             seen[key] = len(representatives)
@@ -133,6 +134,8 @@ class UnitTotals:
     crossing: list[float]
     kinds: tuple[int, ...] = ()  # per unit, its kind: units of one kind are identical
     representatives: tuple[int, ...] = ()  # per kind, its first unit
+    # unit -> the seconds of its costs not linear in the microbatch (NodePrice.at_scale)
+    at_scale: dict[int, list[Callable[[float], float]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, traced, pricing, unit_of) -> UnitTotals:
@@ -141,9 +144,13 @@ class UnitTotals:
         placed = [(unit_of.get(name, 0), price) for name, price in pricing.nodes.items()]
         if pricing.untraced_loss is not None:  # on the output: the epilogue's rank
             placed.append((num_units - 1, pricing.untraced_loss))
+        at_scale: dict[int, list] = defaultdict(list)
         for u, price in placed:
+            if price.at_scale is not None:  # priced at each microbatch's own size
+                at_scale[u].append(price.at_scale)
+            linear = price.compute_s if price.at_scale is None else 0.0
             for key, amount in (
-                ("time", price.compute_s), ("forward", price.forward_s),
+                ("time", linear), ("forward", price.forward_s),
                 ("kept", price.activation_bytes), ("param_numel", price.param_numel),
                 ("optimizer", price.optimizer_s), ("grad_bytes", price.param_bytes),
                 ("overhead", price.overhead_s), ("forward_overhead", price.forward_overhead_s),
@@ -167,12 +174,14 @@ class UnitTotals:
                 values["forward"][u] += scaled
                 values["once_forward" if once else "forward_overhead"][u] += fixed
         crossing = _crossing_bytes(traced, unit_of, num_units, pricing)
-        return cls(values, crossing, *_identical_units(values, crossing))
+        kinds = _identical_units(values, crossing, at_scale)
+        return cls(values, crossing, *kinds, at_scale=dict(at_scale))
 
     def _unit(self, u: int, mode: str, scale: float, state_bytes: float, gathered) -> Unit:
         """Unit `u` under recomputation `mode` (the prologue and epilogue never recompute)."""
         v, crossing = self.values, self.crossing
         time = scale * v["time"][u] + v["once"][u] + v["overhead"][u]
+        time += sum(seconds(scale) for seconds in self.at_scale.get(u, ()))
         kept, transient = scale * v["kept"][u], 0.0
         block = 0 < u < len(crossing) - 1
         if mode == "selective" and block:
