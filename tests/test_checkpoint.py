@@ -101,7 +101,7 @@ def save_then_resume(rank: int, world_size: int, path: str) -> dict:
     import autopar
 
     pm = parallel(world_size, (2, 2, 2), 2)
-    layouts = sorted({str(slot.placement) for slot in pm.part.held_slots().values()})
+    layouts = sorted({str(slot.placement) for slot in pm.part.state.held_slots().values()})
     optimizer = adamw(pm.parameters())
     before = train(pm, optimizer, batches()[:SAVED_AT])
     autopar.save_checkpoint(path, pm, optimizer, extra={"step": SAVED_AT})

@@ -148,7 +148,9 @@ def parity_case(rank: int, model_name, layout, schedule, microbatches, options=N
         },  # fmt: skip
         "stages": len(pm.part.stage_modules) if pp > 1 else 1,
         "sliced": all(
-            slot.sliced is not None for slot in pm.part.held_slots().values() if slot.is_parameter
+            slot.sliced is not None
+            for slot in pm.part.state.held_slots().values()
+            if slot.is_parameter
         ),  # fmt: skip
         "seconds": time.perf_counter() - start,
     }

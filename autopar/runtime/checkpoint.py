@@ -95,13 +95,15 @@ def model_state_dict(pm) -> dict[str, Stored]:
     """This rank's part of the single-device state dict, for `dcp.save` (tp collectives for
     block-interleaved shards: every rank of a stage calls it)."""
     pm.gather_stepped_params()  # under ZeRO 1 and 2, the optimizer's last step
-    return {name: _stored(pm, slot, tp_local(slot)) for name, slot in pm.part.held_slots().items()}
+    return {
+        name: _stored(pm, slot, tp_local(slot)) for name, slot in pm.part.state.held_slots().items()
+    }
 
 
 def _model_buffers(pm) -> dict[str, Stored]:
     return {
         name: _stored(pm, slot, _empty_tp_shard(slot), gather=False)
-        for name, slot in pm.part.held_slots().items()
+        for name, slot in pm.part.state.held_slots().items()
     }
 
 
@@ -113,7 +115,7 @@ def _empty_tp_shard(slot: Slot, dtype: torch.dtype | None = None) -> torch.Tenso
 def load_model_state_dict(pm, state_dict: Mapping[str, Stored]) -> None:
     """Load what `dcp.load` read into a `pm.state_dict()` (of this plan or another's layout
     of the same keys: full tensors are cut here)."""
-    slots = pm.part.held_slots()
+    slots = pm.part.state.held_slots()
     missing = sorted(set(slots) - set(state_dict))
     if missing:
         raise AutoparError(
@@ -134,7 +136,7 @@ def load_model_state_dict(pm, state_dict: Mapping[str, Stored]) -> None:
 def _optimized(pm) -> dict[int, tuple[Slot, DpSlices | None]]:
     """id(parameter the optimizer steps) -> (its slot, how it is sliced over dp or None):
     under ZeRO-3 the slots hold the slices; under ZeRO 1 and 2, `pm.shards` does."""
-    by_param = {id(slot.local()): slot for slot in pm.part.held_slots().values()}
+    by_param = {id(slot.local()): slot for slot in pm.part.state.held_slots().values()}
     if pm.shards is None:
         return {key: (slot, slot.sliced) for key, slot in by_param.items()}
     return {
@@ -288,7 +290,7 @@ def _extra_text(extra: Mapping | None) -> str:
 def load_checkpoint(path, pm, optimizer=None) -> dict:
     """Load a checkpoint of the same model saved under any plan; returns its `extra`."""
     metadata = _read_metadata(path)
-    _check_model(path, metadata, pm.part.state_shapes())
+    _check_model(path, metadata, pm.part.state.state_shapes())
     state: dict = {"model": _model_buffers(pm), "extra": ""}
     if optimizer is not None:
         if "optim.param_groups" not in metadata.state_dict_metadata:

@@ -19,31 +19,21 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
-from autopar.codegen import (
-    NodePlacement,
-    annotated_code,
-    gather_full,
-    shard_graph,
-    shard_tensor,
-)
+from autopar.codegen import NodePlacement, annotated_code, shard_graph, shard_tensor
 from autopar.codegen import recompute as recompute_regions
 from autopar.codegen.zero import gather_per_block
 from autopar.errors import AutoparError
 from autopar.ops import Axis, bound_axes
 from autopar.ops.zero import regathered_in_backward
-from autopar.placement import Replicate
+from autopar.runtime.held import HeldState, held_tensors
 from autopar.runtime.state import (
     DpSlices,
     Slot,
     build_slots,
     dp_axes,
-    load_tp_local,
     partial_grad_slots,
     read_params,
     sliced_placeholders,
-    state_slots,
-    sum_grads,
-    tp_local,
 )
 
 _USER_OUTPUTS = (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT)
@@ -80,7 +70,8 @@ class ParallelModule(nn.Module):
         super().__init__()
         tp_size, tp_rank = _size_and_rank(tp_size, tp_rank, tp_group)
         self.tp_size, self.tp_rank, self.tp_group, self.axis = tp_size, tp_rank, tp_group, axis
-        self._axes = {axis: Axis(axis, tp_group, tp_size, tp_rank), **dp_axes(sliced)}
+        tp = Axis(axis, tp_group, tp_size, tp_rank)
+        self._axes = {axis: tp, **dp_axes(sliced)}
         self._sliced = sliced is not None
         self.graph_module = shard_graph(traced, placements, tp_size, axis=axis)
         self.shards = nn.Module()
@@ -92,8 +83,9 @@ class ParallelModule(nn.Module):
             names = sliced_placeholders(traced, model)
             gather_per_block(self.graph_module, names, sliced.size)
         self.graph_module = recompute_regions(self.graph_module, recompute)
-        self._state_slots = state_slots(model, slots)
-        self._partial_grads = partial_grad_slots(traced, self.graph_module, model, slots)
+        held = held_tensors(traced, self.graph_module, model)
+        partial = partial_grad_slots(traced, self.graph_module, model, slots)
+        self.state = HeldState(model, held, slots, partial, tp, sliced=sliced)
         placeholders = self.graph_module.graph.find_nodes(op="placeholder")
         self._feeds = placeholder_feeds(traced, placeholders, model, slots, self, device)
         self.graph_reads = read_params(self._feeds, placeholders)  # for the dp reducer
@@ -101,7 +93,8 @@ class ParallelModule(nn.Module):
         signature = traced.exported.graph_signature
         self._output_kinds = [(spec.kind, spec.target) for spec in signature.output_specs]
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
-        self._buffer_slots = {**{slot.name: slot for slot in slots.values()}, **self._state_slots}
+        self._buffer_slots = {**{slot.name: slot for slot in slots.values()},
+                              **self.state.held_slots()}  # fmt: skip
 
     @property
     def code(self) -> str:
@@ -144,47 +137,20 @@ class ParallelModule(nn.Module):
         return user
 
     def sum_partial_grads(self) -> None:
-        """Sum over tp the gradients the graph leaves partial (parameters whose Megatron f
-        waits for the step); call once after the backward passes of a step."""
-        sum_grads(self._partial_grads, self.tp_group)
-
-    def held_slots(self) -> dict[str, Slot]:
-        """Every `model.state_dict()` key -> the slot of its tensor (this rank holds all)."""
-        return dict(self._state_slots)
-
-    def state_shapes(self) -> dict[str, torch.Size]:
-        """Every `model.state_dict()` key -> its full shape."""
-        return {key: slot.shape for key, slot in self._state_slots.items()}
+        """Sum over tp the gradients the graph leaves partial; once per step, after backward."""
+        self.state.sum_partial_grads()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model's `state_dict()`: same keys (tied aliases too), full values."""
-        gathered: dict[str, torch.Tensor] = {}
-        result = {}
-        for key, slot in self._state_slots.items():
-            if slot.name not in gathered:
-                gathered[slot.name] = self._gather(tp_local(slot), slot)
-            result[key] = gathered[slot.name]
-        return result
+        return self.state.full_state_dict()
 
     def full_grads(self) -> dict[str, torch.Tensor | None]:
         """Full gradients of the parameters, keyed like `full_state_dict` (None: no grad)."""
-        result = {}
-        for key, slot in self._state_slots.items():
-            grad = tp_local(slot, grad=True) if slot.is_parameter else None
-            if slot.is_parameter:
-                result[key] = None if grad is None else self._gather(grad, slot)
-        return result
-
-    def _gather(self, local: torch.Tensor, slot: Slot) -> torch.Tensor:
-        placement = slot.placement if self.tp_size > 1 else Replicate()
-        return gather_full(local, placement, self.tp_group, slot.shape)
+        return self.state.full_grads()
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a single-device state dict, keeping this rank's shards."""
-        check_state_dict(state_dict, self._state_slots)
-        for key, slot in self._state_slots.items():
-            local = shard_tensor(state_dict[key], slot.placement, self.tp_rank, self.tp_size)
-            load_tp_local(slot, local)
+        self.state.load_full_state_dict(state_dict)
 
 
 def flatten_inputs(in_spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> list:
@@ -295,25 +261,3 @@ def _size_and_rank(tp_size: int | None, tp_rank: int | None, group) -> tuple[int
             f"(size {size}, this rank {rank}); pass the tp group's own size and rank, or neither"
         )
     return size, rank
-
-
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], slots: dict[str, Slot]) -> None:
-    missing = [key for key in slots if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in slots]
-    wrong = [
-        f"{key}: got {tuple(state_dict[key].shape)}, expected {tuple(slot.shape)}"
-        for key, slot in slots.items()
-        if key in state_dict and state_dict[key].shape != slot.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if wrong:
-        problems.append(f"wrong shapes {wrong}")
-    if problems:
-        raise AutoparError(
-            "load_full_state_dict: " + "; ".join(problems) + " (pass the single-device "
-            "model's state_dict())"
-        )

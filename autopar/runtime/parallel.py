@@ -210,9 +210,8 @@ class DistributedModule(nn.Module):
         tied copies' over pp and the ones left partial over tp."""
         if self.reducer is not None:
             self.reducer.finish()  # before anything else reads its buckets
-        if isinstance(self.part, PipelineModule):
-            self.part.sum_tied_grads()
-        self.part.sum_partial_grads()
+        self.part.state.sum_tied_grads()
+        self.part.state.sum_partial_grads()
         if self.shards is not None:
             self.shards.scatter_grads()
 
@@ -243,11 +242,11 @@ class DistributedModule(nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device model's `state_dict()` (same keys, full values) on every rank."""
         self.gather_stepped_params()
-        return self.part.full_state_dict()
+        return self.part.state.full_state_dict()
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a single-device state dict; each rank keeps its shards."""
-        self.part.load_full_state_dict(state_dict)
+        self.part.state.load_full_state_dict(state_dict)
         if self.shards is not None:
             self.shards.reset_from_params()
 
@@ -264,11 +263,11 @@ class DistributedModule(nn.Module):
     def full_grads(self) -> dict[str, torch.Tensor | None]:
         """Full gradients of the parameters on every rank (for tests and debugging)."""
         if self.shards is None:
-            return self.part.full_grads()
+            return self.part.state.full_grads()
         for param, grad in zip(self.shards.params, self.shards.gathered_grads(), strict=True):
             param.grad = grad
         try:
-            return self.part.full_grads()
+            return self.part.state.full_grads()
         finally:
             for param in self.shards.params:
                 param.grad = None

@@ -9,9 +9,9 @@ wrapped in a `PipelineStage` over the pp group, and the plan's schedule (GPipe,
 
 State: a pp rank holds the parameters and buffers its stages read; a tensor no
 stage reads stays with pp rank 0. A parameter read by stages on several pp ranks
-(GPT-2's tied embedding and LM head) has a copy on each; after backward their
-gradients are summed over the pp group, so the copies see the same gradient and
-stay equal under any optimizer.
+(GPT-2's tied embedding and LM head) has a copy on each. `pm.state` (a
+`HeldState`, runtime/held.py, as for pp = 1) rebuilds the single-device state dict
+and gradients and sums the tied copies' gradients over the pp group.
 
 Gradient scaling: the schedule runs with `scale_grads=False` and the loss of each
 microbatch is divided by the number of microbatches times dp instead, so gradients
@@ -28,7 +28,6 @@ them), so no stage reads a buffer the pipeline's shape inference made up.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,15 +38,14 @@ from torch.export.graph_signature import OutputKind
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
-from autopar.codegen import annotated_code, gather_full, recompute, shard_graph, shard_tensor
+from autopar.codegen import annotated_code, recompute, shard_graph
 from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
 from autopar.codegen.zero import gather_per_block
 from autopar.errors import AutoparError
 from autopar.ops import Axis
-from autopar.ops.layout import padded
-from autopar.placement import Placement, Replicate
-from autopar.runtime.groups import MeshGroups, all_reduce_coalesced
-from autopar.runtime.module import check_state_dict, placeholder_feeds
+from autopar.runtime.groups import MeshGroups
+from autopar.runtime.held import HeldState, held_tensors
+from autopar.runtime.module import placeholder_feeds
 from autopar.runtime.schedule import build_schedule, check_stage_ranks
 from autopar.runtime.stage import StageModule, input_key, local_shape
 from autopar.runtime.state import (
@@ -55,31 +53,9 @@ from autopar.runtime.state import (
     Slot,
     build_slots,
     dp_axes,
-    load_tp_local,
     partial_grad_slots,
     sliced_placeholders,
-    sum_grads,
-    tensor_placements,
-    tensors_by_id,
-    tp_local,
 )
-
-
-@dataclass(frozen=True)
-class HeldTensor:
-    """One parameter or buffer of the model, and the pipeline ranks that hold a copy."""
-
-    key: int  # id() of the model's tensor
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    placement: Placement
-    is_parameter: bool
-    holders: tuple[int, ...]  # pp ranks, ascending; the first one answers for it
-
-    def local_shape(self, tp_rank: int, tp_size: int) -> torch.Size:
-        meta = torch.empty(self.shape, dtype=self.dtype, device="meta")
-        return shard_tensor(meta, self.placement, tp_rank, tp_size).shape
 
 
 def split_plan_stages(graph_module: fx.GraphModule, plan, traced: TracedModel) -> list[StageGraph]:
@@ -88,25 +64,17 @@ def split_plan_stages(graph_module: fx.GraphModule, plan, traced: TracedModel) -
     return split_stages(graph_module, stage_of, len(plan.stages), traced.user_inputs)
 
 
-def held_tensors(traced, graph_module, model, stages, rank_of_stage) -> dict[int, HeldTensor]:
-    """Every model tensor (tied ones once), with the pp ranks whose stages read it."""
+def stage_readers(traced, model, stages, rank_of_stage) -> dict[int, set[int]]:
+    """id(model tensor) -> the pp ranks whose stages read it."""
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
     fqns = {**traced.param_fqns, **traced.buffer_fqns}
-    holders: dict[int, set[int]] = {}
+    readers: dict[int, set[int]] = {}
     for stage in stages:
         for name in stage.state:
             if name in fqns:
-                holders.setdefault(id(named[fqns[name]]), set()).add(rank_of_stage[stage.index])
-    placements = tensor_placements(traced, graph_module, model)
-    held = {}
-    for key, (name, tensor, is_parameter) in tensors_by_id(model).items():
-        ranks = tuple(sorted(holders.get(key, {0})))  # read by no stage: pp rank 0 keeps it
-        placement = placements.get(key, Replicate())
-        held[key] = HeldTensor(
-            key, name, tensor.shape, tensor.dtype, placement, is_parameter, ranks
-        )
-    return held
+                readers.setdefault(id(named[fqns[name]]), set()).add(rank_of_stage[stage.index])
+    return readers
 
 
 class PipelineModule(nn.Module):
@@ -132,16 +100,19 @@ class PipelineModule(nn.Module):
         stages = split_plan_stages(graph_module, plan, traced)
         for stage in stages:
             recompute(stage.graph_module, plan.stages[stage.index].recompute)
-        self._held = held_tensors(traced, graph_module, model, stages, self._rank_of_stage)
-        mine = {key for key, held in self._held.items() if groups.pp_rank in held.holders}
+        readers = stage_readers(traced, model, stages, self._rank_of_stage)
+        held = held_tensors(traced, graph_module, model, readers)
+        mine = {key for key, tensor in held.items() if groups.pp_rank in tensor.holders}
         self.shards = nn.Module()
         self._slots = build_slots(
             traced, graph_module, model, self.shards, self.tp_rank, self.tp_size,
             groups.device, keep=mine, sliced=sliced,
         )  # fmt: skip
-        self._state_keys = _state_keys(model)
-        self._partial_grads = partial_grad_slots(traced, graph_module, model, self._slots)
-        axes = {"tp": Axis("tp", groups.tp_group, groups.tp, groups.tp_rank), **dp_axes(sliced)}
+        partial = partial_grad_slots(traced, graph_module, model, self._slots)
+        tp = Axis("tp", groups.tp_group, groups.tp, groups.tp_rank)
+        pp = Axis("pp", groups.pp_group, groups.pp, groups.pp_rank)
+        self.state = HeldState(model, held, self._slots, partial, tp, pp, groups.device, sliced)
+        axes = {"tp": tp, **dp_axes(sliced)}
         local = [stage for stage in stages if self._rank_of_stage[stage.index] == groups.pp_rank]
         self.stage_modules = [self._stage_module(traced, model, s, axes) for s in local]
         self.graph_reads = [p for module in self.stage_modules for p in module.graph_reads]
@@ -208,7 +179,7 @@ class PipelineModule(nn.Module):
         """Run the schedule on one replica's batch; on the last stage, its mean loss / dp.
 
         Gradients accumulate into the shards' `.grad` (set them to None first); call
-        `sum_tied_grads` once the dp sync of the step is done.
+        `state.sum_tied_grads` once the dp sync of the step is done.
         """
         self._loss_fn = loss_fn
         args = [flat_inputs[i] for i in self._stage0_inputs] if self.holds_stage(0) else []
@@ -222,29 +193,6 @@ class PipelineModule(nn.Module):
     def _given(self, flat_inputs: Sequence) -> dict[str, torch.Tensor]:
         """The user inputs this rank's later stages read, keyed by `input_key`."""
         return {input_key(name): flat_inputs[i] for name, i in self._later_inputs.items()}
-
-    def sum_partial_grads(self) -> None:
-        """Sum over tp the gradients this rank's stages leave partial (see ParallelModule)."""
-        sum_grads(self._partial_grads, self.groups.tp_group)
-
-    def sum_tied_grads(self) -> None:
-        """Sum over the pp ranks holding it the gradient of each parameter read by stages
-        on several pp ranks (GPT-2's tied embedding and LM head), so the copies stay equal."""
-        tied = [h for h in self._held.values() if h.is_parameter and len(h.holders) > 1]
-        if not tied:
-            return
-        pieces = []
-        for held in tied:
-            slot = self._slots.get(held.key)
-            grad = slot.local().grad if slot is not None else None
-            if grad is None:
-                shape = self._stored_shape(held)
-                grad = torch.zeros(shape, dtype=held.dtype, device=self.groups.device)
-            pieces.append(grad)
-        summed = all_reduce_coalesced(pieces, self.groups.pp_group)
-        for held, grad in zip(tied, summed, strict=True):
-            if held.key in self._slots:
-                self._slots[held.key].local().grad = grad
 
     # --- inference -----------------------------------------------------------------------
 
@@ -287,82 +235,6 @@ class PipelineModule(nn.Module):
         for value in values:
             dist.broadcast(value, group=self.groups.pp_group, group_src=source)
         return values
-
-    # --- state ---------------------------------------------------------------------------
-
-    def _full(self, held: HeldTensor, local: torch.Tensor | None) -> torch.Tensor:
-        """The full tensor on every rank: gathered over tp by the holders, sent from the first."""
-        if local is not None:
-            placement = held.placement if self.tp_size > 1 else Replicate()
-            value = gather_full(local, placement, self.groups.tp_group, held.shape).contiguous()
-        else:
-            value = torch.empty(held.shape, dtype=held.dtype, device=self.groups.device)
-        dist.broadcast(value, group=self.groups.pp_group, group_src=held.holders[0])
-        return value
-
-    def _stored_shape(self, held: HeldTensor) -> tuple[int, ...]:
-        """What a holder of `held` stores: its tp shard, or under ZeRO-3 a dp slice of it."""
-        shape = held.local_shape(self.tp_rank, self.tp_size)
-        if self._sliced is None or not held.is_parameter:
-            return tuple(shape)
-        return (padded(shape.numel(), self._sliced.size) // self._sliced.size,)
-
-    def _local(self, held: HeldTensor, grad: bool = False) -> torch.Tensor | None:
-        """The first holder's tp shard of `held` (or its gradient); None elsewhere."""
-        slot = self._slots.get(held.key)
-        if slot is None or self.groups.pp_rank != held.holders[0]:
-            return None
-        return tp_local(slot, grad)
-
-    def held_slots(self) -> dict[str, Slot]:
-        """Every `model.state_dict()` key whose tensor this pp rank holds -> its slot."""
-        keys = self._state_keys.items()
-        return {name: self._slots[key] for name, key in keys if key in self._slots}
-
-    def state_shapes(self) -> dict[str, torch.Size]:
-        """Every `model.state_dict()` key (held here or not) -> its full shape."""
-        return {name: self._held[key].shape for name, key in self._state_keys.items()}
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The single-device `state_dict()` on every rank (tied aliases included)."""
-        full: dict[int, torch.Tensor] = {}
-        result = {}
-        for name, key in self._state_keys.items():
-            if key not in full:
-                held = self._held[key]
-                full[key] = self._full(held, self._local(held))
-            result[name] = full[key]
-        return result
-
-    def full_grads(self) -> dict[str, torch.Tensor | None]:
-        """Full gradients of the parameters, keyed like `full_state_dict` (None: no grad)."""
-        params = [h for h in self._held.values() if h.is_parameter]
-        grads = [self._local(h, grad=True) for h in params]
-        present = torch.tensor([float(g is not None) for g in grads], device=self.groups.device)
-        dist.all_reduce(present, group=self.groups.pp_group)
-        full = {
-            held.key: self._full(held, grad) if flag else None
-            for held, grad, flag in zip(params, grads, present.tolist(), strict=True)
-        }
-        return {name: full[key] for name, key in self._state_keys.items() if key in full}
-
-    def load_full_state_dict(self, state_dict) -> None:
-        """Load a single-device state dict, keeping this rank's shards of its stages' state."""
-        check_state_dict(
-            state_dict, {name: self._held[key] for name, key in self._state_keys.items()}
-        )
-        for name, key in self._state_keys.items():
-            slot = self._slots.get(key)
-            if slot is not None:
-                value = state_dict[name].to(slot.local().device)
-                load_tp_local(slot, shard_tensor(value, slot.placement, self.tp_rank, self.tp_size))
-
-
-def _state_keys(model: nn.Module) -> dict[str, int]:
-    """Every key of `model.state_dict()` -> id of its tensor (tied aliases share one)."""
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    return {key: id(named[key]) for key in model.state_dict() if key in named}
 
 
 def _output_nodes(last: StageGraph) -> list[fx.Node]:

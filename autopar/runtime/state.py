@@ -180,17 +180,6 @@ def _local_data(tensor, placement, rank, num_shards, device) -> torch.Tensor:
     return local.to(device) if device is not None else local
 
 
-def state_slots(model: nn.Module, slots: dict[int, Slot]) -> dict[str, Slot]:
-    """Every key of `model.state_dict()` (tied aliases included) -> its slot."""
-    by_name = dict(model.named_parameters(remove_duplicate=False))
-    by_name.update(model.named_buffers(remove_duplicate=False))
-    return {
-        key: slots[id(by_name[key])]
-        for key in model.state_dict()
-        if key in by_name and id(by_name[key]) in slots
-    }
-
-
 def read_params(feeds: list, nodes: list[fx.Node]) -> list[nn.Parameter]:
     """The parameters that feed placeholders `nodes` which the graph reads, each once
     (a graph accumulates a parameter's gradient once per backward pass)."""
