@@ -37,6 +37,7 @@ from autopar.cost.comm import CollectiveFit
 from autopar.cost.sharing import core_share
 from autopar.errors import AutoparError
 from autopar.profile import (
+    LOSS_KEY,
     LocalConstants,
     default_calibration_path,
     load_calibration,
@@ -310,7 +311,7 @@ def _local_mesh(constants: LocalConstants, name: str) -> Mesh:
         dtype_bytes=4,
         op_overhead_s=compute["op_overhead_s"],
         backward_op_overhead_s=compute["backward_op_overhead_s"],
-        loss_seconds_per_byte=compute.get("loss_seconds_per_byte", ()),
+        loss_seconds_per_byte=compute.get(LOSS_KEY, ()),  # none in `cpu_defaults`
     )
     fits = tuple(
         CollectiveFit(kind, ranks, bus_bw, latency)

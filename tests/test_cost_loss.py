@@ -56,6 +56,21 @@ def test_a_calibrated_loss_costs_what_was_measured_at_its_size(mesh, vocab, per_
     assert _loss_extra(mesh, vocab) == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_loss_is_priced_at_each_microbatchs_own_logits(mesh):
+    """Two microbatches of 4 rows: each pays the cost per byte measured at its 4 MiB of
+    logits (1/3 of the way from 1 MiB to 64 MiB in log size), not the traced 8 MiB's."""
+    model, inputs = tiny_gpt2(vocab_size=16384, batch=BATCH, seq=SEQ)
+    graph = autopar.capture(model, inputs)
+    as_if_traced = dataclasses.replace(graph, traced_loss=True)
+    pins = dict(global_batch_size=BATCH, dp=1, tp=1, pp=1, microbatches=2, recompute="none",
+                zero=0)  # fmt: skip
+    steps = [autopar.plan(g, inputs, mesh, **pins).cost.step_time_s for g in (graph, as_if_traced)]
+    logits = BATCH // 2 * SEQ * 16384 * 4
+    per_byte = 1e-10 + (2e-10 - 1e-10) / 3
+    expected = 2 * (logits * per_byte + _overhead(mesh.device))
+    assert steps[0] - steps[1] == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_traced_loss_or_no_training_prices_nothing_outside_the_graph(mesh):
     model, inputs = tiny_gpt2(batch=BATCH, seq=SEQ)
     target = torch.zeros(BATCH, SEQ, dtype=torch.long)

@@ -15,8 +15,9 @@ operator overloads, one thread per rank on CPU):
 - the loss: a next-token cross-entropy (`logits[:, :-1]` against the ids shifted by
   one, as a causal LM's training loop computes it) forward and backward on logits of a
   few sizes, seconds per byte of logits. Its tensors are the largest of a step, and
-  their cost per byte grows with their size (on a 2-core VM 1.2 ms/MiB at 16 MiB, 4.2
-  at 64 MiB: memory the allocator hands back to the OS comes back as fresh pages),
+  their cost per byte grows with their size (on a 2-core VM 0.6-1.0 ms/MiB up to 16
+  MiB, 1.9-2.8 at 64 MiB: memory the allocator hands back to the OS comes back as fresh
+  pages),
   which no bandwidth measured on small tensors predicts (cost/loss.py).
 
 Operands come cold: each suite cycles through copies of its inputs filling

@@ -17,7 +17,7 @@ the whole output (every tp rank: the graph's output is replicated) runs it.
 Those passes on the roofline are the GPU presets' price. On CPU ranks `autopar
 calibrate` measures the loss itself (`DeviceSpec.loss_seconds_per_byte`, a next-token
 cross-entropy at a few logits sizes), because there its cost per byte grows with the
-logits: on a 2-core VM 0.7-1.2 ms per MiB up to 16 MiB and 2.5-4.2 at 64 MiB, against
+logits: on a 2-core VM 0.6-1.0 ms per MiB up to 16 MiB and 1.9-2.8 at 64 MiB, against
 0.5 on the roofline, as blocks that large come back from the OS as fresh pages. The
 price interpolates the measured cost per byte in log size and holds the end points
 beyond the sizes measured.
@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from autopar.cost.compute import is_floating
-from autopar.cost.memory import tensor_bytes
 
 if TYPE_CHECKING:
     from autopar.mesh import DeviceSpec
@@ -54,10 +53,10 @@ def loss_logits(graph: fx.Graph) -> fx.Node | None:
     return max(floating, key=lambda n: n.meta["val"].numel(), default=None)
 
 
-def untraced_loss_seconds(logits: fx.Node, device: DeviceSpec, dtype_bytes: int | None):
+def untraced_loss_seconds(nbytes: float, device: DeviceSpec):
     """(forward and backward, forward alone, fixed overhead of both, of the forward) of a
-    cross-entropy over `logits`, on one rank holding them whole."""
-    both = loss_seconds(tensor_bytes(logits, dtype_bytes), device)
+    cross-entropy over `nbytes` of logits, on one rank holding them whole."""
+    both = loss_seconds(nbytes, device)
     forward_overhead = LOSS_NODES * device.op_overhead_s
     overhead = forward_overhead + LOSS_NODES * device.backward_op_overhead_s
     return both, both * LOSS_FORWARD_PASSES / LOSS_PASSES, overhead, forward_overhead

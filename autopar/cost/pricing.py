@@ -263,10 +263,8 @@ def untraced_loss_price(traced, mesh, *, training, dtype_bytes) -> NodePrice | N
     logits = loss_logits(traced.graph_module.graph)
     if traced.traced_loss or logits is None or not training:
         return None
-    both, forward, overhead, forward_overhead = untraced_loss_seconds(
-        logits, mesh.device, dtype_bytes
-    )
     nbytes = tensor_bytes(logits, dtype_bytes)
+    both, forward, overhead, forward_overhead = untraced_loss_seconds(nbytes, mesh.device)
     return NodePrice(compute_s=both, forward_s=forward, overhead_s=overhead,
                      forward_overhead_s=forward_overhead,
                      at_scale=lambda scale: loss_seconds(scale * nbytes, mesh.device))  # fmt: skip
