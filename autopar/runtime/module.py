@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import OutputKind
 from torch.utils import _pytree as pytree
 
 from autopar.capture import TracedModel
@@ -23,16 +23,14 @@ from autopar.codegen import NodePlacement, annotated_code, shard_graph, shard_te
 from autopar.codegen import recompute as recompute_regions
 from autopar.codegen.zero import gather_per_block
 from autopar.errors import AutoparError
-from autopar.ops import Axis, bound_axes
-from autopar.ops.zero import regathered_in_backward
+from autopar.ops import Axis
+from autopar.runtime.feeds import FedGraph, placeholder_feeds
 from autopar.runtime.held import HeldState, held_tensors
 from autopar.runtime.state import (
     DpSlices,
-    Slot,
     build_slots,
     dp_axes,
     partial_grad_slots,
-    read_params,
     sliced_placeholders,
 )
 
@@ -71,8 +69,6 @@ class ParallelModule(nn.Module):
         tp_size, tp_rank = _size_and_rank(tp_size, tp_rank, tp_group)
         self.tp_size, self.tp_rank, self.tp_group, self.axis = tp_size, tp_rank, tp_group, axis
         tp = Axis(axis, tp_group, tp_size, tp_rank)
-        self._axes = {axis: tp, **dp_axes(sliced)}
-        self._sliced = sliced is not None
         self.graph_module = shard_graph(traced, placements, tp_size, axis=axis)
         self.shards = nn.Module()
         slots = build_slots(
@@ -87,9 +83,10 @@ class ParallelModule(nn.Module):
         partial = partial_grad_slots(traced, self.graph_module, model, slots)
         self.state = HeldState(model, held, slots, partial, tp, sliced=sliced)
         placeholders = self.graph_module.graph.find_nodes(op="placeholder")
-        self._feeds = placeholder_feeds(traced, placeholders, model, slots, self, device)
-        self.graph_reads = read_params(self._feeds, placeholders)  # for the dp reducer
-        self._dtypes = compute_dtypes(self._feeds, placeholders)
+        feeds = placeholder_feeds(traced, placeholders, model, slots, self, device)
+        axes = {axis: tp, **dp_axes(sliced)}
+        self.fed = FedGraph(self.graph_module, feeds, axes, regather=sliced is not None)
+        self.graph_reads = self.fed.graph_reads  # for the dp reducer
         signature = traced.exported.graph_signature
         self._output_kinds = [(spec.kind, spec.target) for spec in signature.output_specs]
         self._in_spec, self._out_spec = traced.in_spec, traced.out_spec
@@ -112,14 +109,7 @@ class ParallelModule(nn.Module):
 
     def run_flat(self, flat_inputs: list) -> list:
         """Run on the flattened user inputs; the flattened user outputs."""
-        user_inputs = iter(flat_inputs)
-        inputs = [feed.local() if isinstance(feed, Slot) else feed for feed in self._feeds]
-        inputs = [next(user_inputs) if value is _USER_INPUT else value for value in inputs]
-        if self._dtypes is not None:
-            inputs = cast_inputs(inputs, self._dtypes)
-        with bound_axes(self._axes), regathered_in_backward(self._sliced):
-            outputs = self.graph_module(*inputs)
-        return self._route_outputs(outputs)
+        return self._route_outputs(self.fed.run(flat_inputs))
 
     def _route_outputs(self, outputs) -> list:
         """Store buffer mutations in the local buffers; return the user's outputs."""
@@ -165,80 +155,6 @@ def flatten_inputs(in_spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> list:
             f"{spec}, captured {in_spec}; call with the same arguments and keywords"
         )
     return flat
-
-
-def compute_dtypes(feeds: list, nodes: list) -> list | None:
-    """Mixed precision: the dtype each placeholder was traced with, where a stored tensor
-    that feeds one has another (fp32 master weights, a graph traced in bf16); else None.
-
-    The cast is differentiable, so the gradient reaches the fp32 master as fp32 and
-    accumulates there (over microbatches too) in fp32.
-    """
-    traced = [getattr(node.meta.get("val"), "dtype", None) for node in nodes]
-    mixed = any(
-        isinstance(feed, Slot) and dtype is not None and feed.local().dtype != dtype
-        for feed, dtype in zip(feeds, traced, strict=True)
-    )
-    if not mixed:
-        return None
-    return [dtype if dtype is not None and dtype.is_floating_point else None for dtype in traced]
-
-
-def cast_inputs(values: list, dtypes: list) -> list:
-    """Each floating tensor in the dtype its placeholder was traced with."""
-    return [
-        value.to(dtype)
-        if dtype is not None
-        and isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and value.dtype != dtype
-        else value
-        for value, dtype in zip(values, dtypes, strict=True)
-    ]
-
-
-class _UserInput:
-    def __repr__(self) -> str:
-        return "<user input>"
-
-
-_USER_INPUT = _UserInput()
-
-
-def placeholder_feeds(traced, nodes, model, slots, module, device=None) -> list:
-    """Per placeholder node: the Slot that feeds it, a constant's Slot, or _USER_INPUT.
-
-    Constants are sharded by the node's placement and registered on `module.constants`
-    (`module` has `tp_rank` and `tp_size`).
-    """
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    fqns = {**traced.param_fqns, **traced.buffer_fqns}
-    exported = traced.exported
-    constants = {
-        spec.arg.name: exported.constants[spec.target]
-        for spec in exported.graph_signature.input_specs
-        if spec.kind == InputKind.CONSTANT_TENSOR
-    }
-    feeds = []
-    for node in nodes:
-        if node.name in fqns:
-            feeds.append(slots[id(named[fqns[node.name]])])
-        elif node.name in constants:
-            feeds.append(_constant_feed(module, node, constants[node.name], device))
-        else:
-            feeds.append(_USER_INPUT)
-    return feeds
-
-
-def _constant_feed(module: nn.Module, node, value: torch.Tensor, device) -> Slot:
-    if not hasattr(module, "constants"):
-        module.constants = nn.Module()
-    placement = node.meta["placement"]
-    local = shard_tensor(value, placement, module.tp_rank, module.tp_size)
-    local = local.to(device) if device is not None else local
-    module.constants.register_buffer(node.name, local, persistent=False)
-    return Slot(node.name, module.constants, node.name, placement, value.shape, False)
 
 
 def _size_and_rank(tp_size: int | None, tp_rank: int | None, group) -> tuple[int, int]:

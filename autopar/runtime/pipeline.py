@@ -43,14 +43,13 @@ from autopar.codegen.stages import StageGraph, split_stages, stage_of_nodes
 from autopar.codegen.zero import gather_per_block
 from autopar.errors import AutoparError
 from autopar.ops import Axis
+from autopar.runtime.feeds import GIVEN, FedGraph, placeholder_feeds
 from autopar.runtime.groups import MeshGroups
 from autopar.runtime.held import HeldState, held_tensors
-from autopar.runtime.module import placeholder_feeds
 from autopar.runtime.schedule import build_schedule, check_stage_ranks
 from autopar.runtime.stage import StageModule, input_key, local_shape
 from autopar.runtime.state import (
     DpSlices,
-    Slot,
     build_slots,
     dp_axes,
     partial_grad_slots,
@@ -131,14 +130,16 @@ class PipelineModule(nn.Module):
 
     def _stage_module(self, traced, model, stage: StageGraph, axes: dict) -> StageModule:
         placeholders = stage.graph_module.graph.find_nodes(op="placeholder")
-        state_nodes = placeholders[len(stage.received) + len(stage.inputs) :]
-        feeds = placeholder_feeds(traced, state_nodes, model, self._slots, self, self.groups.device)
-        unknown = [node.name for node, feed in zip(state_nodes, feeds, strict=True)
-                   if not isinstance(feed, Slot)]  # fmt: skip
+        given = len(stage.received) + len(stage.inputs)
+        state = placeholder_feeds(
+            traced, placeholders[given:], model, self._slots, self, self.groups.device
+        )
+        unknown = [node.name for node, feed in zip(placeholders[given:], state, strict=True)
+                   if feed is GIVEN]  # fmt: skip
         if unknown:
             raise AutoparError(f"stage {stage.index}: state placeholders {unknown} have no value")
-        is_last = stage.index == self.num_stages - 1
-        return StageModule(stage, feeds, axes, is_last, regather=self._sliced is not None)
+        fed = FedGraph(stage.graph_module, [GIVEN] * given + state, axes, self._sliced is not None)
+        return StageModule(stage, fed, is_last=stage.index == self.num_stages - 1)
 
     # --- where things are ----------------------------------------------------------------
 
