@@ -9,8 +9,11 @@ on `Mesh.local(N)` with the constants `autopar calibrate` measured (run first un
 `--calibration` names a profile), once per pinned configuration (dp, tp, pp,
 microbatches, schedule) and once with nothing pinned (the solver's free choice).
 All plans are built in one launch of N gloo ranks and timed round-robin: each round
-runs `train_step` plus AdamW's step once per plan, in a rotating order, and a plan's
-measured time is its median over the rounds after warm-up. Before each step every rank
+visits every plan once, in a rotating order, and runs `train_step` plus AdamW's step
+twice in a row, timing the second (a training job runs one plan step after step; the
+first step after another plan ran pays for that plan's state: on 2 ranks tensor
+parallel's first step took 2.14 s against 1.46 s for the next); a plan's measured time
+is its median over the rounds after warm-up. Before each step every rank
 runs a short burst of matmuls (the load probe): its wall time over its CPU time says
 how much of the cores the ranks got just then, and the "load-adjusted" figures scale
 each step by the share expected with our ranks alone (1 / core_share) over the one
@@ -143,9 +146,12 @@ def _probe(a: torch.Tensor) -> float:
     return (time.perf_counter() - wall) / max(time.process_time() - cpu, 1e-6)
 
 
+SETTLING_STEPS = 1  # untimed steps of a plan before its timed one, at every visit
+
+
 def _worker(rank, world, plans, calibration, rounds, warmup):
-    """Build every plan's module, then time them round-robin, each step after a load
-    probe; rank 0's step times and probes."""
+    """Build every plan's module, then time them round-robin, each timed step after
+    settling steps and a load probe; rank 0's step times and probes."""
     mesh = autopar.Mesh.local(world, calibration=calibration)
     model, (ids,) = gpt()
     runs = []
@@ -159,18 +165,24 @@ def _worker(rank, world, plans, calibration, rounds, warmup):
         for i in range(len(plans)):
             j = (i + r) % len(plans)
             pm, optimizer = runs[j]
+            mine = ids[pm.dp_rank :: pm.dp_size]  # this replica's rows of the global batch
+            for _ in range(SETTLING_STEPS):
+                _step(pm, optimizer, mine)
             slowdown = _probe(a[:, :256].contiguous())
             dist.barrier()
             start = time.perf_counter()
-            mine = ids[pm.dp_rank :: pm.dp_size]  # this replica's rows of the global batch
-            pm.train_step((mine,), mine, next_token_loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _step(pm, optimizer, mine)
             dist.barrier()
             if r >= warmup:
                 samples[j].append(time.perf_counter() - start)
                 probes[j].append(slowdown)
     return samples, probes
+
+
+def _step(pm, optimizer, ids: torch.Tensor) -> None:
+    pm.train_step((ids,), ids, next_token_loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def spearman(a, b) -> float:
