@@ -81,6 +81,11 @@ class DeviceSpec:
     # by `autopar calibrate` on CPU ranks (cost/loss.py); () prices the loss's passes on
     # the roofline (the GPU presets).
     loss_seconds_per_byte: tuple[tuple[float, float], ...] = ()
+    # bytes/s of the optimizer step's traffic (cost/compute.py's `optimizer_seconds`),
+    # measured by `autopar calibrate` on CPU ranks, where torch.optim's in-place updates
+    # stream twice as fast as the out-of-place ops `memory_bandwidth` is measured on;
+    # None: `memory_bandwidth` (the GPU presets' fused optimizers run at it).
+    optimizer_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         curve = tuple((float(n), float(s)) for n, s in self.loss_seconds_per_byte)
@@ -92,6 +97,10 @@ class DeviceSpec:
             memory_bytes=self.memory_bytes,
             dtype_bytes=self.dtype_bytes,
         )
+        if self.optimizer_bandwidth is not None:
+            _check_positive(
+                f"DeviceSpec {self.name!r}", optimizer_bandwidth=self.optimizer_bandwidth
+            )
         if self.op_overhead_s < 0 or self.backward_op_overhead_s < 0:
             raise AutoparError(
                 f"DeviceSpec {self.name!r}: op_overhead_s={self.op_overhead_s}, "
@@ -312,6 +321,7 @@ def _local_mesh(constants: LocalConstants, name: str) -> Mesh:
         op_overhead_s=compute["op_overhead_s"],
         backward_op_overhead_s=compute["backward_op_overhead_s"],
         loss_seconds_per_byte=compute.get(LOSS_KEY, ()),  # none in `cpu_defaults`
+        optimizer_bandwidth=compute.get("optimizer_bandwidth"),  # none in `cpu_defaults`
     )
     fits = tuple(
         CollectiveFit(kind, ranks, bus_bw, latency)

@@ -5,7 +5,7 @@
 from the measuring so that the topology (mesh.py) reads a profile without importing
 torch.distributed or the local launcher.
 
-A profile (version 4) holds, for every world size w it measured (1..N), what a rank
+A profile (version 5) holds, for every world size w it measured (1..N), what a rank
 sees while w ranks run at once: its compute constants (`COMPUTE_KEYS`) per CPU second
 of the rank (calibrate/timing.py says why) and, for w > 1, an alpha-beta fit per
 collective kind and group size (`FIT_KEYS`), every group of that size busy at the
@@ -27,10 +27,12 @@ from pathlib import Path
 from autopar.cost.sharing import core_share
 from autopar.errors import AutoparError
 
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5
 # What a rank's compute costs (per rank, while the world's ranks all run): the cost
 # model's roofline rates and its per-node overheads (cost/compute.py, cost/overheads.py).
-RATE_KEYS = ("matmul_flops", "memory_bandwidth")  # per second: scale with the core share
+# per second: scale with the core share (the optimizer's: AdamW's traffic as torch.optim
+# runs it, in place, cost/compute.py's `optimizer_seconds`)
+RATE_KEYS = ("matmul_flops", "memory_bandwidth", "optimizer_bandwidth")
 SECONDS_KEYS = ("op_overhead_s", "backward_op_overhead_s")  # seconds: divide by it
 COMPUTE_KEYS = RATE_KEYS + SECONDS_KEYS
 # [logits bytes, seconds per byte] of the loss at a few sizes (cost/loss.py): divide too

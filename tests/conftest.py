@@ -109,7 +109,7 @@ def write_profile(path, worlds=(1, 2), cores=2, matmul_flops=100e9, bus_bw=1e9, 
 
     def world(w: int) -> dict:
         compute = {
-            "matmul_flops": matmul_flops, "memory_bandwidth": 10e9,
+            "matmul_flops": matmul_flops, "memory_bandwidth": 10e9, "optimizer_bandwidth": 20e9,
             "op_overhead_s": 5e-6, "backward_op_overhead_s": 4e-6,
             "loss_seconds_per_byte": [[2**20, 1e-10], [2**26, 2e-10]],
         }  # fmt: skip

@@ -16,7 +16,8 @@ from autopar.profile import COMPUTE_KEYS
 TINY = CalibrationSizes(
     compute=ComputeSizes(
         matmul_sizes=((32, 32),), elementwise_numel=2**12, overhead_chain=8,
-        loss_bytes=(2**18, 2**19), window_s=0.01, windows=1,
+        loss_bytes=(2**18, 2**19), optimizer_params=2, optimizer_param_numel=2**12,
+        window_s=0.01, windows=1,
     ),
     message_bytes=(256, 4096),
     repeats=2,
@@ -47,6 +48,8 @@ def test_calibrate_writes_a_profile_mesh_local_reads(tmp_path):
     assert mesh.device.loss_seconds_per_byte == pytest.approx(
         [(size, seconds / share) for size, seconds in loss]
     )
+    optimizer = result["worlds"]["3"]["compute"]["optimizer_bandwidth"]
+    assert mesh.device.optimizer_bandwidth == pytest.approx(optimizer * share) and optimizer > 0
     assert mesh == Mesh.from_profile(path)
     fit = three["reduce_scatter"]["3"]
     assert mesh.tp_collective_time("reduce_scatter", 0, 3) == pytest.approx(2 * fit["latency"])

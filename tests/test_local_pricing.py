@@ -140,6 +140,8 @@ def test_fp32_adamw_steps_its_weights_in_place_with_eager_calls():
     assert optimizer_seconds(1e6, device) == pytest.approx(80e6 / 1e10)
     assert optimizer_seconds(1e6, device, dtype_bytes=2) == pytest.approx(32e6 / 1e10)
     assert optimizer_call_seconds(device) == pytest.approx(8 * 2e-6)
+    calibrated = dataclasses.replace(device, optimizer_bandwidth=2e10)  # in place: faster
+    assert optimizer_seconds(1e6, calibrated) == pytest.approx(80e6 / 2e10)
 
 
 def test_tied_gradients_are_summed_over_pp_and_the_loss_over_the_world(traced, profile):

@@ -172,6 +172,7 @@ def test_ranks_beyond_the_cores_share_them_per_cpu_second(tmp_path):
     three = Mesh.local(3, calibration=path).device
     assert three.peak_flops == pytest.approx(100e9 * 2 / 3)  # per CPU second x core share
     assert three.memory_bandwidth == pytest.approx(10e9 * 2 / 3)
+    assert three.optimizer_bandwidth == pytest.approx(20e9 * 2 / 3)
     assert three.op_overhead_s == pytest.approx(5e-6 * 3 / 2)  # seconds stretch instead
     assert three.backward_op_overhead_s == pytest.approx(4e-6 * 3 / 2)
     data = json.loads(path.read_text())

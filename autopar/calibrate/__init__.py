@@ -168,7 +168,8 @@ def format_calibration(data: dict) -> str:
         c = entry["compute"]
         lines.append(
             f"{world} rank(s) busy: per rank matmul {c['matmul_flops'] / 1e9:6.1f} GFLOP/s, "
-            f"memory {c['memory_bandwidth'] / 1e9:5.2f} GB/s, per node "
+            f"memory {c['memory_bandwidth'] / 1e9:5.2f} GB/s (optimizer "
+            f"{c['optimizer_bandwidth'] / 1e9:5.2f}), per node "
             f"{c['op_overhead_s'] * 1e6:4.1f} us + {c['backward_op_overhead_s'] * 1e6:4.1f} us "
             "backward; loss " + ", ".join(f"{n / 2**20:.0f} MiB {s * 2**20 * 1e3:.2f} ms/MiB"
                                          for n, s in c["loss_seconds_per_byte"])

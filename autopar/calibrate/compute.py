@@ -19,6 +19,11 @@ operator overloads, one thread per rank on CPU):
   MiB, 1.9-2.8 at 64 MiB: memory the allocator hands back to the OS comes back as fresh
   pages),
   which no bandwidth measured on small tensors predicts (cost/loss.py).
+- the optimizer: torch.optim's AdamW stepping fp32 parameters of a block's sizes, as
+  bytes per second of `FP32_OPTIMIZER_BYTES_PER_PARAM` a parameter. Its updates run in
+  place (`lerp_`, `addcmul_`, `addcdiv_`), which on a 2-core VM streamed at 19-24 GB/s
+  against the 11 GB/s of the out-of-place ops above: priced at the latter, a 8.4M
+  parameter step was predicted at 63 ms and took 35.
 
 Operands come cold: each suite cycles through copies of its inputs filling
 `ComputeSizes.cold_bytes`, several times a core's L2 cache, as a training step's
@@ -34,6 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from autopar.calibrate.timing import suite_seconds
+from autopar.cost.compute import FP32_OPTIMIZER_BYTES_PER_PARAM
+from autopar.cost.overheads import OPTIMIZER_CALLS_PER_PARAM
 
 aten = torch.ops.aten
 
@@ -45,6 +52,8 @@ class ComputeSizes:
     cold_bytes: int = 32 * 2**20  # the inputs cycled through, per suite
     overhead_chain: int = 64
     loss_bytes: tuple[int, ...] = (4 * 2**20, 16 * 2**20, 64 * 2**20)  # logits sizes
+    optimizer_params: int = 32  # parameters of a hidden-512 block's matrix size, stepped
+    optimizer_param_numel: int = 2**18  # together: 128 MiB of weights, grads and states
     window_s: float = 0.5
     windows: int = 3
 
@@ -63,6 +72,7 @@ def measure_compute(sizes: ComputeSizes, device: torch.device, dtype: torch.dtyp
         "op_overhead_s": forward,
         "backward_op_overhead_s": backward,
         "loss_seconds_per_byte": _loss(sizes, device, dtype),
+        "optimizer_bandwidth": _optimizer(sizes, device, forward),
     }
 
 
@@ -87,6 +97,22 @@ def _loss(sizes: ComputeSizes, device, dtype) -> list[list[float]]:
         seconds = suite_seconds([forward_and_backward], sizes.window_s, sizes.windows, device)
         found.append([float(logits.numel() * width), seconds / (logits.numel() * width)])
     return found
+
+
+def _optimizer(sizes: ComputeSizes, device, overhead_s: float) -> float:
+    """Bytes/s of AdamW's step over fp32 parameters (the master weights under mixed
+    precision too), each call's per-node overhead taken off (cost/overheads.py)."""
+    params = [
+        torch.nn.Parameter(torch.randn(sizes.optimizer_param_numel, device=device))
+        for _ in range(sizes.optimizer_params)
+    ]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)  # its first step makes the states
+    seconds = suite_seconds([optimizer.step], sizes.window_s, sizes.windows, device)
+    calls = len(params) * OPTIMIZER_CALLS_PER_PARAM * overhead_s
+    moved = len(params) * sizes.optimizer_param_numel * FP32_OPTIMIZER_BYTES_PER_PARAM
+    return moved / max(seconds - calls, 1e-9)
 
 
 def _overheads(sizes: ComputeSizes, device, dtype) -> tuple[float, float]:

@@ -137,4 +137,4 @@ def optimizer_seconds(local_numel: float, device: DeviceSpec, dtype_bytes: int |
     trained in mixed precision (16-bit weights, fp32 master) or in fp32."""
     fp32 = (dtype_bytes or device.dtype_bytes) == 4
     per_param = FP32_OPTIMIZER_BYTES_PER_PARAM if fp32 else OPTIMIZER_BYTES_PER_PARAM
-    return local_numel * per_param / device.memory_bandwidth
+    return local_numel * per_param / (device.optimizer_bandwidth or device.memory_bandwidth)
