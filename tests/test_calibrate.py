@@ -16,7 +16,7 @@ from autopar.profile import COMPUTE_KEYS
 TINY = CalibrationSizes(
     compute=ComputeSizes(
         matmul_sizes=((32, 32),), elementwise_numel=2**12, overhead_chain=8,
-        loss_bytes=(2**18, 2**19), optimizer_params=2, optimizer_param_numel=2**12,
+        loss_bytes=(2**20, 2**21), optimizer_params=2, optimizer_param_numel=2**12,
         window_s=0.01, windows=1,
     ),
     message_bytes=(256, 4096),
@@ -44,7 +44,7 @@ def test_calibrate_writes_a_profile_mesh_local_reads(tmp_path):
         result["worlds"]["3"]["compute"]["matmul_flops"] * share
     )
     loss = result["worlds"]["3"]["compute"]["loss_seconds_per_byte"]
-    assert [size for size, _ in loss] == [2**18, 2**19]
+    assert [size for size, _ in loss] == [2**20, 2**21]
     assert mesh.device.loss_seconds_per_byte == pytest.approx(
         [(size, seconds / share) for size, seconds in loss]
     )
