@@ -21,9 +21,9 @@ operator overloads, one thread per rank on CPU):
   which no bandwidth measured on small tensors predicts (cost/loss.py).
 - the optimizer: torch.optim's AdamW stepping fp32 parameters of a block's sizes, as
   bytes per second of `FP32_OPTIMIZER_BYTES_PER_PARAM` a parameter. Its updates run in
-  place (`lerp_`, `addcmul_`, `addcdiv_`), which on a 2-core VM streamed at 19-24 GB/s
-  against the 11 GB/s of the out-of-place ops above: priced at the latter, a 8.4M
-  parameter step was predicted at 63 ms and took 35.
+  place (`lerp_`, `addcmul_`, `addcdiv_`): on one core of a 2-core VM AdamW stepped
+  the fidelity model's 8.4M parameters at 34 GB/s (8 of 1M: 33.5, 32 of 256K: 38)
+  against the 11 GB/s of the out-of-place ops above, which priced it at 63 ms.
 
 Operands come cold: each suite cycles through copies of its inputs filling
 `ComputeSizes.cold_bytes`, several times a core's L2 cache, as a training step's
@@ -53,8 +53,8 @@ class ComputeSizes:
     overhead_chain: int = 64
     # logits sizes: 32 MiB, glibc's largest mmap threshold, is the last its heap reuses
     loss_bytes: tuple[int, ...] = (4 * 2**20, 16 * 2**20, 32 * 2**20, 64 * 2**20)
-    optimizer_params: int = 32  # parameters of a hidden-512 block's matrix size, stepped
-    optimizer_param_numel: int = 2**18  # together: 128 MiB of weights, grads and states
+    optimizer_params: int = 8  # parameters stepped together: 128 MiB of weights,
+    optimizer_param_numel: int = 2**20  # grads and states
     window_s: float = 0.5
     windows: int = 3
 
