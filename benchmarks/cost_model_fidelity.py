@@ -10,10 +10,8 @@ on `Mesh.local(N)` with the constants `autopar calibrate` measured (run first un
 microbatches, schedule) and once with nothing pinned (the solver's free choice).
 All plans are built in one launch of N gloo ranks and timed round-robin: each round
 visits every plan once, in a rotating order, and runs `train_step` plus AdamW's step
-twice in a row, timing the second (a training job runs one plan step after step; the
-first step after another plan ran pays for that plan's state: on 2 ranks tensor
-parallel's first step took 2.14 s against 1.46 s for the next); a plan's measured time
-is its median over the rounds after warm-up. Before each step every rank
+twice in a row, timing the second (benchmarks/settled.py says why); a plan's measured
+time is its median over the rounds after warm-up. Before each step every rank
 runs a short burst of matmuls (the load probe): its wall time over its CPU time says
 how much of the cores the ranks got just then, and the "load-adjusted" figures scale
 each step by the share expected with our ranks alone (1 / core_share) over the one
@@ -46,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from settled import settle
 
 import autopar
 from autopar.calibrate import calibrate
@@ -146,9 +145,6 @@ def _probe(a: torch.Tensor) -> float:
     return (time.perf_counter() - wall) / max(time.process_time() - cpu, 1e-6)
 
 
-SETTLING_STEPS = 1  # untimed steps of a plan before its timed one, at every visit
-
-
 def _worker(rank, world, plans, calibration, rounds, warmup):
     """Build every plan's module, then time them round-robin, each timed step after
     settling steps and a load probe; rank 0's step times and probes."""
@@ -166,8 +162,7 @@ def _worker(rank, world, plans, calibration, rounds, warmup):
             j = (i + r) % len(plans)
             pm, optimizer = runs[j]
             mine = ids[pm.dp_rank :: pm.dp_size]  # this replica's rows of the global batch
-            for _ in range(SETTLING_STEPS):
-                _step(pm, optimizer, mine)
+            settle(lambda pm=pm, optimizer=optimizer, mine=mine: _step(pm, optimizer, mine))
             slowdown = _probe(a[:, :256].contiguous())
             dist.barrier()
             start = time.perf_counter()

@@ -5,8 +5,9 @@
 
 One launch of 2 gloo processes (one thread each) builds every contender on the same
 Llama config (4 layers, hidden 256, batch 4 x 128 per replica) and trains them in
-interleaved rounds (each round one step of each contender, in turn), so that load
-on the machine falls on all of them alike:
+interleaved rounds (each round visits each contender in turn: a settling step, then
+the timed one, benchmarks/settled.py), so that load on the machine falls on all of
+them alike:
 
 - tp=2: `autopar.parallelize(..., tp=2)` (the loss traced with the model) against
   `parallelize_module` with torchtitan's Llama plan (q, k, v, gate, up
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from settled import settle
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's autopar, not an installed one
@@ -257,6 +259,7 @@ def worker(rank: int, world_size: int, rounds: int, warmup: int) -> dict:
     for round_ in range(warmup + rounds):
         ids = _batch(round_)
         for name, contender in built.items():
+            settle(lambda contender=contender, ids=ids: contender.step(ids))
             dist.barrier()
             start = time.perf_counter()
             contender.step(ids)
