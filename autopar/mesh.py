@@ -83,7 +83,8 @@ class DeviceSpec:
     loss_seconds_per_byte: tuple[tuple[float, float], ...] = ()
     # bytes/s of the optimizer step's traffic (cost/compute.py's `optimizer_seconds`),
     # measured by `autopar calibrate` on CPU ranks, where torch.optim's in-place updates
-    # stream twice as fast as the out-of-place ops `memory_bandwidth` is measured on;
+    # streamed three times as fast as the out-of-place ops `memory_bandwidth` is
+    # measured on (34 against 11 GB/s on a 2-core VM);
     # None: `memory_bandwidth` (the GPU presets' fused optimizers run at it).
     optimizer_bandwidth: float | None = None
 
